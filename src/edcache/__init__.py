@@ -1,0 +1,50 @@
+"""edcache: compute a map-style dataset once, read it back fast.
+
+The public API mirrors edflow's ``edflow.data.util.cached_dset``; switch by changing
+the import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .cached import CachedDataset, PathCachedDataset, cachable
+from .dataset import DatasetMixin
+from .errors import EdcacheError
+
+__version__ = "0.1.0"
+
+# Names whose modules pull in optional or heavier pieces load on first use.
+_LAZY = {
+    "ExamplesFolder": "edcache.format.legacy",
+    "make_server_manager": "edcache.compat",
+    "make_client_manager": "edcache.compat",
+    "pickle_and_queue": "edcache.compat",
+    "convert": "edcache.convert",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edcache' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    # Caching datasets
+    "CachedDataset",
+    "PathCachedDataset",
+    "cachable",
+    "DatasetMixin",
+    # edflow compatibility
+    "ExamplesFolder",
+    "make_server_manager",
+    "make_client_manager",
+    "pickle_and_queue",
+    "convert",
+    # Errors
+    "EdcacheError",
+]

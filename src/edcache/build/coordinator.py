@@ -1,0 +1,65 @@
+"""The build loop: plan the missing chunks, run them on an executor, commit as they arrive.
+
+The coordinator is the only writer of a cache. Executors may compute a chunk more
+than once; the sink's commit is idempotent, so each chunk is committed exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..format.base import ChunkResult, ChunkSink
+from .executors.base import Executor
+from .plan import plan_chunks
+from .worker import DatasetSource
+
+
+def default_num_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_build(
+    sink: ChunkSink,
+    source: DatasetSource,
+    executor: Executor,
+    *,
+    length: int,
+    chunk_size: int,
+    progress: bool = True,
+    desc: str = "caching",
+    bar_extra: dict[str, Any] | None = None,
+) -> None:
+    """Compute every chunk not yet committed to ``sink``, then finalize it.
+
+    On any exception (including ``KeyboardInterrupt``) the committed chunks stay on disk
+    and a later run resumes from them.
+    """
+    tasks = plan_chunks(length, chunk_size, sink.committed())
+    done = length - sum(task.size for task in tasks)
+    bar = tqdm(
+        total=length, initial=done, unit="ex", desc=desc, disable=not progress,
+        dynamic_ncols=True, smoothing=0.05,
+    )
+    if bar_extra:
+        bar.set_postfix(bar_extra, refresh=False)
+
+    def on_result(result: ChunkResult) -> None:
+        if sink.commit(result):
+            bar.update(result.stop - result.start)
+
+    try:
+        if tasks:
+            executor.run(source, sink.encoder(staged=executor.staged), tasks, on_result)
+        sink.finalize()
+    finally:
+        bar.close()
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,10 @@
+"""Where chunks are computed: in this process, a local process pool, or a Dask cluster.
+
+Every executor implements :class:`~edcache.build.executors.base.Executor`; the build
+coordinator (:mod:`edcache.build.coordinator`) does not know which one it drives.
+"""
+
+from .base import Executor
+from .local import InlineExecutor, LocalPoolExecutor
+
+__all__ = ["Executor", "InlineExecutor", "LocalPoolExecutor"]

@@ -1,0 +1,62 @@
+"""What runs inside a worker process: compute the examples of a chunk and encode them."""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import DatasetInterfaceError, ExampleError
+from ..format.base import ChunkEncoder, ChunkResult, ChunkTask
+
+
+def import_factory(path: str) -> Callable[[], Any]:
+    """Import ``pkg.module.factory`` (or ``pkg.module:factory``) and return it."""
+    module_name, sep, attr = path.replace(":", ".").rpartition(".")
+    if not sep or not module_name or not attr:
+        raise DatasetInterfaceError(f"--dataset {path!r}: expected an import path like pkg.module.factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DatasetInterfaceError(f"--dataset {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise DatasetInterfaceError(f"--dataset {path!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(factory):
+        raise DatasetInterfaceError(f"--dataset {path!r}: {attr!r} is not callable")
+    return factory
+
+
+@dataclass
+class DatasetSource:
+    """How a worker gets the dataset: the object itself, or a factory to import and call."""
+
+    dataset: Any = None
+    factory: str | None = None
+
+    def load(self) -> Any:
+        if self.dataset is not None:
+            return self.dataset
+        if self.factory is None:
+            raise DatasetInterfaceError("DatasetSource needs a dataset or a factory path")
+        return import_factory(self.factory)()
+
+
+def fetch_example(dataset: Any, index: int) -> Any:
+    """``dataset[index]``; exceptions become :class:`ExampleError` naming the index."""
+    try:
+        return dataset[index]
+    except Exception as exc:  # the user's code: any exception
+        raise ExampleError(
+            index,
+            f"the dataset raised {type(exc).__name__} for index {index}: {exc}",
+            traceback.format_exc(),
+        ) from exc
+
+
+def compute_chunk(dataset: Any, encoder: ChunkEncoder, task: ChunkTask) -> ChunkResult:
+    """Compute ``dataset[i]`` for every index of ``task`` and encode the chunk."""
+    examples = [fetch_example(dataset, i) for i in range(task.start, task.stop)]
+    return encoder.encode(task, examples)

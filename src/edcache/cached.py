@@ -1,0 +1,444 @@
+"""The public dataset classes: ``CachedDataset``, ``PathCachedDataset`` and ``cachable``.
+
+What is cached, where and when
+------------------------------
+``CachedDataset(dataset)`` stores ``dataset[i]`` for every ``i`` in
+``<dataset.root>/cached/<dataset.name>/`` (the format of ``docs/format.md``). The
+first construction computes the examples on all local cores and commits them chunk
+by chunk; a later construction (in any process) finds the complete cache and opens
+it without touching the dataset's examples. An interrupted build resumes from its
+committed chunks. Only the cache directory, a lock file beside it
+(``.<name>.lock``) and temporary files inside it are ever written.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .dataset import DatasetMixin, check_cachable, checked_length, normalize_index
+from .errors import CacheMismatchError, CacheNotFoundError, DatasetInterfaceError
+from .format import cache_paths, find_cache, open_reader
+from .format.base import CacheReader
+
+
+class CachedDataset(DatasetMixin):
+    """A dataset whose examples are computed once and read back from an on-disk cache.
+
+    Parameters
+    ----------
+    dataset : object
+        Provides ``root`` (folder; the cache goes to ``<root>/cached/<name>``), ``name``
+        (unique name), ``__len__``, ``__getitem__`` (or ``get_example``) and optionally
+        ``in_memory_keys`` (keys whose values are kept as label columns, see ``labels``).
+    force_cache : bool
+        Run caching even if a complete cache exists. With ``keep_existing=True`` this
+        only fills what is missing and rewrites the labels; with ``keep_existing=False``
+        every example is computed again.
+    keep_existing : bool
+        Keep chunks that are already cached (resume an interrupted build).
+    _legacy : bool or None
+        ``None`` (default): open whatever cache exists (new format or an edflow zip),
+        build new ones in the new format. ``True``: read and write edflow's zip layout
+        (``<root>/cached/<name>.zip``). ``False``: the new format only.
+    chunk_size : int
+        Consecutive examples per chunk: the unit of work and of one shard file.
+    num_workers : int or None
+        Worker processes for building; ``None`` = all cores, ``0`` = in this process.
+    allow_pickle : bool
+        Store values the safe codec cannot hold as pickles. Recorded in the cache and
+        required again to read it.
+    verify : bool
+        Check each shard's and label column's checksum the first time it is used in a
+        process.
+    scheduler : str or None
+        Address of an ``edcache --server`` / Dask scheduler (``tls://host:port``) to
+        build on a cluster instead of local processes.
+    mp_context : str or None
+        Start method of the local worker processes (default ``forkserver``).
+    progress : bool
+        Show a progress bar while building.
+
+    Notes
+    -----
+    Arrays of examples read from the new format are read-only, zero-copy views of a
+    memory map; copy them (``np.array(x)``) before changing them in place.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        force_cache: bool = False,
+        keep_existing: bool = True,
+        _legacy: bool | None = None,
+        chunk_size: int = 64,
+        *,
+        num_workers: int | None = None,
+        allow_pickle: bool = False,
+        verify: bool = False,
+        scheduler: str | None = None,
+        security: Any = None,
+        mp_context: str | None = None,
+        progress: bool = True,
+        _path: str | None = None,
+        _parameters: str | None = None,
+    ) -> None:
+        check_cachable(dataset)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise DatasetInterfaceError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.base_dataset = dataset
+        self._root = os.fspath(dataset.root)
+        self.name = dataset.name
+        self.in_memory_keys = list(getattr(dataset, "in_memory_keys", []))
+        self.force_cache = force_cache
+        self.keep_existing = keep_existing
+        self.chunk_size = chunk_size
+        self.num_workers = num_workers
+        self.allow_pickle = allow_pickle
+        self.verify = verify
+        self.scheduler = scheduler
+        self.security = security
+        self.mp_context = mp_context
+        self.progress = progress
+        self._parameters = _parameters
+        self._length = checked_length(dataset)
+        self._path = _path or self._choose_path(_legacy)
+        self._legacy = self._path.endswith(".zip")
+        self._reader: CacheReader | None = None
+        self._pid = -1
+        if force_cache or not self._open_complete():
+            self.cache_dataset()
+
+    # -- where the cache lives -------------------------------------------------------
+    def _choose_path(self, legacy: bool | None) -> str:
+        directory, zip_path = cache_paths(self._root, self.name)
+        if legacy is True:
+            return zip_path
+        if legacy is None and find_cache(self._root, self.name) == zip_path:
+            return zip_path
+        return directory
+
+    @property
+    def path(self) -> str:
+        """The cache directory (or zip file for edflow's layout)."""
+        return self._path
+
+    def _lock_path(self) -> str:
+        head, tail = os.path.split(self._path.rstrip(os.sep))
+        return os.path.join(head, f".{tail}.lock")
+
+    # -- opening -------------------------------------------------------------------------
+    def _open_complete(self) -> bool:
+        """Open the cache if it is complete and matches the dataset; False if it must be built."""
+        try:
+            reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
+        except CacheNotFoundError:
+            return False
+        if not reader.complete or (self._legacy and len(reader) < self._length):
+            reader.close()
+            return False
+        self._check_matches(reader)
+        self._reader, self._pid = reader, os.getpid()
+        return True
+
+    def _check_matches(self, reader: CacheReader) -> None:
+        manifest = getattr(reader, "manifest", None)
+        hint = "Rebuild it with force_cache=True, keep_existing=False (CLI: --force --no-keep-existing)."
+        if len(reader) != self._length:
+            raise CacheMismatchError(
+                f"the cache at {self._path} holds {len(reader)} examples, the dataset has "
+                f"{self._length}: the dataset changed since the cache was built. {hint}"
+            )
+        if manifest is not None:
+            from .format.shards import dataset_identity
+
+            ident = dataset_identity(self.base_dataset)
+            if manifest.dataset and manifest.dataset != ident:
+                raise CacheMismatchError(
+                    f"the cache at {self._path} was built from {manifest.dataset}, not {ident}. {hint}"
+                )
+            if self._parameters is not None and manifest.parameters != self._parameters:
+                raise CacheMismatchError(
+                    f"the cache at {self._path} was built for the arguments {manifest.parameters}, "
+                    f"not {self._parameters}. Use another path per set of arguments, or delete it."
+                )
+
+    @classmethod
+    def from_cache(
+        cls,
+        root: str,
+        name: str,
+        _legacy: bool | None = None,
+        *,
+        verify: bool = False,
+        allow_pickle: bool = False,
+    ) -> "CachedDataset":
+        """Open the cache ``<root>/cached/<name>`` without the original dataset.
+
+        ``_legacy=None`` opens whatever exists (new format first, then the edflow zip
+        ``<name>.zip``); ``True`` prefers the zip; ``False`` opens a directory (the new
+        format or an edflow examples folder).
+        """
+        path = find_cache(os.fspath(root), name, _legacy)
+        if path is None:
+            directory, zip_path = cache_paths(os.fspath(root), name)
+            raise CacheNotFoundError(f"no cache named {name!r} under {root} ({directory} or {zip_path})")
+        return cls._from_path(path, root=os.fspath(root), verify=verify, allow_pickle=allow_pickle)
+
+    @classmethod
+    def _from_path(cls, path: str, *, root: str, verify: bool, allow_pickle: bool) -> "CachedDataset":
+        self = cls.__new__(cls)
+        self.base_dataset = None
+        self._root = root
+        self._path = path
+        self.name = os.path.basename(path.rstrip(os.sep))
+        if self.name.endswith(".zip"):
+            self.name = self.name[:-4]
+        self._legacy = path.endswith(".zip")
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        self._reader = open_reader(path, verify=verify, allow_pickle=allow_pickle)
+        self._pid = os.getpid()
+        self._length = len(self._reader)
+        self.in_memory_keys = list(getattr(getattr(self._reader, "manifest", None), "in_memory_keys", []))
+        return self
+
+    # -- building ------------------------------------------------------------------------
+    def cache_dataset(self) -> None:
+        """Compute and store every example not yet cached, then write the labels.
+
+        Several processes may call this at once: one builds while the others wait for
+        the lock, then find the cache complete and open it.
+        """
+        from filelock import FileLock, Timeout
+
+        os.makedirs(os.path.dirname(self._path.rstrip(os.sep)) or ".", exist_ok=True)
+        lock = FileLock(self._lock_path())
+        try:
+            lock.acquire(timeout=0.5)
+        except Timeout:
+            if self.progress:
+                print(f"edcache: waiting for another process building {self._path}", file=sys.stderr)
+            lock.acquire()
+        try:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            if not self.force_cache and self._open_complete():
+                return  # another process finished it while we waited
+            self._build()
+            if not self._open_complete():
+                raise CacheNotFoundError(f"the cache at {self._path} is not complete after building")
+        finally:
+            lock.release()
+
+    def _build(self) -> None:
+        from .build.coordinator import default_num_workers, run_build
+        from .build.worker import DatasetSource
+
+        if self._legacy:
+            from .format.legacy import LegacyZipSink
+
+            sink: Any = LegacyZipSink(
+                self._path, self._length, self.in_memory_keys,
+                keep_existing=self.keep_existing, chunk_size=self.chunk_size,
+            )
+        else:
+            from .format.shards import dataset_identity, prepare_cache_dir
+
+            sink = prepare_cache_dir(
+                self._path,
+                length=self._length,
+                chunk_size=self.chunk_size,
+                dataset=dataset_identity(self.base_dataset),
+                in_memory_keys=self.in_memory_keys,
+                allow_pickle=self.allow_pickle,
+                keep_existing=self.keep_existing,
+                parameters=self._parameters,
+            )
+        num_workers = default_num_workers() if self.num_workers is None else self.num_workers
+        executor = self._executor(num_workers)
+        chunk_size = getattr(sink, "chunk_size", None) or sink.manifest.chunk_size
+        run_build(
+            sink,
+            DatasetSource(dataset=self.base_dataset),
+            executor,
+            length=self._length,
+            chunk_size=chunk_size,
+            progress=self.progress,
+            desc=f"caching {self.name}",
+        )
+
+    def _executor(self, num_workers: int) -> Any:
+        if self.scheduler is not None:
+            from .build.executors.dask import DaskExecutor
+
+            return DaskExecutor(self.scheduler, security=self.security)
+        from .build.executors import InlineExecutor, LocalPoolExecutor
+
+        if num_workers == 0:
+            return InlineExecutor()
+        return LocalPoolExecutor(num_workers, mp_context=self.mp_context)
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def fork_safe_zip(self) -> CacheReader:
+        """The reader of the cache for this process (re-opened after a fork or unpickling)."""
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
+            self._pid = os.getpid()
+        return self._reader
+
+    def __len__(self) -> int:
+        return self._length
+
+    def get_example(self, i: int) -> dict:
+        """Example ``i`` as stored in the cache."""
+        return self.fork_safe_zip.read(i)
+
+    def _get_many(self, indices: list[int]) -> list[dict]:
+        examples = self.fork_safe_zip.read_many(indices)
+        return [self._finish(ex, j) for ex, j in zip(examples, indices)]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """Batched fetch (what PyTorch's DataLoader calls): reads grouped per shard."""
+        return self[list(indices)]
+
+    def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """A collated batch: fixed-shape array fields stacked, other fields as lists.
+
+        Array fields stored as shard columns are gathered with one fancy index per
+        shard instead of per example.
+        """
+        length = self._length
+        idx = np.asarray([normalize_index(i, length) for i in indices], dtype=np.int64)
+        examples = self.fork_safe_zip.read_many(idx.tolist())
+        batch: dict[str, Any] = {}
+        keys = list(examples[0]) if examples else []
+        for key in keys:
+            gather = getattr(self.fork_safe_zip, "column_batch", None)
+            stacked = gather(key, idx) if gather is not None else None
+            if stacked is not None:
+                batch[key] = stacked
+                continue
+            values = [ex.get(key) for ex in examples]
+            if all(isinstance(v, np.ndarray) for v in values) and len({(v.dtype, v.shape) for v in values}) == 1:
+                batch[key] = np.stack(values)
+            elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+                batch[key] = np.asarray(values)
+            else:
+                batch[key] = values
+        batch["index_"] = idx
+        return batch
+
+    @property
+    def labels(self) -> dict:
+        """The ``in_memory_keys`` columns, read from the cache (numpy arrays, memory-mapped
+        where the dtype allows; a list where values do not form an array)."""
+        return self.fork_safe_zip.labels
+
+    @labels.setter
+    def labels(self, value: dict) -> None:
+        raise AttributeError("labels of a CachedDataset come from the cache and cannot be set")
+
+    @property
+    def root(self) -> str:
+        """The root folder of the base dataset (the cache lives in ``<root>/cached``)."""
+        return self._root
+
+    @property
+    def complete(self) -> bool:
+        """Whether the cache holds every example."""
+        return self.fork_safe_zip.complete
+
+    # -- pickling: no open handles travel; each process opens lazily ----------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        state["_pid"] = -1
+        state["base_dataset"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._path!r}, {self._length} examples)"
+
+
+class PathCachedDataset(CachedDataset):
+    """A :class:`CachedDataset` stored at an explicit ``path`` (used by :func:`cachable`).
+
+    ``path`` is a directory for the new format, or a file ending in ``.zip`` for edflow's
+    layout. With ``dataset=None`` an existing cache at ``path`` is opened.
+    """
+
+    def __init__(self, dataset: Any, path: str, **kwargs: Any) -> None:
+        path = os.fspath(path)
+        if dataset is None:
+            fresh = CachedDataset._from_path(
+                path, root=os.path.dirname(path), verify=kwargs.get("verify", False),
+                allow_pickle=kwargs.get("allow_pickle", False),
+            )
+            self.__dict__.update(fresh.__dict__)
+            return
+        super().__init__(dataset, _path=path, **kwargs)
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-able, address-free description of an argument (for cache keys)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if hasattr(value, "__fspath__"):
+        return os.fspath(value)
+    return repr(value)
+
+
+def parameters_fingerprint(args: tuple, kwargs: dict) -> str:
+    """The string ``cachable`` records for the arguments a cache was built from."""
+    import json
+
+    return json.dumps({"args": _canonical(list(args)), "kwargs": _canonical(kwargs)}, sort_keys=True)
+
+
+def cachable(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., CachedDataset]]:
+    """Decorator: cache the dataset a function returns at ``path``.
+
+    The first call runs the function and caches its dataset; later calls with the same
+    arguments open the cache without calling the function. The arguments are recorded
+    in the cache: calling with other arguments raises :class:`CacheMismatchError`
+    instead of silently returning the old data. An interrupted build resumes.
+    Keyword ``options`` go to :class:`PathCachedDataset` (``num_workers``, ...).
+    """
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., CachedDataset]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> CachedDataset:
+            params = parameters_fingerprint(args, kwargs)
+            try:
+                reader = open_reader(path)
+            except CacheNotFoundError:
+                reader = None
+            if reader is not None:
+                manifest = getattr(reader, "manifest", None)
+                recorded = getattr(manifest, "parameters", None)
+                if manifest is not None and recorded is not None and recorded != params:
+                    raise CacheMismatchError(
+                        f"the cache at {path} was built by {fn.__qualname__} with the arguments "
+                        f"{recorded}, not {params}. Use another path per set of arguments, or delete it."
+                    )
+                if reader.complete:
+                    reader.close()
+                    return PathCachedDataset(None, path, **{k: v for k, v in options.items()
+                                                            if k in ("verify", "allow_pickle")})
+                reader.close()
+            return PathCachedDataset(fn(*args, **kwargs), path, _parameters=params, **options)
+
+        return wrapper
+
+    return decorator

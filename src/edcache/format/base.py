@@ -1,0 +1,115 @@
+"""The two small interfaces every on-disk format implements.
+
+A *reader* is a per-process, read-only view of one cache. A *sink* is what the build
+coordinator commits finished chunks into; its *encoder* is the part that runs inside
+the worker processes and turns a chunk of examples into bytes (or a staged file).
+Formats: :mod:`edcache.format.shards` (the default) and :mod:`edcache.format.legacy`
+(edflow's zip and folder layouts).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+Labels = dict[str, "np.ndarray | list"]
+
+
+class CacheReader(ABC):
+    """Read-only access to one cache on disk, opened lazily in each process."""
+
+    #: Where the cache lives (directory or zip file).
+    path: str
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of examples the cache holds (or will hold once complete)."""
+
+    @abstractmethod
+    def read(self, index: int) -> dict:
+        """Return example ``index`` as stored; raises ``IncompleteCacheError`` if absent."""
+
+    def read_many(self, indices: Sequence[int]) -> list[dict]:
+        """Return several examples; formats may reorder reads internally."""
+        return [self.read(int(i)) for i in indices]
+
+    @property
+    @abstractmethod
+    def labels(self) -> Labels:
+        """The ``in_memory_keys`` columns."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether every example has been committed."""
+        return True
+
+    def close(self) -> None:
+        """Release file handles and maps (the reader may be reopened lazily)."""
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One unit of build work: the consecutive indices ``start .. stop-1``."""
+
+    chunk_id: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class ChunkResult:
+    """What a worker sends back to the coordinator for one finished chunk.
+
+    Exactly one of ``data`` (the encoded chunk travels back) and ``staged_path`` (the
+    worker wrote it next to the cache, under a name unique to this attempt) is set.
+    """
+
+    chunk_id: int
+    start: int
+    stop: int
+    checksum: str
+    nbytes: int
+    data: bytes | None = None
+    staged_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ChunkEncoder(ABC):
+    """Runs in worker processes: turns the examples of one chunk into a ChunkResult.
+
+    Must be picklable and cheap to send (it is sent to each worker once).
+    """
+
+    @abstractmethod
+    def encode(self, task: ChunkTask, examples: list[dict]) -> ChunkResult:
+        """Encode ``examples`` (``examples[k]`` is index ``task.start + k``)."""
+
+
+class ChunkSink(ABC):
+    """Runs in the coordinator only: the one writer of a cache being built."""
+
+    @abstractmethod
+    def committed(self) -> set[int]:
+        """Chunk ids already durably committed (they are never recomputed)."""
+
+    @abstractmethod
+    def encoder(self, *, staged: bool) -> ChunkEncoder:
+        """The encoder workers use; ``staged`` asks them to write files themselves."""
+
+    @abstractmethod
+    def commit(self, result: ChunkResult) -> bool:
+        """Durably commit one chunk. Idempotent: returns False for a duplicate."""
+
+    @abstractmethod
+    def finalize(self) -> None:
+        """Called once every chunk is committed: write labels and mark complete."""
+
+    def discard(self, result: ChunkResult) -> None:
+        """Throw away a result that will not be committed (remove its staged file)."""

@@ -1,0 +1,49 @@
+"""Small file-system helpers for crash-safe writes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(final_path: str, tag: str = "") -> str:
+    """A name next to ``final_path`` unique to this attempt (process, host and time)."""
+    head, tail = os.path.split(final_path)
+    return os.path.join(head, f".tmp-{tail}{tag}-{uuid.uuid4().hex}")
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (``path`` must not be a final name)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically: temp file, fsync, rename, fsync dir."""
+    tmp = temp_name(path)
+    try:
+        write_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def is_temp(name: str) -> bool:
+    """Whether a directory entry is a leftover temporary file of :func:`temp_name`."""
+    return name.startswith(".tmp-")

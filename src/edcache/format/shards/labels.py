@@ -1,0 +1,133 @@
+"""Label columns: the ``in_memory_keys`` values of every example, one file per key.
+
+A key whose values form a regular numpy array (numbers, bools, strings, arrays of one
+shape) is stored as ``labels/<n>.npy`` and memory-mapped on read. Values that cannot
+(ragged arrays, ``None`` mixed in, bytes, nested containers) are stored as
+``labels/<n>.list``, a one-record shard, and come back as a Python list.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from ...errors import CorruptCacheError, LabelError
+from ..fsutil import atomic_write
+from .shard import ShardFile, checksum, encode_shard
+
+_CATEGORY_NAMES = {
+    "bool": "bool",
+    "number": "number",
+    "str": "str",
+    "array": "numpy array",
+}
+
+
+def _category(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, float, complex, np.number)):
+        return "number"
+    if isinstance(value, (str, np.str_)):
+        return "str"
+    if isinstance(value, np.ndarray):
+        return "array"
+    return "other"
+
+
+def to_column(key: str, values: list) -> np.ndarray | list:
+    """Turn the values of one key into a numpy array if they form one, else a list.
+
+    Raises
+    ------
+    LabelError
+        If values mix scalar types that cannot share a column (say str and int).
+    """
+    first_at: dict[str, int] = {}
+    for i, v in enumerate(values):
+        first_at.setdefault(_category(v), i)
+    cats = set(first_at)
+    if not values:
+        return np.empty(0)
+    if cats & {"none", "other"}:
+        return list(values)
+    if len(cats) > 1:
+        (a, ia), (b, ib) = sorted(first_at.items(), key=lambda kv: kv[1])[:2]
+        raise LabelError(
+            f"in_memory_key {key!r} has values of inconsistent types: "
+            f"{_CATEGORY_NAMES[a]} (index {ia}: {values[ia]!r}) and "
+            f"{_CATEGORY_NAMES[b]} (index {ib}: {values[ib]!r})"
+        )
+    (cat,) = cats
+    if cat == "array":
+        shape = values[0].shape
+        if any(v.shape != shape for v in values):
+            return list(values)
+        column = np.stack(values)
+    elif cat == "str":
+        column = np.array(values, dtype=str)
+    else:
+        column = np.asarray(values)
+    if column.dtype.kind == "O":
+        return list(values)
+    return column
+
+
+def write_labels(cache_dir: str, keys: list[str], values: dict[str, list]) -> dict[str, dict]:
+    """Write one file per key; return the manifest's ``labels`` entries."""
+    os.makedirs(os.path.join(cache_dir, "labels"), exist_ok=True)
+    info: dict[str, dict] = {}
+    for n, key in enumerate(keys):
+        column = to_column(key, values[key])
+        if isinstance(column, np.ndarray):
+            buf = io.BytesIO()
+            np.save(buf, column, allow_pickle=False)
+            data, rel, kind = buf.getvalue(), f"labels/{n}.npy", "array"
+            extra = {"dtype": column.dtype.str, "shape": list(column.shape)}
+        else:
+            data, rel, kind = encode_shard([{"v": column}], 0), f"labels/{n}.list", "list"
+            extra = {}
+        atomic_write(os.path.join(cache_dir, rel), data)
+        info[key] = {"file": rel, "kind": kind, "nbytes": len(data), "xxh3": checksum(data), **extra}
+    return info
+
+
+def load_label(cache_dir: str, key: str, info: dict, length: int, verify: bool) -> np.ndarray | list:
+    """Read one label column described by its manifest entry ``info``."""
+    rel = info.get("file")
+    if not isinstance(rel, str) or not rel.startswith("labels/") or ".." in rel:
+        raise CorruptCacheError(f"manifest entry of label {key!r} names a bad file {rel!r}")
+    path = os.path.join(cache_dir, rel)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError as exc:
+        raise CorruptCacheError(f"label file {path} (key {key!r}) is missing") from exc
+    if size != info.get("nbytes"):
+        raise CorruptCacheError(
+            f"label file {path} (key {key!r}) has {size} bytes, the manifest says {info.get('nbytes')}"
+        )
+    if verify:
+        with open(path, "rb") as f:
+            if checksum(f.read()) != info.get("xxh3"):
+                raise CorruptCacheError(f"label file {path} (key {key!r}) fails its checksum")
+    if info.get("kind") == "list":
+        values = ShardFile(path, size, 0, 1).read(0)
+        if not isinstance(values, dict) or not isinstance(values.get("v"), list):
+            raise CorruptCacheError(f"label file {path} (key {key!r}) is malformed")
+        column: Any = values["v"]
+    else:
+        try:
+            empty = 0 in (info.get("shape") or [0])
+            column = np.load(path, mmap_mode=None if empty else "r", allow_pickle=False)
+        except Exception as exc:
+            raise CorruptCacheError(f"label file {path} (key {key!r}) is unreadable ({exc})") from exc
+        if column.dtype.str != info.get("dtype") or list(column.shape) != info.get("shape"):
+            raise CorruptCacheError(f"label file {path} (key {key!r}) does not match the manifest")
+    if len(column) != length:
+        raise CorruptCacheError(f"label {key!r} has {len(column)} values for {length} examples")
+    return column

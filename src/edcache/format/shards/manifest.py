@@ -1,0 +1,208 @@
+"""The manifest, the commit log and the shard table of a cache directory.
+
+``manifest.json`` is small and describes the cache (format version, length, chunk
+size, label schema, flags); reading it is all that opening a complete cache costs.
+While a build runs, ``commits.log`` records each committed chunk on a line of its own
+(appended and fsync'd: the commit point). When the last chunk is committed, the
+per-shard sizes and checksums are written to ``shards.idx`` (sorted by chunk, so the
+finished cache does not depend on the order chunks arrived), the manifest is replaced
+with ``complete: true``, and the log is removed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ...errors import CorruptCacheError
+from ..base import ChunkTask
+from ..fsutil import atomic_write, fsync_dir
+from .shard import checksum
+
+FORMAT = "edcache"
+VERSION = 1
+MANIFEST = "manifest.json"
+COMMITS = "commits.log"
+SHARD_TABLE = "shards.idx"
+SHARDS_DIR = "shards"
+LABELS_DIR = "labels"
+
+SHARD_TABLE_DTYPE = np.dtype([("nbytes", "<u8"), ("xxh3", "<u8")])
+
+
+@dataclass
+class Manifest:
+    """What ``manifest.json`` holds. See ``docs/format.md`` for every field."""
+
+    length: int
+    chunk_size: int
+    dataset: str = ""
+    in_memory_keys: list[str] = field(default_factory=list)
+    allow_pickle: bool = False
+    complete: bool = False
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shard_table: dict[str, Any] | None = None
+    parameters: str | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.length // self.chunk_size) if self.length else 0
+
+    def chunk(self, chunk_id: int) -> ChunkTask:
+        start = chunk_id * self.chunk_size
+        return ChunkTask(chunk_id, start, min(start + self.chunk_size, self.length))
+
+    def chunks(self) -> list[ChunkTask]:
+        return [self.chunk(c) for c in range(self.num_chunks)]
+
+    def to_bytes(self) -> bytes:
+        doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptCacheError(f"{where}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise CorruptCacheError(f"{where}: not an edcache manifest")
+        if doc.get("version") != VERSION:
+            raise CorruptCacheError(
+                f"{where}: format version {doc.get('version')!r}; this edcache reads {VERSION}"
+            )
+        try:
+            m = cls(
+                length=doc["length"],
+                chunk_size=doc["chunk_size"],
+                dataset=doc.get("dataset", ""),
+                in_memory_keys=list(doc.get("in_memory_keys", [])),
+                allow_pickle=bool(doc.get("allow_pickle", False)),
+                complete=bool(doc.get("complete", False)),
+                labels=dict(doc.get("labels", {})),
+                shard_table=doc.get("shard_table"),
+                parameters=doc.get("parameters"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCacheError(f"{where}: manifest field missing or wrong ({exc})") from exc
+        if not (
+            isinstance(m.length, int)
+            and m.length >= 0
+            and isinstance(m.chunk_size, int)
+            and m.chunk_size > 0
+            and all(isinstance(k, str) for k in m.in_memory_keys)
+            and all(isinstance(v, dict) for v in m.labels.values())
+        ):
+            raise CorruptCacheError(f"{where}: manifest values out of range")
+        if m.complete and (set(m.labels) != set(m.in_memory_keys) or not isinstance(m.shard_table, dict)):
+            raise CorruptCacheError(f"{where}: complete manifest lacks labels or shard table")
+        return m
+
+
+def read_manifest(cache_dir: str) -> Manifest:
+    """Read ``manifest.json`` of ``cache_dir`` (``FileNotFoundError`` if absent)."""
+    path = os.path.join(cache_dir, MANIFEST)
+    with open(path, "rb") as f:
+        data = f.read(1 << 24)
+    return Manifest.from_bytes(data, path)
+
+
+def write_manifest(cache_dir: str, manifest: Manifest) -> None:
+    atomic_write(os.path.join(cache_dir, MANIFEST), manifest.to_bytes())
+
+
+def shard_path(cache_dir: str, chunk_id: int) -> str:
+    return os.path.join(cache_dir, SHARDS_DIR, f"{chunk_id:08d}.shard")
+
+
+# -- commit log ----------------------------------------------------------------------
+def read_commits(cache_dir: str, num_chunks: int) -> dict[int, tuple[int, str]]:
+    """Committed chunks recorded in ``commits.log``: ``{chunk: (nbytes, checksum)}``.
+
+    A torn last line (a crash during the append) or a damaged line is ignored: that
+    chunk simply counts as not committed and is computed again.
+    """
+    try:
+        with open(os.path.join(cache_dir, COMMITS), "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        return {}
+    commits: dict[int, tuple[int, str]] = {}
+    for line in lines[:-1]:  # the part after the last newline is torn or empty
+        try:
+            rec = json.loads(line)
+            chunk, nbytes, digest = rec["c"], rec["n"], rec["h"]
+            if isinstance(chunk, int) and 0 <= chunk < num_chunks and isinstance(nbytes, int):
+                commits[chunk] = (nbytes, str(digest))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return commits
+
+
+class CommitLog:
+    """Appends commit records durably (one ``write`` + ``fsync`` per chunk)."""
+
+    def __init__(self, cache_dir: str) -> None:
+        path = os.path.join(cache_dir, COMMITS)
+        existed = os.path.exists(path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if not existed:
+            fsync_dir(cache_dir)
+        else:
+            self._terminate_torn_line(path)
+
+    def _terminate_torn_line(self, path: str) -> None:
+        with open(path, "rb") as f:
+            f.seek(0, io.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, io.SEEK_END)
+            if f.read(1) != b"\n":
+                os.write(self._fd, b"\n")
+
+    def append(self, chunk: int, nbytes: int, digest: str) -> None:
+        os.write(self._fd, json.dumps({"c": chunk, "n": nbytes, "h": digest}).encode() + b"\n")
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# -- shard table ---------------------------------------------------------------------
+def encode_shard_table(commits: dict[int, tuple[int, str]], num_chunks: int) -> bytes:
+    table = np.zeros(num_chunks, dtype=SHARD_TABLE_DTYPE)
+    for chunk, (nbytes, digest) in commits.items():
+        table[chunk] = (nbytes, int(digest, 16))
+    buf = io.BytesIO()
+    np.save(buf, table, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_shard_table(cache_dir: str, manifest: Manifest, verify: bool) -> np.ndarray:
+    """The ``(nbytes, xxh3)`` row of every shard, memory-mapped."""
+    path = os.path.join(cache_dir, SHARD_TABLE)
+    info = manifest.shard_table or {}
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError as exc:
+        raise CorruptCacheError(f"{path} is missing") from exc
+    if size != info.get("nbytes"):
+        raise CorruptCacheError(f"{path} has {size} bytes, the manifest says {info.get('nbytes')}")
+    if verify:
+        with open(path, "rb") as f:
+            if checksum(f.read()) != info.get("xxh3"):
+                raise CorruptCacheError(f"{path} fails its checksum")
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise CorruptCacheError(f"{path} is not a valid shard table ({exc})") from exc
+    if table.dtype != SHARD_TABLE_DTYPE or table.shape != (manifest.num_chunks,):
+        raise CorruptCacheError(f"{path} does not match the manifest")
+    return table

@@ -1,0 +1,173 @@
+"""Reading a cache directory: lazily mapped shards, memory-mapped label columns."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from ...errors import CacheNotFoundError, IncompleteCacheError, UnsafePickleError
+from ..base import CacheReader, Labels
+from .labels import load_label
+from .manifest import Manifest, load_shard_table, read_commits, read_manifest, shard_path
+from .shard import ShardFile
+
+
+class ShardCacheReader(CacheReader):
+    """Read-only view of a cache directory in the default format.
+
+    Opening reads only ``manifest.json``. Each shard is memory-mapped the first time
+    one of its examples is read (and validated then; with ``verify=True`` also
+    checksummed). Arrays come back as read-only zero-copy views of the map: copy them
+    (``np.array(x)``) before modifying in place. Memory maps stay valid across
+    ``fork``; pickling the reader drops them and the new process maps again.
+
+    Parameters
+    ----------
+    path : str
+        The cache directory (``<root>/cached/<name>``).
+    verify : bool
+        Check each shard's and label column's checksum on first use in a process.
+    allow_pickle : bool
+        Required to open a cache built with ``allow_pickle=True``.
+    """
+
+    def __init__(self, path: str, *, verify: bool = False, allow_pickle: bool = False) -> None:
+        self.path = path
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        try:
+            self.manifest: Manifest = read_manifest(path)
+        except FileNotFoundError as exc:
+            raise CacheNotFoundError(f"no edcache cache at {path} (no manifest.json)") from exc
+        if self.manifest.allow_pickle and not allow_pickle:
+            raise UnsafePickleError(
+                f"the cache at {path} was built with allow_pickle=True and may hold pickled "
+                "values; pass allow_pickle=True to open it if you trust its files "
+                "(unpickling can run arbitrary code)."
+            )
+        self._reset()
+
+    def _reset(self) -> None:
+        self._shards: dict[int, ShardFile] = {}
+        self._table: np.ndarray | None = None
+        self._commits: dict[int, tuple[int, str]] = {}
+        self._labels: Labels | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "verify": self.verify, "allow_pickle": self.allow_pickle,
+                "manifest": self.manifest}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self) -> int:
+        return self.manifest.length
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    # -- shards ------------------------------------------------------------------------
+    def _shard_info(self, chunk: int) -> tuple[int, str] | None:
+        if self.manifest.complete:
+            if self._table is None:
+                self._table = load_shard_table(self.path, self.manifest, self.verify)
+            nbytes, digest = self._table[chunk]
+            return int(nbytes), f"{int(digest):016x}"
+        if chunk not in self._commits:  # the build may have committed it since
+            self._refresh()
+            self._commits = read_commits(self.path, self.manifest.num_chunks)
+        return self._commits.get(chunk)
+
+    def _refresh(self) -> None:
+        manifest = read_manifest(self.path)
+        if manifest.length == self.manifest.length and manifest.chunk_size == self.manifest.chunk_size:
+            self.manifest = manifest
+
+    def shard(self, chunk: int) -> ShardFile:
+        """The mapped shard of chunk ``chunk`` (opened on first use)."""
+        sf = self._shards.get(chunk)
+        if sf is not None:
+            return sf
+        info = self._shard_info(chunk)
+        task = self.manifest.chunk(chunk)
+        if info is None:
+            raise IncompleteCacheError(
+                f"examples {task.start}..{task.stop - 1} (chunk {chunk}) of the cache at "
+                f"{self.path} are not cached yet: the build is incomplete"
+            )
+        nbytes, digest = info
+        sf = ShardFile(
+            shard_path(self.path, chunk), nbytes, task.start, task.size,
+            digest if self.verify else None, self.allow_pickle,
+        )
+        self._shards[chunk] = sf
+        return sf
+
+    def read(self, index: int) -> dict:
+        chunk, row = divmod(index, self.manifest.chunk_size)
+        sf = self._shards.get(chunk) or self.shard(chunk)
+        return sf.read(row)
+
+    def read_many(self, indices: Sequence[int]) -> list[dict]:
+        """Read several examples, visiting each shard once, in shard order."""
+        cs = self.manifest.chunk_size
+        idx = np.asarray(indices, dtype=np.int64)
+        out: list[Any] = [None] * len(idx)
+        order = np.argsort(idx, kind="stable")
+        for pos in order.tolist():
+            chunk, row = divmod(int(idx[pos]), cs)
+            sf = self._shards.get(chunk) or self.shard(chunk)
+            out[pos] = sf.read(row)
+        return out
+
+    def column_batch(self, key: Any, indices: np.ndarray) -> np.ndarray | None:
+        """Gather top-level array ``key`` for ``indices`` (one fancy index per shard).
+
+        Returns None unless every shard involved stores ``key`` as a column of one dtype
+        and shape.
+        """
+        cs = self.manifest.chunk_size
+        chunks, rows = np.divmod(indices, cs)
+        out = None
+        for chunk in np.unique(chunks).tolist():
+            col = (self._shards.get(chunk) or self.shard(chunk)).column(key)
+            if col is None:
+                return None
+            if out is None:
+                out = np.empty((len(indices), *col.shape[1:]), dtype=col.dtype)
+            elif out.dtype != col.dtype or out.shape[1:] != col.shape[1:]:
+                return None
+            sel = chunks == chunk
+            out[sel] = col[rows[sel]]
+        return out
+
+    # -- labels ------------------------------------------------------------------------
+    @property
+    def labels(self) -> Labels:
+        if self._labels is None:
+            if not self.manifest.complete:
+                self._refresh()
+            if not self.manifest.complete:
+                raise IncompleteCacheError(
+                    f"labels of the cache at {self.path} are written when the build completes; "
+                    "it is still incomplete"
+                )
+            self._labels = {
+                key: load_label(self.path, key, self.manifest.labels[key], self.manifest.length, self.verify)
+                for key in self.manifest.in_memory_keys
+            }
+        return self._labels
+
+    def close(self) -> None:
+        for sf in self._shards.values():
+            sf.close()
+        self._reset()
+
+
+def is_shard_cache(path: str) -> bool:
+    """Whether ``path`` is a directory holding an edcache manifest."""
+    return os.path.isfile(os.path.join(path, "manifest.json"))
