@@ -1,0 +1,69 @@
+"""Pickling examples so that edflow 0.4 (numpy < 1.24) can read them back.
+
+numpy 2 pickles arrays and scalars through ``numpy._core.multiarray``, a module numpy
+< 1.26 does not have. :func:`legacy_dumps` writes those globals under their numpy 1.x
+names (``numpy.core.multiarray._reconstruct``), which every numpy version resolves
+(numpy 2 through its ``numpy.core`` compatibility package, edcache through
+:func:`~edcache.format.legacy.safe_loads`).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from typing import Any
+
+__all__ = ["legacy_dumps", "PROTOCOL"]
+
+#: The protocol edflow 0.4 used under Python >= 3.8 (``pickle.DEFAULT_PROTOCOL``).
+PROTOCOL = 4
+
+
+class _LegacyPickler(pickle._Pickler):  # type: ignore[name-defined]
+    """The pure-Python pickler, because only it lets us choose a global's module name.
+
+    Array payloads are single ``bytes`` objects, so the slower pickler costs little.
+    """
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        module = getattr(obj, "__module__", None)
+        if isinstance(module, str) and (module == "numpy._core" or module.startswith("numpy._core.")):
+            if name is None:
+                name = obj.__qualname__
+            legacy_module = "numpy.core" + module[len("numpy._core"):]
+            if self.proto >= 4:
+                self.save(legacy_module)
+                self.save(name)
+                self.write(pickle.STACK_GLOBAL)
+            else:
+                self.write(pickle.GLOBAL + f"{legacy_module}\n{name}\n".encode("utf-8"))
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    # The class-level dispatch table holds the base class's function; route it here.
+    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+    dispatch[types.FunctionType] = save_global
+
+
+def legacy_dumps(obj: Any, protocol: int = PROTOCOL) -> bytes:
+    """Pickle ``obj`` as edflow 0.4 did, naming numpy's globals as numpy 1.x does.
+
+    Parameters
+    ----------
+    obj : object
+        The example (nested dicts, lists, tuples, scalars, numpy arrays ...).
+    protocol : int
+        Pickle protocol, at most 4 (edflow 0.4 runs on Pythons that read up to 4 or 5).
+
+    Returns
+    -------
+    bytes
+        The pickle.
+    """
+    if not 2 <= protocol <= 4:
+        raise ValueError(f"legacy pickles use protocol 2 to 4, not {protocol}")
+    buf = io.BytesIO()
+    _LegacyPickler(buf, protocol).dump(obj)
+    return buf.getvalue()
