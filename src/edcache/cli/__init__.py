@@ -1,0 +1,1 @@
+"""The ``edcache`` command line (thin: every command calls a library function)."""
