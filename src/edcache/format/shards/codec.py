@@ -101,11 +101,12 @@ class Encoder:
     # -- msgpack hook -----------------------------------------------------------------
     def _default(self, value: Any) -> Any:
         if isinstance(value, np.ndarray) and _is_storable_dtype(value.dtype):
-            arr = np.ascontiguousarray(value)
+            # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+            arr = value if value.flags.c_contiguous else np.ascontiguousarray(value)
             offset = _align(self.end_offset)
-            self._blobs.append(memoryview(arr).cast("B") if arr.nbytes else memoryview(b""))
+            self._blobs.append(raw_bytes(arr))
             self._blob_offsets.append(offset)
-            meta = msgpack.packb([arr.dtype.str, list(arr.shape), offset])
+            meta = msgpack.packb([arr.dtype.str, list(value.shape), offset])
             return msgpack.ExtType(EXT_ARRAY, meta)
         if isinstance(value, np.generic) and _is_storable_dtype(value.dtype):
             dt = value.dtype.str.encode()
@@ -131,6 +132,13 @@ class Encoder:
         # a nested packer shares our blob list, so arrays inside tuples still go to blobs
         packer = msgpack.Packer(default=self._default, strict_types=True, use_bin_type=True)
         return packer.pack(obj)
+
+
+def raw_bytes(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without copying (any dtype, any shape)."""
+    if not arr.nbytes:
+        return memoryview(b"")
+    return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def _widen_ints(obj: Any) -> Any:

@@ -26,7 +26,7 @@ import numpy as np
 import xxhash
 
 from ...errors import CorruptCacheError
-from .codec import Decoder, Encoder, _align, _is_storable_dtype
+from .codec import Decoder, Encoder, _align, _is_storable_dtype, raw_bytes
 
 MAGIC = b"EDCSHARD"
 END_MAGIC = b"EDCSHEND"
@@ -46,8 +46,8 @@ def _column_keys(examples: Sequence[Any]) -> list[tuple[Any, np.dtype, tuple]]:
         return []
     cols = []
     for key, value in examples[0].items():
-        if type(value) is not np.ndarray or not _is_storable_dtype(value.dtype):
-            continue
+        if type(value) is not np.ndarray or not _is_storable_dtype(value.dtype) or value.ndim == 0:
+            continue  # (a row of a column of 0-d arrays would read back as a scalar)
         dtype, shape = value.dtype, value.shape
         if all(
             type(e.get(key)) is np.ndarray and e[key].dtype == dtype and e[key].shape == shape
@@ -84,7 +84,7 @@ def encode_shard(
     for number, (key, dtype, shape) in enumerate(_column_keys(examples)):
         stacked = np.ascontiguousarray(np.stack([e[key] for e in examples]))
         offset = _align(pos)
-        put(memoryview(stacked).cast("B") if stacked.nbytes else b"", offset)
+        put(raw_bytes(stacked), offset)
         columns.append([key, dtype.str, list(shape), offset])
         col_refs[key] = number
 

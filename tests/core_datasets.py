@@ -1,0 +1,58 @@
+"""Datasets for the core tests; a module of its own so worker processes can import it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edcache import DatasetMixin
+
+
+class Toy(DatasetMixin):
+    """Examples with an image, scalars, a string, nested values and two label keys.
+
+    If ``log_dir`` is set, every computed index is recorded as an empty file
+    ``<log_dir>/<index>-<pid>-<n>`` so tests can count computations across processes.
+    """
+
+    in_memory_keys = ["cls", "split"]
+
+    def __init__(self, root, n=200, name="toy", log_dir=None, fail_at=None, delay=0.0):
+        self.root = str(root)
+        self.name = name
+        self.n = n
+        self.log_dir = log_dir
+        self.fail_at = fail_at
+        self.delay = delay
+
+    def __len__(self):
+        return self.n
+
+    def get_example(self, i):
+        if self.log_dir is not None:
+            path = os.path.join(self.log_dir, f"{i}-{os.getpid()}-{os.urandom(4).hex()}")
+            open(path, "w").close()
+        if self.fail_at is not None and i == self.fail_at:
+            raise ValueError(f"broken example {i}")
+        if self.delay:
+            import time
+
+            time.sleep(self.delay)
+        return {
+            "image": np.full((4, 5, 3), i % 251, dtype=np.uint8),
+            "cls": i % 7,
+            "split": "train" if i % 4 else "test",
+            "weight": float(i) / 3,
+            "meta": {"name": f"ex{i}", "pair": (i, np.float32(i / 2)), "ragged": np.arange(i % 5)},
+        }
+
+
+def make_toy():
+    """Factory for CLI tests: root from $EDCACHE_TEST_ROOT."""
+    return Toy(os.environ["EDCACHE_TEST_ROOT"], n=150)
+
+
+def expected(i):
+    """What Toy(...)[i] must read back as (computed independently of the cache)."""
+    return Toy("/nonexistent", n=10**9)[i]

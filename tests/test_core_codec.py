@@ -1,0 +1,129 @@
+"""The safe codec: round trips with types preserved, clear errors, opt-in pickles."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edcache.errors import CodecError, UnsafePickleError
+from edcache.format.shards.codec import Encoder
+from edcache.format.shards.shard import ShardFile, checksum, encode_shard
+from edcache.format.shards.sink import ShardEncoder
+from edcache.format.base import ChunkTask
+from helpers import assert_same
+
+DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "<i4", ">i4", "<u4", "int64", "uint64",
+          "float16", "float32", ">f8", "float64", "complex64", "complex128", "<U3", "S4",
+          "datetime64[s]", "timedelta64[ms]"]
+
+arrays = st.sampled_from(DTYPES).flatmap(
+    lambda dt: hnp.arrays(np.dtype(dt), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+)
+scalars = st.sampled_from(["int8", "uint16", "int64", "float32", "float64", "bool", "complex64"]).flatmap(
+    lambda dt: hnp.from_dtype(np.dtype(dt)).map(lambda v: np.dtype(dt).type(v))
+)
+leaves = (
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8) | arrays | scalars
+)
+values = st.recursive(
+    leaves,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=12,
+)
+examples = st.dictionaries(st.text(max_size=6), values, max_size=5)
+
+
+def roundtrip(exs, tmp_path, allow_pickle=False):
+    data = encode_shard(exs, 0, None, allow_pickle)
+    path = tmp_path / "s.shard"
+    path.write_bytes(data)
+    sf = ShardFile(str(path), len(data), 0, len(exs), checksum(data), allow_pickle)
+    return [sf.read(r) for r in range(len(exs))]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(examples, min_size=1, max_size=4))
+def test_roundtrip_preserves_values_and_types(tmp_path, exs):
+    for got, want in zip(roundtrip(exs, tmp_path), exs):
+        assert_same(got, want)
+
+
+def test_specific_types(tmp_path):
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    ex = {
+        "noncontig": base[:, ::2],
+        "fortran": np.asfortranarray(base),
+        "zero_d": np.array(3.5),
+        "empty": np.zeros((0, 3), np.int16),
+        "np_int": np.int64(7),
+        "np_bool": np.bool_(True),
+        "py_bool": True,
+        "py_int": 1,
+        "tuple": (1, (2, "x"), [np.arange(3)]),
+        "big": 2**100,
+        "neg_big": -(2**80),
+        "ordered": {"z": 1, "a": 2, "m": 3},
+        "bytes": b"\x00\xff",
+        "none": None,
+        "int_key": {1: "one", 2: "two"},
+    }
+    (got,) = roundtrip([ex], tmp_path)
+    assert_same(got, {**ex, "noncontig": np.ascontiguousarray(base[:, ::2])})
+    assert type(got["py_bool"]) is bool and type(got["py_int"]) is int
+    assert list(got["ordered"]) == ["z", "a", "m"]
+    assert not got["noncontig"].flags.writeable  # zero-copy views of the map are read-only
+
+
+def test_column_fields_are_zero_copy_rows(tmp_path):
+    exs = [{"img": np.full((2, 2), i, np.uint8), "k": i} for i in range(5)]
+    data = encode_shard(exs, 0)
+    path = tmp_path / "s.shard"
+    path.write_bytes(data)
+    sf = ShardFile(str(path), len(data), 0, 5)
+    assert sf.column("img").shape == (5, 2, 2)
+    assert np.shares_memory(sf.read(3)["img"], sf.column("img"))
+    assert_same(sf.read(3), exs[3])
+
+
+@pytest.mark.parametrize(
+    "value, key, what",
+    [
+        (object(), "meta/calib", "value of type builtins.object"),
+        ({1, 2}, "meta/calib", "value of type builtins.set"),
+        (np.array([object()], dtype=object), "meta/calib", "numpy array of dtype object"),
+        (datetime.date(2020, 1, 1), "meta/calib", "value of type datetime.date"),
+    ],
+)
+def test_unsupported_value_names_index_and_key_path(value, key, what):
+    encoder = ShardEncoder(None, [], allow_pickle=False)
+    exs = [{"meta": {"calib": 1}} for _ in range(3)]
+    exs[2] = {"meta": {"calib": value}}
+    with pytest.raises(CodecError) as err:
+        encoder.encode(ChunkTask(0, 4709, 4712), exs)
+    assert str(err.value).startswith(f"example 4711, key '{key}': cannot store {what}.")
+    assert "allow_pickle=True" in str(err.value)
+
+
+def test_allow_pickle_is_needed_again_to_read(tmp_path):
+    exs = [{"when": datetime.date(2020, 1, 2)}]
+    data = encode_shard(exs, 0, None, allow_pickle=True)
+    path = tmp_path / "s.shard"
+    path.write_bytes(data)
+    with pytest.raises(UnsafePickleError, match="allow_pickle=True"):
+        ShardFile(str(path), len(data), 0, 1).read(0)
+    assert ShardFile(str(path), len(data), 0, 1, allow_pickle=True).read(0) == exs[0]
+
+
+def test_encoder_is_deterministic():
+    ex = {"a": np.arange(10), "b": (1, 2.5, "x"), "c": {"d": np.float32(1)}}
+    one = Encoder().encode(ex, 64)
+    two = Encoder().encode(ex, 64)
+    assert one[0] == two[0] and [bytes(b) for _, b in one[1]] == [bytes(b) for _, b in two[1]]
