@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import warnings
 import zipfile
 
 import numpy as np
@@ -96,7 +97,9 @@ def edflow_run(path: str, n: int, keys: list[str] | None = None, *, chunk_size: 
             if stop_after is not None and k == stop_after:
                 return order[:k]
             zf.writestr(f"example_{i}.p", edflow_dumps(edflow_example(i), protocol, numpy1))
-        zf.writestr("labels.p", edflow_dumps(edflow_labels(n, keys), protocol, numpy1))
+        with warnings.catch_warnings():  # a second run appends a second labels.p, as edflow did
+            warnings.simplefilter("ignore", UserWarning)
+            zf.writestr("labels.p", edflow_dumps(edflow_labels(n, keys), protocol, numpy1))
     return order
 
 
@@ -159,3 +162,44 @@ def assert_same(a, b, where: str = "") -> None:
         assert a.dtype == b.dtype and a == b, where
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def edflow_read(path: str) -> tuple[list, dict]:
+    """What edflow 0.4's ``from_cache`` does with a zip: ``pickle.loads`` of the members.
+
+    Returns the examples (index order, ``len`` = number of ``example_*`` members) and the
+    labels (the last ``labels.p``).
+    """
+    with zipfile.ZipFile(path) as zf:
+        n = len([name for name in zf.namelist() if name.startswith("example_")])
+        examples = [pickle.loads(zf.read(f"example_{i}.p")) for i in range(n)]
+        labels = pickle.loads(zf.read("labels.p"))
+    return examples, labels
+
+
+class EdflowLikeDataset:
+    """A dataset to cache: ``edflow_example(i)`` without ``index_`` (``__getitem__`` adds it).
+
+    ``kill_at`` SIGKILLs the process when that index is computed (a crash mid-build);
+    ``calls`` records the indices computed in this process.
+    """
+
+    def __init__(self, root: str, name: str, n: int, keys: list[str] | None = None,
+                 kill_at: int | None = None) -> None:
+        self.root, self.name, self.n = root, name, n
+        self.in_memory_keys = IN_MEMORY_KEYS if keys is None else keys
+        self.kill_at = kill_at
+        self.calls: list[int] = []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if i == self.kill_at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.calls.append(i)
+        example = edflow_example(i)
+        example["index_"] = i
+        return example

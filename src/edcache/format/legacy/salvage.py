@@ -50,8 +50,9 @@ def _inflate(buf: mmap.mmap | bytes, start: int) -> tuple[bytes, int] | None:
     pos = start
     try:
         while not d.eof and pos < len(buf):
-            out.append(d.decompress(buf[pos : pos + _BLOCK]))
-            pos += _BLOCK
+            piece = buf[pos : pos + _BLOCK]
+            out.append(d.decompress(piece))
+            pos += len(piece)
     except zlib.error:
         return None
     if not d.eof:

@@ -14,6 +14,7 @@ importing the deprecated ``numpy.core`` shim.
 
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import collections
 import importlib
@@ -87,6 +88,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._allow_pickle = allow_pickle
 
     def find_class(self, module: str, name: str) -> Any:
+        # Python 3 writes protocol <= 2 pickles with Python 2 names (``__builtin__.set``);
+        # map them back as the default find_class does (fix_imports), then check.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         obj = _resolve_safe(module, name)
         if obj is not None:
             return obj
