@@ -11,7 +11,7 @@ from .pickler import legacy_dumps
 from .salvage import iter_salvaged_members, salvage_members
 from .unpickler import SAFE_GLOBALS, safe_loads
 from .zip_reader import LegacyZipReader, example_member
-from .zip_writer import LegacyZipEncoder, LegacyZipSink
+from .zip_writer import LegacyZipEncoder, LegacyZipSink, write_members_zip
 
 __all__ = [
     # Reading
@@ -25,6 +25,7 @@ __all__ = [
     "LegacyZipSink",
     "LegacyZipEncoder",
     "legacy_dumps",
+    "write_members_zip",
     # Safety and recovery
     "safe_loads",
     "SAFE_GLOBALS",

@@ -12,7 +12,7 @@ from ..base import CacheReader, Labels
 from .labels import labels_to_columns
 from .unpickler import safe_loads
 
-__all__ = ["LegacyZipReader", "EXAMPLE_RE", "LABELS_MEMBER", "example_member"]
+__all__ = ["LegacyZipReader", "EXAMPLE_RE", "LABELS_MEMBER", "example_index", "example_member"]
 
 #: Members edflow counts as examples (``example_{i}.p``).
 EXAMPLE_RE = re.compile(r"example_(.*)\.p\Z", re.DOTALL)
@@ -22,6 +22,14 @@ LABELS_MEMBER = "labels.p"
 def example_member(index: int) -> str:
     """The member name edflow gives example ``index``: ``example_{index}.p``."""
     return f"example_{index}.p"
+
+
+def example_index(name: str) -> int | None:
+    """The index of a member named exactly ``example_{i}.p`` (as edflow names them), else None."""
+    m = EXAMPLE_RE.match(name)
+    if m is None or not m.group(1).isdigit() or str(int(m.group(1))) != m.group(1):
+        return None
+    return int(m.group(1))
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:

@@ -24,7 +24,7 @@ import os
 import uuid
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import xxhash
 
@@ -33,9 +33,9 @@ from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
 from .pickler import PROTOCOL, legacy_dumps
 from .salvage import iter_salvaged_members
 from .unpickler import safe_loads
-from .zip_reader import EXAMPLE_RE, LABELS_MEMBER, example_member
+from .zip_reader import LABELS_MEMBER, example_index, example_member
 
-__all__ = ["LegacyZipSink", "LegacyZipEncoder", "PARTIAL_SUFFIX"]
+__all__ = ["LegacyZipSink", "LegacyZipEncoder", "PARTIAL_SUFFIX", "write_members_zip"]
 
 #: Suffix of the file a legacy zip is built in.
 PARTIAL_SUFFIX = ".partial"
@@ -59,14 +59,6 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _example_index(name: str) -> int | None:
-    """The index of an ``example_{i}.p`` member named exactly as edflow names it."""
-    m = EXAMPLE_RE.match(name)
-    if m is None or not m.group(1).isdigit() or str(int(m.group(1))) != m.group(1):
-        return None
-    return int(m.group(1))
 
 
 def _zip_members(path: str) -> Iterator[tuple[str, bytes]]:
@@ -169,7 +161,7 @@ class LegacyZipSink(ChunkSink):
     # -- preparing the partial file ---------------------------------------------------
     def _keep(self, zf: zipfile.ZipFile, source: str) -> None:
         for name, data in _zip_members(source):
-            index = _example_index(name)
+            index = example_index(name)
             if index is None or index >= self.length or index in self._present:
                 continue
             if self.in_memory_keys:
@@ -292,3 +284,40 @@ class LegacyZipSink(ChunkSink):
 
     def __getstate__(self) -> Any:
         raise TypeError("LegacyZipSink lives in the build coordinator; send its encoder() to workers")
+
+
+def write_members_zip(path: str, members: Iterable[tuple[str, bytes]]) -> int:
+    """Write ``members`` as an edflow zip at ``path``, atomically (temp file, fsync, rename).
+
+    Each member is ``ZIP_DEFLATED`` via ``writestr``, in the order given. Used to copy
+    or salvage a legacy cache into a clean zip.
+
+    Parameters
+    ----------
+    path : str
+        The zip to (re)place.
+    members : iterable of (str, bytes)
+        Member names and contents.
+
+    Returns
+    -------
+    int
+        The number of members written.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _temp_name(path, "")
+    count = 0
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in members:
+                zf.writestr(name, data)
+                count += 1
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+    return count
