@@ -11,7 +11,7 @@ import pytest
 
 from edcache import CachedDataset
 from edcache.convert import convert
-from edcache.errors import CodecError, IncompleteCacheError, UnsafePickleError
+from edcache.errors import CodecError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
 from edcache.format.legacy import LegacyZipReader
 from legacy_writer import (
     IN_MEMORY_KEYS,
@@ -156,3 +156,22 @@ def test_allow_pickle_trusts_the_source(tmp_path):
     assert LegacyZipReader(str(tmp_path / "a.zip"), allow_pickle=True).read(0) == {"p": Point(1)}
     with pytest.raises(CodecError):  # the new format stores no pickles unless asked to
         convert(str(src), str(tmp_path / "cached" / "b"), allow_pickle=True, progress=False)
+
+
+def test_cli_convert_salvages_a_killed_zip(tmp_path, capsys):
+    from edcache.cli.main import main
+
+    root = str(tmp_path)
+    src = os.path.join(root, "old", "cached", "faces.zip")
+    edflow_run(src, N)
+    cut_central_directory(src)
+    with pytest.raises(CorruptCacheError, match=f"{src}.*edcache convert"):
+        CachedDataset.from_cache(os.path.join(root, "old"), "faces")  # the error says how to recover
+    assert main(["convert", src, os.path.join(root, "cached", "faces"), "--no-progress"]) == 0
+    _check_new_format(root, "faces")
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("example_0.p", pickle.dumps({"x": Payload(str(tmp_path / "pwned"))}))
+    assert main(["convert", str(evil), str(tmp_path / "out.zip"), "--no-progress"]) == 1
+    assert "allow_pickle=True" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
