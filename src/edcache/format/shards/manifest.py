@@ -32,6 +32,9 @@ SHARD_TABLE = "shards.idx"
 SHARDS_DIR = "shards"
 LABELS_DIR = "labels"
 
+#: A manifest larger than this is not one edcache wrote.
+MAX_MANIFEST_BYTES = 1 << 24
+
 SHARD_TABLE_DTYPE = np.dtype([("nbytes", "<u8"), ("xxh3", "<u8")])
 
 
@@ -108,7 +111,11 @@ def read_manifest(cache_dir: str) -> Manifest:
     """Read ``manifest.json`` of ``cache_dir`` (``FileNotFoundError`` if absent)."""
     path = os.path.join(cache_dir, MANIFEST)
     with open(path, "rb") as f:
-        data = f.read(1 << 24)
+        # read what is there, not a fixed 16 MiB buffer (f.read(n) allocates n bytes first)
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCacheError(f"{path}: {size} bytes is too large for a manifest")
+        data = f.read(size + 1)
     return Manifest.from_bytes(data, path)
 
 
