@@ -296,6 +296,17 @@ class CachedDataset(DatasetMixin):
     def __len__(self) -> int:
         return self._length
 
+    def __getitem__(self, i: Any) -> Any:
+        # fast path for the common case: one int index (the DataLoader's per-example call)
+        if type(i) is int:
+            j = i + self._length if i < 0 else i
+            if 0 <= j < self._length:
+                reader = self._reader
+                if reader is None or self._pid != os.getpid():
+                    reader = self.fork_safe_zip
+                return self._finish(reader.read(j), j)
+        return super().__getitem__(i)
+
     def get_example(self, i: int) -> dict:
         """Example ``i`` as stored in the cache."""
         return self.fork_safe_zip.read(i)

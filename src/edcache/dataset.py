@@ -37,6 +37,8 @@ class DatasetMixin:
     ``labels`` to it. ``labels`` is a dict of per-example columns (may be empty).
     """
 
+    _append_labels = False
+
     def get_example(self, i: int) -> dict:
         """Return example ``i`` as a dict (override this)."""
         if hasattr(self, "data"):
@@ -72,7 +74,7 @@ class DatasetMixin:
                 f"return a `dict`. Yours returned a {type(example)}"
             )
         example["index_"] = j
-        if self.append_labels:
+        if self._append_labels:
             example["labels_"] = {k: v[j] for k, v in self.labels.items()}
         return example
 
@@ -91,7 +93,7 @@ class DatasetMixin:
 
     @property
     def append_labels(self) -> bool:
-        return getattr(self, "_append_labels", False)
+        return self._append_labels
 
     @append_labels.setter
     def append_labels(self, value: bool) -> None:

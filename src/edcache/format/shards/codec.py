@@ -229,12 +229,15 @@ def _dtype(s: str) -> np.dtype:
 
 
 class Decoder:
-    """Unpacks records of one shard whose bytes are ``buffer`` (usually a memory map)."""
+    """Unpacks records of one shard whose bytes are ``buffer`` (usually a memory map).
+
+    ``columns[n](row)`` returns the value of column ``n`` for the example at ``row``.
+    """
 
     def __init__(
         self,
         buffer: Any,
-        columns: list[np.ndarray],
+        columns: list[Callable[[int], Any]],
         allow_pickle: bool = False,
         where: str = "shard",
     ) -> None:
@@ -260,7 +263,7 @@ class Decoder:
                 col = int.from_bytes(data, "little")
                 if col >= len(self.columns):
                     raise CorruptCacheError(f"{self.where}: record {row} names missing column {col}")
-                return self.columns[col][row]
+                return self.columns[col](row)
             if code == EXT_ARRAY:
                 dtype_str, shape, offset = msgpack.unpackb(data)
                 dt = _dtype(dtype_str)

@@ -50,6 +50,7 @@ class ShardCacheReader(CacheReader):
         self._reset()
 
     def _reset(self) -> None:
+        self._chunk_size = self.manifest.chunk_size
         self._shards: dict[int, ShardFile] = {}
         self._table: np.ndarray | None = None
         self._commits: dict[int, tuple[int, str]] = {}
@@ -108,8 +109,10 @@ class ShardCacheReader(CacheReader):
         return sf
 
     def read(self, index: int) -> dict:
-        chunk, row = divmod(index, self.manifest.chunk_size)
-        sf = self._shards.get(chunk) or self.shard(chunk)
+        chunk, row = divmod(index, self._chunk_size)
+        sf = self._shards.get(chunk)
+        if sf is None:
+            sf = self.shard(chunk)
         return sf.read(row)
 
     def read_many(self, indices: Sequence[int]) -> list[dict]:

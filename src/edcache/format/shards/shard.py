@@ -1,25 +1,31 @@
 """Shard files: one immutable file per chunk of consecutive examples.
 
-Byte layout (all integers little-endian; see ``docs/format.md``)::
+Byte layout (all integers little-endian; the full spec is ``docs/format.md``)::
 
-    0        8      16                                                  end-16   end-8  end
-    | EDCSHARD | 0 (8) | columns | blobs+records ... | labels | index | footer | len u64 | EDCSHEND |
+    0          8        16                                        end-16          end-8      end
+    | EDCSHARD | 0 (x8) | columns | blobs+records | labels | index | footer | len u64 | EDCSHEND |
 
-* ``columns``: for every top-level key whose value is a numpy array of the same dtype
-  and shape in every example of the chunk, the stacked array ``(count, *shape)``,
-  16-byte aligned. Records refer to it by column number; reads are zero-copy rows.
-* ``blobs+records``: per example, its other arrays (aligned) followed by its msgpack
-  record (see :mod:`.codec`).
-* ``labels``: one record holding ``{in_memory_key: [values of the chunk]}``.
-* ``index``: ``count`` pairs ``(offset, length)`` of the records, u64.
-* ``footer``: msgpack map ``{"v", "start", "count", "columns", "index", "labels"}``.
+* ``columns``: every top-level key whose values have one simple type in all examples
+  of the chunk is stored column-wise: arrays of one dtype and shape stacked
+  ``(count, *shape)``; Python ints, floats and bools as ``<i8``/``<f8``/``|b1``;
+  numpy scalars of one dtype as an array of it; str and bytes as ``count + 1``
+  offsets (``<u8``) plus the concatenated UTF-8/raw bytes; all-``None`` as nothing.
+* ``blobs+records``: only when some field is not a column or key order differs: per
+  example its non-column arrays (aligned) and a msgpack record (see :mod:`.codec`) in
+  which column fields are references (extension type 2).
+* ``labels``: one record ``{in_memory_key: [values of the chunk]}``.
+* ``index``: ``count`` pairs ``(offset, length)`` of the records, if there are records.
+* ``footer``: msgpack map ``{"v", "start", "count", "keys", "columns", "index", "labels"}``.
+
+When every field is a column, reading an example is a handful of row lookups and no
+msgpack decoding at all.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgpack
 import numpy as np
@@ -33,6 +39,13 @@ END_MAGIC = b"EDCSHEND"
 VERSION = 1
 _HEAD = 16
 _TAIL = 16
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# column kinds
+ARRAY, INT, FLOAT, BOOL, SCALAR, STR, BYTES, NONE = (
+    "array", "int", "float", "bool", "scalar", "str", "bytes", "none",
+)
+_FIXED_DTYPES = {INT: np.dtype("<i8"), FLOAT: np.dtype("<f8"), BOOL: np.dtype("|b1")}
 
 
 def checksum(data: Any) -> str:
@@ -40,21 +53,53 @@ def checksum(data: Any) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def _column_keys(examples: Sequence[Any]) -> list[tuple[Any, np.dtype, tuple]]:
-    """Top-level keys holding arrays of one dtype and shape across all examples."""
+def _column_kind(values: list) -> tuple[str, np.dtype | None, tuple] | None:
+    """The column kind ``values`` (one per example) fit, or None."""
+    first = values[0]
+    t = type(first)
+    if not all(type(v) is t for v in values):
+        return None
+    if t is np.ndarray:
+        dtype, shape = first.dtype, first.shape
+        if not _is_storable_dtype(dtype) or first.ndim == 0:
+            return None  # (a row of a column of 0-d arrays would read back as a scalar)
+        if all(v.dtype == dtype and v.shape == shape for v in values):
+            return ARRAY, dtype, shape
+        return None
+    if t is bool:
+        return BOOL, _FIXED_DTYPES[BOOL], ()
+    if t is int:
+        if all(_INT64_MIN <= v <= _INT64_MAX for v in values):
+            return INT, _FIXED_DTYPES[INT], ()
+        return None
+    if t is float:
+        return FLOAT, _FIXED_DTYPES[FLOAT], ()
+    if t is str:
+        return STR, None, ()
+    if t is bytes:
+        return BYTES, None, ()
+    if first is None:
+        return NONE, None, ()
+    if isinstance(first, np.generic) and _is_storable_dtype(first.dtype):
+        if all(v.dtype == first.dtype for v in values):
+            return SCALAR, first.dtype, ()
+    return None
+
+
+def _plan(examples: Sequence[Any]) -> tuple[list[tuple[Any, str, np.dtype | None, tuple]], bool]:
+    """Column plan of a chunk, and whether every field is a column (no records needed)."""
     if not examples or not all(type(e) is dict for e in examples):
-        return []
-    cols = []
-    for key, value in examples[0].items():
-        if type(value) is not np.ndarray or not _is_storable_dtype(value.dtype) or value.ndim == 0:
-            continue  # (a row of a column of 0-d arrays would read back as a scalar)
-        dtype, shape = value.dtype, value.shape
-        if all(
-            type(e.get(key)) is np.ndarray and e[key].dtype == dtype and e[key].shape == shape
-            for e in examples
-        ):
-            cols.append((key, dtype, shape))
-    return cols
+        return [], False
+    keys = list(examples[0])
+    same_keys = all(len(e) == len(keys) and list(e) == keys for e in examples)
+    plan = []
+    for key in keys:
+        if not same_keys and not all(key in e for e in examples):
+            continue
+        kind = _column_kind([e[key] for e in examples])
+        if kind is not None:
+            plan.append((key, *kind))
+    return plan, same_keys and len(plan) == len(keys)
 
 
 def encode_shard(
@@ -79,39 +124,58 @@ def encode_shard(
         parts.append(data)
         pos += memoryview(data).nbytes
 
-    columns = []
+    plan, all_columns = _plan(examples)
+    columns: list[dict[str, Any]] = []
     col_refs: dict[Any, int] = {}
-    for number, (key, dtype, shape) in enumerate(_column_keys(examples)):
-        stacked = np.ascontiguousarray(np.stack([e[key] for e in examples]))
-        offset = _align(pos)
-        put(raw_bytes(stacked), offset)
-        columns.append([key, dtype.str, list(shape), offset])
+    for number, (key, kind, dtype, shape) in enumerate(plan):
+        values = [e[key] for e in examples]
+        desc: dict[str, Any] = {"key": key, "kind": kind}
+        if kind in (STR, BYTES):
+            blobs = [v.encode("utf-8") if kind == STR else v for v in values]
+            offsets = np.zeros(len(blobs) + 1, dtype="<u8")
+            np.cumsum([len(b) for b in blobs], out=offsets[1:])
+            desc["offset"] = _align(pos)
+            put(offsets.tobytes(), desc["offset"])
+            desc["data"] = pos
+            put(b"".join(blobs), pos)
+        elif kind != NONE:
+            # np.stack may return native byte order: cast back to the recorded dtype
+            stacked = np.stack(values) if kind == ARRAY else np.array(values)
+            stacked = np.ascontiguousarray(stacked.astype(dtype, copy=False))
+            desc.update(dtype=dtype.str, shape=list(shape), offset=_align(pos))
+            put(raw_bytes(stacked), desc["offset"])
+        columns.append(desc)
         col_refs[key] = number
 
     encoder = Encoder(allow_pickle=allow_pickle)
-    index = np.empty((len(examples), 2), dtype="<u8")
-    for row, example in enumerate(examples):
-        record, blobs = encoder.encode(example, _align(pos), col_refs or None)
-        for offset, blob in blobs:
-            put(blob, offset)
-        index[row] = (pos, len(record))
-        put(record, pos)
+    index_offset = None
+    if not all_columns:
+        index = np.empty((len(examples), 2), dtype="<u8")
+        for row, example in enumerate(examples):
+            record, blobs_ = encoder.encode(example, _align(pos), col_refs or None)
+            for offset, blob in blobs_:
+                put(blob, offset)
+            index[row] = (pos, len(record))
+            put(record, pos)
+        index_offset = -1  # placed after the labels
 
     label_span = None
     if labels is not None:
-        record, blobs = encoder.encode(labels, _align(pos))
-        for offset, blob in blobs:
+        record, blobs_ = encoder.encode(labels, _align(pos))
+        for offset, blob in blobs_:
             put(blob, offset)
         label_span = [pos, len(record)]
         put(record, pos)
 
-    index_offset = _align(pos)
-    put(index.tobytes(), index_offset)
+    if index_offset is not None:
+        index_offset = _align(pos)
+        put(index.tobytes(), index_offset)
     footer = msgpack.packb(
         {
             "v": VERSION,
             "start": start,
             "count": len(examples),
+            "keys": [c["key"] for c in columns] if all_columns else None,
             "columns": columns,
             "index": index_offset,
             "labels": label_span,
@@ -161,74 +225,117 @@ class ShardFile:
             self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
-        mm = self._mmap
-        if expected_checksum is not None and checksum(mm) != expected_checksum:
+        if expected_checksum is not None and checksum(self._mmap) != expected_checksum:
             raise CorruptCacheError(
                 f"shard {path} (examples {expected_start}..{expected_start + expected_count - 1}) "
                 "fails its checksum: the file is damaged"
             )
-        self._parse(size, expected_start, expected_count, allow_pickle)
+        self.start, self.count = expected_start, expected_count
+        try:
+            self._parse(size, allow_pickle)
+        except CorruptCacheError:
+            raise
+        except Exception as exc:  # any malformed value in the footer
+            raise self._bad(f"malformed footer ({type(exc).__name__}: {exc})") from exc
 
     def _bad(self, what: str) -> CorruptCacheError:
         return CorruptCacheError(f"shard {self.path} is damaged: {what}")
 
-    def _parse(self, size: int, start: int, count: int, allow_pickle: bool) -> None:
-        mm = self._mmap
+    def _parse(self, size: int, allow_pickle: bool) -> None:
+        mm, count = self._mmap, self.count
         if mm[:8] != MAGIC or mm[size - 8 : size] != END_MAGIC:
             raise self._bad("bad magic bytes")
         flen = int.from_bytes(mm[size - 16 : size - 8], "little")
         if flen > size - _HEAD - _TAIL:
             raise self._bad("footer length out of range")
-        try:
-            footer = msgpack.unpackb(mm[size - 16 - flen : size - 16], raw=False)
-            ok = (
-                isinstance(footer, dict)
-                and footer.get("v") == VERSION
-                and footer.get("start") == start
-                and footer.get("count") == count
-            )
-        except Exception as exc:
-            raise self._bad(f"unreadable footer ({exc})") from exc
-        if not ok:
-            raise self._bad(f"footer does not describe examples {start}..{start + count - 1}")
-        try:
-            index_off = int(footer["index"])
-            if index_off < _HEAD or index_off + 16 * count > size - 16 - flen:
+        footer = msgpack.unpackb(mm[size - 16 - flen : size - 16], raw=False)
+        if not (
+            isinstance(footer, dict)
+            and footer.get("v") == VERSION
+            and footer.get("start") == self.start
+            and footer.get("count") == count
+        ):
+            raise self._bad(f"footer does not describe examples {self.start}..{self.start + count - 1}")
+        body_end = size - 16 - flen
+
+        self._spans: list[tuple[int, int]] | None = None
+        index_off = footer["index"]
+        if index_off is not None:
+            if not isinstance(index_off, int) or index_off < _HEAD or index_off + 16 * count > body_end:
                 raise self._bad("index out of range")
             pairs = np.frombuffer(mm, "<u8", 2 * count, index_off).tolist()
             self._spans = [(pairs[2 * r], pairs[2 * r + 1]) for r in range(count)]
-            for off, ln in self._spans:
-                if off < _HEAD or off + ln > index_off:
-                    raise self._bad("record out of range")
-            self._columns = []
-            self._column_numbers = {}
-            for key, dtype_str, shape, offset in footer["columns"]:
-                dt = np.dtype(dtype_str)
-                if not _is_storable_dtype(dt):
-                    raise self._bad(f"column dtype {dtype_str!r}")
-                n = count
-                for d in shape:
-                    if not isinstance(d, int) or d < 0:
-                        raise self._bad("column shape")
-                    n *= d
-                if offset < _HEAD or offset + n * dt.itemsize > index_off:
-                    raise self._bad("column out of range")
-                self._column_numbers[key] = len(self._columns)
-                self._columns.append(
-                    np.frombuffer(mm, dt, n, offset).reshape((count, *shape))
-                )
-            self._labels_span = footer["labels"]
-        except CorruptCacheError:
-            raise
-        except Exception as exc:
-            raise self._bad(f"malformed footer ({type(exc).__name__}: {exc})") from exc
-        self.start, self.count = start, count
-        self._decoder = Decoder(mm, self._columns, allow_pickle, where=f"shard {self.path}")
+            if any(off < _HEAD or off + ln > index_off for off, ln in self._spans):
+                raise self._bad("record out of range")
+
+        self._arrays: dict[Any, np.ndarray] = {}  # key -> gatherable column
+        self._getters: list[Callable[[int], Any]] = []
+        self._keys: list[Any] = []
+        for desc in footer["columns"]:
+            self._keys.append(desc["key"])
+            self._getters.append(self._column_getter(desc, body_end))
+        keys = footer["keys"]
+        if keys is None and self._spans is None:
+            raise self._bad("neither records nor a full column set")
+        self._fields = list(zip(self._keys, self._getters)) if keys is not None else None
+        self._labels_span = footer["labels"]
+        self._decoder = Decoder(mm, self._getters, allow_pickle, where=f"shard {self.path}")
+
+    def _column_getter(self, desc: dict, end: int) -> Callable[[int], Any]:
+        mm, count, kind = self._mmap, self.count, desc["kind"]
+        if kind == NONE:
+            return lambda r: None
+        offset = desc["offset"]
+        if not isinstance(offset, int) or offset < _HEAD:
+            raise self._bad("column offset")
+        if kind in (STR, BYTES):
+            if offset + 8 * (count + 1) > end:
+                raise self._bad("column out of range")
+            bounds = np.frombuffer(mm, "<u8", count + 1, offset)
+            data = desc["data"]
+            if (
+                not isinstance(data, int)
+                or bounds[0] != 0
+                or np.any(bounds[1:] < bounds[:-1])
+                or data < offset
+                or data + int(bounds[-1]) > end
+            ):
+                raise self._bad("string column bounds")
+            o = (bounds + data).tolist()
+            view = memoryview(mm)
+            if kind == STR:
+                return lambda r: str(view[o[r] : o[r + 1]], "utf-8")
+            return lambda r: view[o[r] : o[r + 1]].tobytes()
+        dt = np.dtype(desc["dtype"])
+        if not _is_storable_dtype(dt):
+            raise self._bad(f"column dtype {desc['dtype']!r}")
+        if kind in _FIXED_DTYPES and dt != _FIXED_DTYPES[kind]:
+            raise self._bad(f"{kind} column of dtype {dt}")
+        shape = desc["shape"]
+        n = count
+        for d in shape:
+            if not isinstance(d, int) or d < 0:
+                raise self._bad("column shape")
+            n *= d
+        if offset + n * dt.itemsize > end:
+            raise self._bad("column out of range")
+        col = np.frombuffer(mm, dt, n, offset).reshape((count, *shape))
+        self._arrays[desc["key"]] = col
+        if kind in (INT, FLOAT, BOOL):
+            return col.item  # Python int / float / bool
+        if kind in (ARRAY, SCALAR):
+            return col.__getitem__
+        raise self._bad(f"unknown column kind {kind!r}")
 
     def read(self, row: int) -> Any:
         """Decode the example at position ``row`` of this shard."""
-        off, ln = self._spans[row]
-        return self._decoder.decode(memoryview(self._mmap)[off : off + ln], row)
+        try:
+            if self._fields is not None:
+                return {key: get(row) for key, get in self._fields}
+            off, ln = self._spans[row]  # type: ignore[index]
+            return self._decoder.decode(memoryview(self._mmap)[off : off + ln], row)
+        except UnicodeDecodeError as exc:
+            raise self._bad(f"example {self.start + row}: invalid UTF-8 ({exc})") from exc
 
     def labels(self) -> dict[str, list]:
         """The chunk's ``in_memory_keys`` values, as recorded by the writer."""
@@ -247,15 +354,14 @@ class ShardFile:
         return values
 
     def column(self, key: Any) -> np.ndarray | None:
-        """The stacked column ``(count, *shape)`` for top-level ``key``, if stored as one."""
-        number = self._column_numbers.get(key)
-        return None if number is None else self._columns[number]
+        """The column array of top-level ``key`` (arrays stacked, numbers, bools, numpy
+        scalars), or None if the key is not stored as such a column."""
+        return self._arrays.get(key)
 
     def close(self) -> None:
         self._decoder = None  # type: ignore[assignment]
-        self._columns = []
+        self._arrays, self._getters, self._fields = {}, [], None
         try:
             self._mmap.close()
         except BufferError:
             pass  # arrays handed out still view the map; it closes when they are gone
-
