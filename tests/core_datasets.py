@@ -56,3 +56,18 @@ def make_toy():
 def expected(i):
     """What Toy(...)[i] must read back as (computed independently of the cache)."""
     return Toy("/nonexistent", n=10**9)[i]
+
+
+class DiesOnce(Toy):
+    """Kills its own worker process (like a segfault) the first time it reaches ``die_at``."""
+
+    def __init__(self, root, n, die_at, marker):
+        super().__init__(root, n=n)
+        self.die_at = die_at
+        self.marker = marker
+
+    def get_example(self, i):
+        if i == self.die_at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(9)
+        return super().get_example(i)

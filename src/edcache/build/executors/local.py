@@ -126,11 +126,15 @@ class LocalPoolExecutor(Executor):
         pool = self._pool(source, encoder)
         try:
             while pending or inflight:
+                lost: list[ChunkTask] = []
                 while pending and len(inflight) < window:
                     task = pending.popleft()
-                    inflight[pool.submit(_run_task, task)] = task
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                lost: list[ChunkTask] = []
+                    try:
+                        inflight[pool.submit(_run_task, task)] = task
+                    except BrokenProcessPool:  # a worker died before we noticed
+                        lost.append(task)
+                        break
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED) if inflight else (set(), set())
                 for future in done:
                     task = inflight.pop(future)
                     try:
