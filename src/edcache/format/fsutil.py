@@ -21,12 +21,22 @@ def temp_name(final_path: str, tag: str = "") -> str:
     return os.path.join(head, f".tmp-{tail}{tag}-{uuid.uuid4().hex}")
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (``path`` must not be a final name)."""
+def write_file(path: str, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` (``path`` must not be a final name), fsync'd if asked."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def fsync_file(path: str) -> None:
+    """fsync an existing file by name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str, data: bytes) -> None:

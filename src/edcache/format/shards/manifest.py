@@ -3,7 +3,7 @@
 ``manifest.json`` is small and describes the cache (format version, length, chunk
 size, label schema, flags); reading it is all that opening a complete cache costs.
 While a build runs, ``commits.log`` records each committed chunk on a line of its own
-(appended and fsync'd: the commit point). When the last chunk is committed, the
+(the commit point; see :class:`~.sink.ShardSink` for when it is fsync'd). When the last chunk is committed, the
 per-shard sizes and checksums are written to ``shards.idx`` (sorted by chunk, so the
 finished cache does not depend on the order chunks arrived), the manifest is replaced
 with ``complete: true``, and the log is removed.
@@ -152,7 +152,7 @@ def read_commits(cache_dir: str, num_chunks: int) -> dict[int, tuple[int, str]]:
 
 
 class CommitLog:
-    """Appends commit records durably (one ``write`` + ``fsync`` per chunk)."""
+    """Appends commit records (one ``write`` per chunk; :meth:`sync` makes them durable)."""
 
     def __init__(self, cache_dir: str) -> None:
         path = os.path.join(cache_dir, COMMITS)
@@ -174,7 +174,13 @@ class CommitLog:
 
     def append(self, chunk: int, nbytes: int, digest: str) -> None:
         os.write(self._fd, json.dumps({"c": chunk, "n": nbytes, "h": digest}).encode() + b"\n")
+
+    def sync(self) -> None:
         os.fsync(self._fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
     def close(self) -> None:
         if self._fd >= 0:
