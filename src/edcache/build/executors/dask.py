@@ -1,0 +1,282 @@
+"""Computing chunks on a Dask cluster (``edcache --server`` / ``scheduler=`` in Python).
+
+Dask runs a task *at least* once: after a worker dies it recomputes what the worker
+was running, and also finished results that lived only in its memory. This executor
+therefore hands every result to the coordinator (``on_result``, which commits
+idempotently) as soon as it arrives, and then releases it from the cluster, so a
+committed chunk is never computed again.
+
+Workers get the dataset once per process: the chunk tasks depend on one small
+"source" task whose value is the pickled :class:`DatasetSource` and encoder, and each
+worker process unpickles it (importing a factory by name, or unpickling the dataset
+object) the first time it runs a chunk of this build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+from ...errors import BuildError, ClusterError, EdcacheError, ExampleError
+from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
+from ..worker import DatasetSource, compute_chunk
+from .base import Executor
+
+# -- worker-process side ---------------------------------------------------------------
+_LOADED: dict[str, tuple[Any, ChunkEncoder]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def _source_value(payload: bytes) -> bytes:
+    """The "source" task: its value is the pickled (source, encoder) of the build.
+
+    Being a task (not scattered data), it is recomputed if every worker holding it dies.
+    """
+    return payload
+
+
+def _worker_state(token: str, payload: bytes) -> tuple[Any, ChunkEncoder]:
+    state = _LOADED.get(token)
+    if state is None:
+        with _LOAD_LOCK:
+            state = _LOADED.get(token)
+            if state is None:
+                import cloudpickle
+
+                source, encoder = cloudpickle.loads(payload)
+                state = (source.load(), encoder)
+                _LOADED.clear()  # one build at a time per process: drop older datasets
+                _LOADED[token] = state
+    return state
+
+
+def _run_chunk(task: ChunkTask, token: str, payload: bytes) -> ChunkResult:
+    dataset, encoder = _worker_state(token, payload)
+    return compute_chunk(dataset, encoder, task)
+
+
+# -- coordinator side ------------------------------------------------------------------
+def _print_status(message: str, n_workers: int) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"edcache: {message}", file=sys.stderr)
+
+
+class DaskExecutor(Executor):
+    """Computes chunks on a Dask cluster and commits each result as it arrives.
+
+    Parameters
+    ----------
+    scheduler : str or distributed.Client
+        ``tls://host:port`` (or ``host:port``) of an edcache server or Dask scheduler,
+        or a connected ``Client`` (left open afterwards).
+    security : str, distributed.Security, False or None
+        For an address: an edcache credentials file, a ``Security``, or ``None`` for
+        the default credentials file (``~/.edcache/credentials.pem``). ``False``
+        allows a plain ``tcp://`` address to a cluster you secured otherwise.
+    staged : bool
+        Workers share the cache's file system: they write their shard files next to
+        the cache themselves and send only metadata (the coordinator still commits).
+        Default: results travel back through Dask, so workers need no shared storage.
+    factory : str or None
+        ``pkg.module.factory`` that workers import and call to get the dataset,
+        instead of receiving the pickled dataset object.
+    on_status : callable or None
+        ``on_status(message, n_workers)`` for cluster events (workers joining or
+        leaving, waiting for workers). Default: print them to stderr.
+    status_interval : float
+        Seconds between checks of the connected workers.
+    connect_timeout : str or float
+        How long to try to reach the scheduler.
+    """
+
+    staged = False
+
+    def __init__(
+        self,
+        scheduler: Any,
+        security: Any = None,
+        *,
+        staged: bool = False,
+        factory: str | None = None,
+        on_status: Callable[[str, int], None] | None = None,
+        status_interval: float = 1.0,
+        connect_timeout: str | float = "30s",
+        direct_to_workers: bool | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.security = security
+        self.staged = bool(staged)
+        self.factory = factory
+        self.on_status = on_status or _print_status
+        self.status_interval = status_interval
+        self.connect_timeout = connect_timeout
+        self.direct_to_workers = direct_to_workers
+        self.workers = 0  # connected workers at the last check
+
+    # -- connection --------------------------------------------------------------------
+    def _connect(self) -> tuple[Any, bool]:
+        from distributed import Client
+
+        if isinstance(self.scheduler, Client):
+            return self.scheduler, False
+        from ...distributed.security import as_security, tls_address
+
+        address = str(self.scheduler)
+        if self.security is False:
+            security = None
+        else:
+            from ...distributed.server import DEFAULT_PORT
+
+            address = tls_address(address, DEFAULT_PORT)
+            security = as_security(self.security)
+        try:
+            client = Client(
+                address, security=security, timeout=self.connect_timeout,
+                set_as_default=False, direct_to_workers=self.direct_to_workers,
+            )
+        except Exception as exc:
+            raise ClusterError(
+                f"cannot connect to the scheduler at {address}: {type(exc).__name__}: {exc}. "
+                "Is the server running, and do you hold its credentials file?"
+            ) from exc
+        return client, True
+
+    def _count_workers(self, client: Any) -> int:
+        try:
+            return len(client.nthreads())
+        except Exception:
+            return self.workers
+
+    def _check_workers(self, client: Any, state: dict[str, float]) -> None:
+        now = time.monotonic()
+        if now - state["checked"] < self.status_interval:
+            return
+        state["checked"] = now
+        n = self._count_workers(client)
+        if n != self.workers or (n == 0 and now - state["said"] > 60):
+            if n == 0:
+                self.on_status("no worker connected; waiting for workers", 0)
+            elif n > self.workers:
+                self.on_status(f"{n} worker(s) connected", n)
+            else:
+                self.on_status(f"a worker left; {n} connected", n)
+            state["said"] = now
+            self.workers = n
+
+    # -- the run -----------------------------------------------------------------------
+    def run(
+        self,
+        source: DatasetSource,
+        encoder: ChunkEncoder,
+        tasks: Sequence[ChunkTask],
+        on_result: Callable[[ChunkResult], None],
+    ) -> None:
+        import cloudpickle
+        from distributed import as_completed
+
+        if self.factory is not None:
+            source = DatasetSource(factory=self.factory)
+        try:
+            payload = cloudpickle.dumps((source, encoder))
+        except Exception as exc:
+            raise BuildError(
+                f"the dataset cannot be pickled to send it to the Dask workers ({exc}); "
+                "build with `edcache --server --dataset pkg.module.factory` instead, which "
+                "imports the factory on each worker"
+            ) from exc
+        token = hashlib.sha256(payload).hexdigest()[:16]
+        client, owned = self._connect()
+        pending: dict[str, Any] = {}
+        source_future = None
+        try:
+            source_future = client.submit(
+                _source_value, payload, key=f"edcache-source-{token}", pure=False
+            )
+            futures = client.map(
+                _run_chunk, list(tasks), token=token, payload=source_future,
+                key=[f"edcache-chunk-{token}-{t.chunk_id}" for t in tasks], pure=False,
+            )
+            chunk_of = {f.key: t for f, t in zip(futures, tasks)}
+            pending = {f.key: f for f in futures}
+            completed = as_completed(futures, loop=client.loop)
+            del futures
+            state = {"checked": 0.0, "said": 0.0}
+            self.workers = -1
+            while pending:
+                self._check_workers(client, state)
+                batch = completed.next_batch(block=False)
+                if not batch:
+                    time.sleep(0.01)
+                    continue
+                finished = [f for f in batch if f.status == "finished"]
+                for f in batch:
+                    if f.status != "finished":
+                        raise self._failure(f, chunk_of[f.key])
+                try:
+                    results = client.gather(finished)
+                except Exception:  # a result was lost and its recomputation failed
+                    for f in finished:
+                        if f.status != "finished":
+                            raise self._failure(f, chunk_of[f.key]) from None
+                    raise
+                for f, result in zip(finished, results):
+                    on_result(result)
+                    pending.pop(f.key, None)
+                    f.release()  # committed: never let the cluster recompute it
+                del results, finished, batch
+        except BaseException:
+            if pending:
+                try:
+                    client.cancel(list(pending.values()), force=True)
+                except Exception:
+                    pass
+            raise
+        finally:
+            pending.clear()
+            if source_future is not None:
+                try:
+                    source_future.release()
+                except Exception:
+                    pass
+            if owned:
+                try:
+                    client.close(timeout=10)
+                except Exception:
+                    pass
+
+    def _failure(self, future: Any, task: ChunkTask) -> BaseException:
+        """The exception to raise for a chunk task that errored or was cancelled."""
+        from distributed import KilledWorker
+
+        if future.status == "cancelled":
+            return ClusterError(
+                f"the cluster dropped chunk {task.chunk_id} (examples {task.start}..{task.stop - 1}): "
+                "the connection to the scheduler was lost or the task was cancelled. Committed "
+                "chunks are kept; run again to resume."
+            )
+        exc = future.exception()
+        if isinstance(exc, KilledWorker):
+            return ClusterError(
+                f"chunk {task.chunk_id} (examples {task.start}..{task.stop - 1}) was being computed "
+                "on workers that died, more often than the scheduler's allowed-failures "
+                "(distributed.scheduler.allowed-failures). A dataset that crashes or exhausts "
+                "memory on these indices? Committed chunks are kept; run again to resume."
+            )
+        if isinstance(exc, ExampleError):
+            return exc  # carries the index and the worker's traceback
+        remote = "".join(traceback.format_exception(type(exc), exc, future.traceback()))
+        if isinstance(exc, EdcacheError):
+            exc.add_note(f"Traceback in the worker:\n{remote}")
+            return exc
+        return BuildError(
+            f"chunk {task.chunk_id} (examples {task.start}..{task.stop - 1}) failed on a worker: "
+            f"{type(exc).__name__}: {exc}\n\nTraceback in the worker:\n{remote}"
+        )
+
+
+__all__ = ["DaskExecutor"]

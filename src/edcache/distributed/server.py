@@ -1,0 +1,357 @@
+"""``edcache --server``: a Dask scheduler and the build coordinator in one process.
+
+The scheduler runs on a private event-loop thread of this process; the coordinator
+(the usual :func:`~edcache.build.coordinator.run_build` loop, driven through
+:class:`~edcache.CachedDataset`) connects to it with a :class:`DaskExecutor` and is the
+only writer of the cache. Workers join with ``edcache --address`` (the exact command
+is printed on start); ``--local-workers N`` also runs N workers here.
+
+Cluster settings (see ``docs/distributed.md``):
+
+* mutual TLS with the cluster's credentials file (created 0600 on first start);
+  ``require-encryption`` on; plain TCP and foreign certificates are refused;
+* the HTTP routes of the scheduler and workers (health, metrics, optional dashboard)
+  listen on 127.0.0.1 only;
+* ``worker-ttl`` 60 s: a hung or cut-off host is dropped within about a minute and
+  its chunks are recomputed elsewhere;
+* ``allowed-failures`` 10: preemptible hosts dying under a healthy chunk do not make
+  the build fail (a chunk that kills 11 workers does).
+
+A killed server loses nothing that was committed: starting it again resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from ..errors import ClusterError
+
+DEFAULT_PORT = 63127
+DEFAULT_WORKER_TTL = 60.0
+DEFAULT_ALLOWED_FAILURES = 10
+
+
+def dask_config(
+    worker_ttl: float = DEFAULT_WORKER_TTL, allowed_failures: int = DEFAULT_ALLOWED_FAILURES
+) -> dict[str, Any]:
+    """The Dask settings edcache's server and workers run with."""
+    return {
+        "distributed.scheduler.worker-ttl": f"{worker_ttl}s",
+        "distributed.scheduler.allowed-failures": int(allowed_failures),
+        "distributed.comm.require-encryption": True,
+        # TLS handshakes on a loaded machine can be slow; never give up too early
+        "distributed.comm.timeouts.connect": "30s",
+    }
+
+
+def public_host(host: str) -> str:
+    """The name workers should use for a server bound to ``host``."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return socket.getfqdn()
+    return host
+
+
+class InProcessCluster:
+    """A TLS Dask scheduler (plus optional local worker slots) on a private loop thread."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        security: Any,
+        local_workers: int = 0,
+        dashboard: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.security = security
+        self.local_workers = local_workers
+        self.dashboard = dashboard
+        self.verbose = verbose
+        self.scheduler: Any = None
+        self.address: str | None = None
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._slots: Any = None
+
+    def _call(self, coro: Any, timeout: float | None = 120) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> str:
+        """Start the scheduler (and local workers); return its ``tls://`` address."""
+        if self.address is not None:
+            return self.address
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="edcache-scheduler", daemon=True)
+        self._thread.start()
+        self.address = self._call(self._start())
+        return self.address
+
+    async def _start(self) -> str:
+        from distributed import Scheduler
+
+        dash = self.dashboard is not None
+        self.scheduler = Scheduler(
+            host=self.host or None,
+            port=self.port,
+            protocol="tls",
+            security=self.security,
+            dashboard=dash,
+            dashboard_address=f"127.0.0.1:{self.dashboard if dash else 0}",
+        )
+        try:
+            await self.scheduler
+        except Exception as exc:
+            raise ClusterError(
+                f"cannot start the scheduler on {self.host or '*'}:{self.port}: {exc}"
+            ) from exc
+        self._stop = asyncio.Event()
+        if self.local_workers:
+            from .worker import SlotOptions, run_slots
+
+            options = SlotOptions(
+                address=self.connect_address(), security=self.security, timeout=None,
+                verbose=self.verbose,
+            )
+            self._slots = asyncio.ensure_future(run_slots(options, self.local_workers, self._stop))
+        return self.scheduler.address
+
+    def connect_address(self) -> str:
+        """Where a client on this host reaches the scheduler."""
+        host = self.host
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host in ("::", "[::]"):
+            host = "[::1]"
+        return f"tls://{host}:{self.scheduler.port if self.scheduler else self.port}"
+
+    def client(self) -> Any:
+        """A synchronous client of the scheduler (created once)."""
+        if self._client is None:
+            from distributed import Client
+
+            self._client = Client(
+                self.connect_address(), security=self.security, timeout="60s",
+                set_as_default=False, direct_to_workers=True,
+            )
+        return self._client
+
+    def n_workers(self) -> int:
+        return len(self.scheduler.workers) if self.scheduler is not None else 0
+
+    def announce_done(self) -> None:
+        """Tell every connected ``edcache --address`` process that the cache is complete."""
+        if self._client is None:
+            return
+        from .worker import _mark_done
+
+        try:
+            self._client.run(_mark_done, nanny=True, on_error="ignore")
+        except Exception:  # a worker leaving at this moment: it times out on its own
+            pass
+        deadline = time.monotonic() + 10  # let them close before the scheduler does
+        while self.n_workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Stop local workers, close the scheduler (remote workers are told to close)."""
+        if self._loop is None:
+            return
+        if self._client is not None:
+            try:
+                self._client.close(timeout=10)
+            except Exception:
+                pass
+            self._client = None
+
+        async def _close() -> None:
+            if self._stop is not None:
+                self._stop.set()
+            if self._slots is not None:
+                try:
+                    await asyncio.wait_for(self._slots, timeout=30)
+                except Exception:
+                    pass
+            if self.scheduler is not None:
+                await self.scheduler.close(reason="edcache-server-exit")
+
+        try:
+            self._call(_close(), timeout=60)
+        except Exception:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._loop = None
+
+
+def worker_command(
+    address: str,
+    dataset: str | None,
+    credentials: str | None,
+    tls: tuple[str | None, str | None, str | None] = (None, None, None),
+) -> str:
+    """The exact ``edcache --address ...`` command a worker host runs."""
+    argv = ["edcache", "--address", address]
+    if dataset:
+        argv += ["--dataset", dataset]
+    ca, cert, key = tls
+    if ca or cert:
+        argv += ["--tls-ca", os.path.abspath(ca or ""), "--tls-cert", os.path.abspath(cert or "")]
+        if key:
+            argv += ["--tls-key", os.path.abspath(key)]
+    elif credentials:
+        argv += ["--credentials", credentials]
+    return shlex.join(argv)
+
+
+def _bar_postfix(n_workers: int) -> None:
+    """Show the connected workers on the build's progress bar (if one is active)."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.set_postfix(workers=n_workers)
+    except Exception:
+        pass
+
+
+def _status_printer(message: str, n_workers: int) -> None:
+    from tqdm.auto import tqdm
+
+    _bar_postfix(n_workers)
+    tqdm.write(f"edcache server: {message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM stop the server like Ctrl-C (workers are told, locks released)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def run_server(
+    dataset: str | None,
+    *,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_PORT,
+    chunk_size: int = 64,
+    local_workers: int = 0,
+    credentials: str | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    shared_fs: bool = False,
+    worker_ttl: float = DEFAULT_WORKER_TTL,
+    allowed_failures: int = DEFAULT_ALLOWED_FAILURES,
+    dashboard: int | None = None,
+    force: bool = False,
+    keep_existing: bool = True,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
+) -> int:
+    """The body of ``edcache --server``; returns the process exit status (0: complete).
+
+    With ``dataset=None`` the server only runs the scheduler (for ``CachedDataset(...,
+    scheduler=...)`` clients) until it is interrupted.
+    """
+    import dask
+
+    from ..build.executors.dask import DaskExecutor
+    from ..build.worker import import_factory
+    from ..cached import CachedDataset
+    from .security import ensure_credentials, make_security
+    from .worker import configure_logging
+
+    configure_logging(verbose)
+    dask.config.set(dask_config(worker_ttl, allowed_failures))
+    ds = import_factory(dataset)() if dataset else None
+
+    own_tls = bool(ca or cert or key)
+    cred_path = None
+    if not own_tls:
+        cred_path, created = ensure_credentials(credentials)
+        if created:
+            print(f"edcache server: created the cluster credentials {cred_path} (mode 0600); "
+                  "copy this file to every worker host", file=sys.stderr, flush=True)
+    security = make_security(cred_path, ca=ca, cert=cert, key=key)
+    cluster = InProcessCluster(
+        host=host, port=port, security=security, local_workers=local_workers,
+        dashboard=dashboard, verbose=verbose,
+    )
+
+    def start_cluster() -> str:
+        cluster.start()
+        shown = f"{public_host(host)}:{cluster.scheduler.port}"
+        print(f"edcache server: scheduler at tls://{shown}"
+              + (f", {local_workers} local worker(s)" if local_workers else ""), file=sys.stderr)
+        print("edcache server: on each worker host run:", file=sys.stderr, flush=True)
+        print(worker_command(shown, dataset, cred_path, (ca, cert, key)), flush=True)
+        if dashboard is not None:
+            print(f"edcache server: dashboard at http://127.0.0.1:{dashboard}/status (this host only)",
+                  file=sys.stderr, flush=True)
+        return shown
+
+    restore = _sigterm_as_interrupt()
+    try:
+        if ds is None:
+            shown = start_cluster()
+            print(f"edcache server: from Python: CachedDataset(dataset, scheduler='tls://{shown}', "
+                  f"security={cred_path!r})", file=sys.stderr, flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+            return 0
+
+        class _ServerCachedDataset(CachedDataset):
+            def _executor(self, num_workers: int) -> Any:
+                start_cluster()
+                return DaskExecutor(
+                    cluster.client(), staged=shared_fs, factory=dataset, on_status=_status_printer,
+                )
+
+        cached = _ServerCachedDataset(
+            ds, force_cache=force, keep_existing=keep_existing, chunk_size=chunk_size,
+            allow_pickle=allow_pickle, progress=progress,
+        )
+        cluster.announce_done()
+        print(f"edcache server: the cache at {cached.path} is complete ({len(cached)} examples)",
+              file=sys.stderr, flush=True)
+        return 0
+    finally:
+        restore()
+        cluster.close()
+
+
+__all__ = [
+    "DEFAULT_ALLOWED_FAILURES",
+    "DEFAULT_PORT",
+    "DEFAULT_WORKER_TTL",
+    "InProcessCluster",
+    "dask_config",
+    "public_host",
+    "run_server",
+    "worker_command",
+]
