@@ -104,8 +104,11 @@ def test_sigkill_mid_build_leaves_no_broken_zip_and_resumes(tmp_path):
     path = str(tmp_path / "cached" / "faces.zip")
     assert not os.path.exists(path)  # never a zip without central directory at the cache path
     assert os.path.exists(path + ".partial")
+    leftover = tmp_path / "cached" / ".tmp-faces.zip.chunk3-0123"  # a staged chunk of the dead run
+    leftover.write_bytes(b"x")
     sink = LegacyZipSink(path, N, IN_MEMORY_KEYS, keep_existing=True, chunk_size=4)
     assert sink.committed() == {0, 1, 2}
+    assert not leftover.exists()
     sink.close()
     dataset = EdflowLikeDataset(root, "faces", N)
     ds = CachedDataset(dataset, _legacy=True, chunk_size=4, num_workers=0, progress=False)

@@ -175,13 +175,21 @@ class LegacyZipSink(ChunkSink):
             zf.writestr(name, data)
             self._present.add(index)
 
+    def _remove_leftovers(self) -> None:
+        """Delete temporary and staged files a crashed build left (we hold the build lock)."""
+        head, tail = os.path.split(self.path)
+        for name in os.listdir(head):
+            if name.startswith((f".tmp-{tail}{PARTIAL_SUFFIX}-", f".tmp-{tail}.chunk")):
+                _remove(os.path.join(head, name))
+
     def _prepare(self) -> zipfile.ZipFile:
         if self._zip is not None:
             return self._zip
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._remove_leftovers()
         self._present.clear()
         self._labels.clear()
-        tmp = _temp_name(self.partial_path, "")
+        tmp = _temp_name(self.partial_path, "")  # .tmp-<name>.zip.partial-<uuid>
         zf = None
         try:
             zf = zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED)
