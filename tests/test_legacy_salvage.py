@@ -10,6 +10,8 @@ import sys
 import zipfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edcache.format.legacy import iter_salvaged_members, salvage_members
 from legacy_writer import arrival_order, cut_central_directory, edflow_run
@@ -122,3 +124,24 @@ def test_salvage_after_a_real_sigkill(tmp_path):
         zipfile.ZipFile(path)
     salvaged = salvage_members(path)
     assert list(salvaged) == [f"example_{i}.p" for i in arrival_order(list(range(30)), 12)[:17]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    members=st.lists(st.tuples(st.binary(max_size=300), st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])),
+                     min_size=1, max_size=6),
+    cut=st.floats(min_value=0, max_value=1),
+)
+def test_salvage_keeps_exactly_the_members_written_before_the_cut(tmp_path_factory, members, cut):
+    path = str(tmp_path_factory.mktemp("z") / "x.zip")
+    with zipfile.ZipFile(path, "w") as zf:
+        for k, (data, method) in enumerate(members):
+            zf.writestr(f"example_{k}.p", data, compress_type=method)
+        ends = {info.filename: info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size
+                for info in zf.infolist()}
+        size = zf.start_dir
+    end = int(cut * size)
+    with open(path, "r+b") as f:
+        f.truncate(end)
+    expected = {f"example_{k}.p": data for k, (data, _) in enumerate(members) if ends[f"example_{k}.p"] <= end}
+    assert salvage_members(path) == expected
