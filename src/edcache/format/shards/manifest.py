@@ -65,7 +65,8 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
-        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        doc["xxh3"] = checksum(_canonical(doc))  # of the text without this key
+        return _canonical(doc)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> "Manifest":
@@ -78,6 +79,11 @@ class Manifest:
         if doc.get("version") != VERSION:
             raise CorruptCacheError(
                 f"{where}: format version {doc.get('version')!r}; this edcache reads {VERSION}"
+            )
+        digest = doc.pop("xxh3", None)
+        if digest != checksum(_canonical(doc)):
+            raise CorruptCacheError(
+                f"{where}: fails its checksum: the file is damaged or was edited by hand"
             )
         try:
             m = cls(
@@ -105,6 +111,11 @@ class Manifest:
         if m.complete and (set(m.labels) != set(m.in_memory_keys) or not isinstance(m.shard_table, dict)):
             raise CorruptCacheError(f"{where}: complete manifest lacks labels or shard table")
         return m
+
+
+def _canonical(doc: dict) -> bytes:
+    """The manifest text edcache writes for ``doc`` (keys sorted, one-space indent)."""
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
 def read_manifest(cache_dir: str) -> Manifest:
