@@ -1,0 +1,461 @@
+"""Damage a cache on purpose and classify what readers make of it.
+
+Used by ``tests/test_reliability_integrity.py`` (hypothesis draws the damages) and as a
+script that runs a seeded corruption matrix and prints the detection-rate table of
+``docs/reliability.md``::
+
+    PYTHONPATH=src:tests python tests/reliability_corruption.py --trials 200
+
+Each trial copies a reference cache, applies one :class:`Damage`, then reads it three
+ways: default reads (``CachedDataset.from_cache`` + every example + labels),
+``verify=True`` reads, and :func:`edcache.verify.verify_cache`. A read outcome is
+
+* ``detected``: an ``EdcacheError`` was raised for data that should have been readable;
+* ``wrong``: some example or label came back different from the reference, silently;
+* ``same``: everything read back exactly as the reference (the damage did not matter to
+  readers, e.g. a JSON whitespace change in the manifest);
+
+and any other exception type is a bug (the helper re-raises it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import tracemalloc
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from edcache import CachedDataset
+from edcache.errors import EdcacheError, IncompleteCacheError
+from edcache.verify import verify_cache
+
+from reliability_datasets import SlowDataset, examples_equal, expected
+
+NAME = "fuzz"
+LENGTH = 40
+CHUNK = 8
+FAIL_AT = 27  # the incomplete reference: chunks 0..2 committed, the build stopped in chunk 3
+
+
+# -- reference caches -----------------------------------------------------------------
+def build_reference(root: str, complete: bool = True) -> str:
+    """Build the reference cache under ``root``; return the cache directory."""
+    ds = SlowDataset(root, NAME, LENGTH, fail_at=None if complete else FAIL_AT)
+    try:
+        CachedDataset(ds, chunk_size=CHUNK, num_workers=0, progress=False)
+    except EdcacheError:
+        if complete:
+            raise
+    return os.path.join(root, "cached", NAME)
+
+
+def committed_indices(complete: bool) -> set[int]:
+    if complete:
+        return set(range(LENGTH))
+    return set(range(FAIL_AT // CHUNK * CHUNK))
+
+
+def expected_labels() -> dict[str, object]:
+    exs = [expected(i) for i in range(LENGTH)]
+    return {
+        "label": np.array([e["label"] for e in exs]),
+        "split": np.array([e["split"] for e in exs]),
+        "extra": [e["extra"] for e in exs],
+    }
+
+
+def cache_files(cache_dir: str) -> list[str]:
+    """Every file of a cache, relative to it, sorted."""
+    out = []
+    for dirpath, _, files in os.walk(cache_dir):
+        for f in files:
+            out.append(os.path.relpath(os.path.join(dirpath, f), cache_dir))
+    return sorted(out)
+
+
+def file_kind(rel: str) -> str:
+    if rel.startswith("shards/"):
+        return "shard"
+    if rel.endswith(".npy"):
+        return "label .npy"
+    if rel.endswith(".list"):
+        return "label .list"
+    return rel
+
+
+# -- damages --------------------------------------------------------------------------
+@dataclass
+class Damage:
+    """One change to one (or two) files of a cache; ``apply`` returns False if a no-op."""
+
+    kind: str
+    file: str
+    a: int = 0
+    b: int = 0
+    other: str = ""
+    payload: bytes = b""
+
+    def describe(self) -> str:
+        extra = {"flip": f"byte {self.a} ^ {self.b:#04x}", "truncate": f"to {self.a} bytes",
+                 "zero": f"bytes {self.a}..{self.b}", "swap": f"with {self.other}",
+                 "extend": f"+{len(self.payload)} bytes", "garbage": f"{len(self.payload)} random bytes",
+                 "field": self.other}.get(self.kind, "")
+        return f"{self.kind} {self.file} {extra}".strip()
+
+    def apply(self, cache_dir: str) -> bool:
+        path = os.path.join(cache_dir, self.file)
+        data = open(path, "rb").read()
+        if not data and self.kind in ("flip", "truncate", "zero"):
+            return False
+        if self.kind == "flip":
+            new = bytearray(data)
+            new[self.a % len(data)] ^= self.b or 1
+        elif self.kind == "truncate":
+            new = data[: self.a % len(data)]
+        elif self.kind == "zero":
+            a = self.a % len(data)
+            b = min(len(data), a + max(1, self.b))
+            new = data[:a] + bytes(b - a) + data[b:]
+        elif self.kind == "extend":
+            new = data + (self.payload or b"\0")
+        elif self.kind == "delete":
+            os.unlink(path)
+            return True
+        elif self.kind == "garbage":
+            new = self.payload
+        elif self.kind == "swap":
+            other = os.path.join(cache_dir, self.other)
+            odata = open(other, "rb").read()
+            if odata == data:
+                return False
+            open(other, "wb").write(data)
+            new = odata
+        elif self.kind == "field":
+            new = self.payload  # prepared by the generator (a valid-looking manifest/log)
+        else:
+            raise ValueError(self.kind)
+        if bytes(new) == data:
+            return False
+        with open(path, "wb") as f:
+            f.write(bytes(new))
+        return True
+
+
+_JSON_VALUES = [None, True, False, 0, 1, -1, 7, 2**63, 2**64 + 5, -(2**70), 1.5, "", "x",
+                "labels/../manifest.json", "/etc/passwd", "labels/9.npy", "<i8", "|O", "O",
+                "<U99999999", [], [0], [2**40], [-3], {}, {"a": 1}]
+
+
+def _paths(doc, prefix=()):
+    yield prefix
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _paths(v, prefix + (i,))
+
+
+def manifest_field_damage(manifest_bytes: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """A well-formed manifest with one field set to a random (often hostile) value."""
+    doc = json.loads(manifest_bytes)
+    paths = [p for p in _paths(doc) if p]
+    path = rng.choice(paths)
+    value = rng.choice(_JSON_VALUES + [rng.randrange(-5, 10**6)])
+    target = doc
+    for k in path[:-1]:
+        target = target[k]
+    if rng.random() < 0.15 and isinstance(target, dict):
+        del target[path[-1]]
+        desc = f"delete {'/'.join(map(str, path))}"
+    else:
+        target[path[-1]] = value
+        desc = f"{'/'.join(map(str, path))} = {value!r}"[:80]
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), desc
+
+
+def commit_line_damage(log: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """A commit log with one record's field changed (still well-formed JSON)."""
+    lines = log.split(b"\n")
+    n = rng.randrange(len(lines) - 1)
+    rec = json.loads(lines[n])
+    key = rng.choice(["c", "n", "h"])
+    value = rng.choice([0, 1, 2, 3, 4, -1, 10**9, rec["n"] + 1, rec["n"] - 16, "0" * 16,
+                        "ffffffffffffffff", None, "x"])
+    rec[key] = value
+    lines[n] = json.dumps(rec).encode()
+    return b"\n".join(lines), f"line {n}: {key} = {value!r}"
+
+
+def label_npy_damage(rng: random.Random) -> tuple[bytes, str]:
+    """A valid .npy file holding something else than the label column."""
+    import io
+
+    choice = rng.randrange(5)
+    buf = io.BytesIO()
+    if choice == 0:
+        arr = np.arange(LENGTH, dtype=np.int32)
+    elif choice == 1:
+        arr = np.arange(LENGTH - 1, dtype=np.int64)
+    elif choice == 2:
+        arr = np.zeros((LENGTH, 2), dtype=np.int64)
+    elif choice == 3:
+        arr = np.array(["val"] * LENGTH)
+    else:
+        arr = np.arange(LENGTH, dtype=np.int64)[::-1].copy()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue(), f"valid .npy {arr.dtype}{arr.shape}"
+
+
+def random_damage(cache_dir: str, rng: random.Random, kind: str | None = None,
+                  file: str | None = None) -> Damage:
+    """Draw one damage to a file of ``cache_dir``."""
+    files = cache_files(cache_dir)
+    file = file or rng.choice(files)
+    size = os.path.getsize(os.path.join(cache_dir, file))
+    kinds = ["flip", "flip", "truncate", "zero", "extend", "delete", "garbage", "swap", "field"]
+    kind = kind or rng.choice(kinds)
+    if kind == "flip":
+        return Damage("flip", file, rng.randrange(max(size, 1)), rng.randrange(1, 256))
+    if kind == "truncate":
+        return Damage("truncate", file, rng.randrange(max(size, 1)))
+    if kind == "zero":
+        return Damage("zero", file, rng.randrange(max(size, 1)), rng.choice([1, 4, 8, 16, 64, 4096]))
+    if kind == "extend":
+        return Damage("extend", file, payload=rng.randbytes(rng.choice([1, 8, 100])))
+    if kind == "garbage":
+        return Damage("garbage", file, payload=rng.randbytes(rng.choice([0, 1, 16, size, 5000])))
+    if kind == "swap":
+        same = [f for f in files if f != file and file_kind(f) == file_kind(file)]
+        others = same or [f for f in files if f != file]
+        return Damage("swap", file, other=rng.choice(others))
+    if kind == "field":
+        data = open(os.path.join(cache_dir, file), "rb").read()
+        if file == "manifest.json":
+            payload, desc = manifest_field_damage(data, rng)
+        elif file == "commits.log" and data.count(b"\n") >= 1:
+            payload, desc = commit_line_damage(data, rng)
+        elif file.endswith(".npy"):
+            payload, desc = label_npy_damage(rng)
+        else:
+            return random_damage(cache_dir, rng, "flip", file)
+        return Damage("field", file, other=desc, payload=payload)
+    if kind == "delete":
+        return Damage("delete", file)
+    raise ValueError(kind)
+
+
+# -- reading and classifying ----------------------------------------------------------
+class UnexpectedException(AssertionError):
+    """A reader raised something other than an EdcacheError (a bug)."""
+
+
+def read_everything(root: str, complete: bool, verify: bool) -> str:
+    """Read every example and the labels; return ``detected``, ``wrong`` or ``same``."""
+    committed = committed_indices(complete)
+    errors = wrong = 0
+    try:
+        ds = CachedDataset.from_cache(root, NAME, verify=verify)
+    except EdcacheError:
+        return "detected"
+    except Exception as exc:
+        raise UnexpectedException(f"from_cache raised {type(exc).__name__}: {exc}") from exc
+    try:
+        if len(ds) != LENGTH:  # a silently different length is wrong data
+            wrong += 1
+        for i in range(min(len(ds), LENGTH)):
+            try:
+                got = ds[i]
+            except IncompleteCacheError:
+                if i in committed:
+                    errors += 1
+                continue
+            except EdcacheError:
+                errors += 1
+                continue
+            except Exception as exc:
+                raise UnexpectedException(f"ds[{i}] raised {type(exc).__name__}: {exc}") from exc
+            if i not in committed or not examples_equal(got, expected(i)):
+                wrong += 1
+        try:
+            labels = ds.labels
+        except IncompleteCacheError:
+            if complete:
+                errors += 1
+        except EdcacheError:
+            errors += 1
+        except Exception as exc:
+            raise UnexpectedException(f"labels raised {type(exc).__name__}: {exc}") from exc
+        else:
+            if not complete:
+                wrong += 1
+            else:
+                want = expected_labels()
+                try:
+                    if list(labels) != list(want):
+                        wrong += 1
+                    for key, col in want.items():
+                        got = labels.get(key)
+                        if isinstance(col, np.ndarray):
+                            ok = (isinstance(got, np.ndarray) and got.dtype == col.dtype
+                                  and got.shape == col.shape and np.array_equal(got, col))
+                        else:
+                            ok = examples_equal(list(got) if isinstance(got, list) else got, col)
+                        wrong += not ok
+                except EdcacheError:
+                    errors += 1
+    finally:
+        reader = getattr(ds, "_reader", None)
+        if reader is not None:
+            reader.close()
+    if wrong:
+        return "wrong"
+    return "detected" if errors else "same"
+
+
+def check_with_verify_cache(cache_dir: str) -> str:
+    try:
+        report = verify_cache(cache_dir)
+    except EdcacheError:
+        return "detected"
+    except Exception as exc:
+        raise UnexpectedException(f"verify_cache raised {type(exc).__name__}: {exc}") from exc
+    return "same" if report.ok else "detected"
+
+
+MODES = ("default", "verify=True", "edcache verify")
+
+
+def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bool = False) -> dict[str, str] | None:
+    """Apply ``damage`` to a copy of ``reference``; the outcome of each read mode.
+
+    Returns None if the damage changed nothing. With ``measure_memory`` the peak
+    allocation of the default reads is checked against the cache's size.
+    """
+    with tempfile.TemporaryDirectory(prefix="edc-fuzz-") as root:
+        cache_dir = os.path.join(root, "cached", NAME)
+        shutil.copytree(reference, cache_dir)
+        if not damage.apply(cache_dir):
+            return None
+        out = {}
+        total = sum(os.path.getsize(os.path.join(cache_dir, f)) for f in cache_files(cache_dir))
+        if measure_memory:
+            tracemalloc.start()
+        try:
+            out["default"] = read_everything(root, complete, verify=False)
+            if measure_memory:
+                _, peak = tracemalloc.get_traced_memory()
+                limit = 2 * total + (4 << 20)
+                if peak > limit:
+                    raise UnexpectedException(f"reading allocated {peak} bytes (cache: {total} bytes)")
+        finally:
+            if measure_memory:
+                tracemalloc.stop()
+        out["verify=True"] = read_everything(root, complete, verify=True)
+        out["edcache verify"] = check_with_verify_cache(cache_dir)
+        return out
+
+
+def run_matrix(trials: int, seed: int = 0, progress: bool = False) -> tuple[dict, list]:
+    """Run ``trials`` damages per (cache state, file kind, damage kind)."""
+    rng = random.Random(seed)
+    table: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    misses: list[tuple[str, str, str]] = []  # (state, damage, mode) that returned wrong data / went unseen
+    with tempfile.TemporaryDirectory(prefix="edc-ref-") as base:
+        refs = {
+            "complete": build_reference(os.path.join(base, "c"), True),
+            "incomplete": build_reference(os.path.join(base, "i"), False),
+        }
+        for state, ref in refs.items():
+            files = cache_files(ref)
+            by_kind: dict[str, list[str]] = defaultdict(list)
+            for f in files:
+                by_kind[file_kind(f)].append(f)
+            for fkind, members in sorted(by_kind.items()):
+                for dkind in ["flip", "truncate", "zero", "extend", "delete", "garbage", "swap", "field"]:
+                    if dkind == "swap" and len(files) < 2:
+                        continue
+                    done = 0
+                    attempts = 0
+                    while done < trials and attempts < trials * 3:
+                        attempts += 1
+                        damage = random_damage(ref, rng, dkind, rng.choice(members))
+                        outcome = run_trial(ref, damage, state == "complete")
+                        if outcome is None:
+                            continue
+                        done += 1
+                        row = table[(state, f"{fkind}: {dkind}")]
+                        row["tried"] += 1
+                        # harmful: some read (unverified or verified) does not return the reference
+                        harmful = outcome["default"] != "same" or outcome["verify=True"] != "same"
+                        row["harmful"] += harmful
+                        for mode in MODES:
+                            row[f"{mode}:{outcome[mode]}"] += 1
+                            if harmful:
+                                row[f"{mode}:harmful-detected"] += outcome[mode] == "detected"
+                            if outcome[mode] != "detected" and mode != "default" and (harmful or mode == "edcache verify"):
+                                misses.append((state, damage.describe(), f"{mode}: {outcome[mode]}"))
+                    if progress:
+                        print(f"{state:10s} {fkind:12s} {dkind:8s} {done}", file=sys.stderr)
+    return table, misses
+
+
+def format_table(table: dict) -> str:
+    """Markdown: per damage, how many trials each mode detected / read wrong / read same."""
+    head = ("| cache | file: damage | tried | default reads: detected / wrong / same "
+            "| verify=True: detected / wrong / same | edcache verify: detected / missed |")
+    lines = [head, "|" + "---|" * 6]
+    totals: Counter = Counter()
+    for (state, what), row in sorted(table.items()):
+        totals.update(row)
+        d = "{}:detected".format
+        lines.append(
+            f"| {state} | {what} | {row['tried']} "
+            f"| {row[d('default')]} / {row['default:wrong']} / {row['default:same']} "
+            f"| {row[d('verify=True')]} / {row['verify=True:wrong']} / {row['verify=True:same']} "
+            f"| {row[d('edcache verify')]} / {row['edcache verify:same']} |"
+        )
+    lines.append(
+        f"| **all** | | **{totals['tried']}** "
+        f"| **{totals['default:detected']} / {totals['default:wrong']} / {totals['default:same']}** "
+        f"| **{totals['verify=True:detected']} / {totals['verify=True:wrong']} / {totals['verify=True:same']}** "
+        f"| **{totals['edcache verify:detected']} / {totals['edcache verify:same']}** |"
+    )
+    h = totals["harmful"]
+    lines.append("")
+    lines.append(f"Damages tried: {totals['tried']}; of these {h} change what an unverified or verified read returns.")
+    for mode in MODES:
+        det = totals[f"{mode}:harmful-detected"]
+        lines.append(
+            f"- {mode}: detected {det}/{h} ({100 * det / max(h, 1):.1f}%) of the damages that change read results; "
+            f"all damages: {totals[f'{mode}:detected']}/{totals['tried']} detected, "
+            f"{totals[f'{mode}:wrong']} returned wrong data silently"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=50, help="damages per (cache, file kind, damage kind)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    table, misses = run_matrix(args.trials, args.seed, args.progress)
+    print(format_table(table))
+    if misses:
+        print("\nnot detected by verify=True reads or edcache verify:")
+        for state, what, mode in misses:
+            print(f"- {state}: {what} -> {mode}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

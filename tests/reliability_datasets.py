@@ -1,0 +1,190 @@
+"""Datasets and a tiny command line for the reliability suites (``tests/test_reliability_*``).
+
+Importable by subprocesses (``PYTHONPATH=src:tests``) so that the class identity a cache
+records is the same in every process: ``reliability_datasets.SlowDataset``.
+
+Subprocess use::
+
+    python -c "import reliability_datasets as r; r.cli()" build ROOT NAME LENGTH \
+        [--delay S] [--chunk-size N] [--workers N] [--count-dir DIR] [--legacy] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+
+import numpy as np
+
+from edcache import CachedDataset, DatasetMixin
+
+IN_MEMORY_KEYS = ["label", "split", "extra"]
+
+
+def example(i: int) -> dict:
+    """Example ``i``: every kind of value the codec stores, deterministic in ``i``."""
+    rng = np.random.default_rng(i)
+    return {
+        "image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),  # fixed shape: a shard column
+        "feature": rng.standard_normal(i % 5 + 1).astype(np.float32),  # ragged: a blob
+        "label": i % 7,
+        "split": "train" if i % 4 else "val",
+        "extra": None if i % 5 == 0 else [i, i + 1],  # list label column
+        "name": f"item-{i:05d}",
+        "meta": {
+            "pair": (i, str(i)),
+            "raw": bytes([i % 256]) * (i % 9),
+            "flag": bool(i % 2),
+            "weight": np.float64(i) / 3,
+            "count": np.int64(i * 1000),
+            "big": 2**70 + i,
+            "nothing": None,
+            "empty": np.zeros((0, 2), dtype=np.int16),
+        },
+    }
+
+
+def expected(i: int) -> dict:
+    """What ``CachedDataset[i]`` returns for example ``i`` (with ``index_``)."""
+    ex = example(i)
+    ex["index_"] = i
+    return ex
+
+
+class SlowDataset(DatasetMixin):
+    """``length`` examples of :func:`example`, each taking ``delay`` seconds.
+
+    With ``count_dir``, every computation of example ``i`` creates a new file
+    ``<count_dir>/<i>.<pid>.<random>`` (so tests can count computations across
+    processes). ``fail_at`` makes ``get_example`` raise for that index.
+    """
+
+    in_memory_keys = IN_MEMORY_KEYS
+
+    def __init__(
+        self,
+        root: str,
+        name: str = "slow",
+        length: int = 200,
+        delay: float = 0.0,
+        count_dir: str | None = None,
+        fail_at: int | None = None,
+    ) -> None:
+        self.root = root
+        self.name = name
+        self.length = length
+        self.delay = delay
+        self.count_dir = count_dir
+        self.fail_at = fail_at
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get_example(self, i: int) -> dict:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_at is not None and i == self.fail_at:
+            raise RuntimeError(f"planned failure at {i}")
+        if self.count_dir is not None:
+            with open(os.path.join(self.count_dir, f"{i}.{os.getpid()}.{uuid.uuid4().hex[:8]}"), "x"):
+                pass
+        return example(i)
+
+
+class OtherDataset(SlowDataset):
+    """Same examples, another class (for the "different dataset at the same name" case)."""
+
+
+def computations(count_dir: str) -> dict[int, int]:
+    """How often each index was computed, from the files :class:`SlowDataset` wrote."""
+    counts: dict[int, int] = {}
+    for name in os.listdir(count_dir):
+        i = int(name.split(".", 1)[0])
+        counts[i] = counts.get(i, 0) + 1
+    return counts
+
+
+def assert_example_equal(got: object, want: object, where: str = "") -> None:
+    """Deep equality with types: tuple stays tuple, numpy dtype and shape kept."""
+    assert type(got) is type(want), f"{where}: {type(got)} != {type(want)}"
+    if isinstance(want, dict):
+        assert list(got) == list(want), f"{where}: keys {list(got)} != {list(want)}"  # type: ignore[arg-type]
+        for k in want:
+            assert_example_equal(got[k], want[k], f"{where}/{k}")  # type: ignore[index]
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where  # type: ignore[arg-type]
+        for k, (a, b) in enumerate(zip(got, want)):  # type: ignore[call-overload]
+            assert_example_equal(a, b, f"{where}/{k}")
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape, where  # type: ignore[union-attr]
+        assert np.array_equal(got, want), where  # type: ignore[arg-type]
+    elif isinstance(want, np.generic):
+        assert got.dtype == want.dtype and got == want, where  # type: ignore[union-attr]
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def examples_equal(got: object, want: object) -> bool:
+    try:
+        assert_example_equal(got, want)
+    except AssertionError:
+        return False
+    return True
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``build`` a cache in this process (used by the subprocess tests)."""
+    p = argparse.ArgumentParser(prog="reliability_datasets")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("root")
+    b.add_argument("name")
+    b.add_argument("length", type=int)
+    b.add_argument("--delay", type=float, default=0.0)
+    b.add_argument("--chunk-size", type=int, default=8)
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--count-dir")
+    b.add_argument("--fail-at", type=int)
+    b.add_argument("--legacy", action="store_true")
+    b.add_argument("--force", action="store_true")
+    b.add_argument("--no-keep-existing", action="store_true")
+    b.add_argument("--other-class", action="store_true")
+    b.add_argument("--ready-file", help="touched once the dataset object exists")
+    args = p.parse_args(argv)
+    cls = OtherDataset if args.other_class else SlowDataset
+    ds = cls(args.root, args.name, args.length, args.delay, args.count_dir, args.fail_at)
+    if args.ready_file:
+        open(args.ready_file, "w").close()
+    cached = CachedDataset(
+        ds,
+        force_cache=args.force,
+        keep_existing=not args.no_keep_existing,
+        _legacy=True if args.legacy else None,
+        chunk_size=args.chunk_size,
+        num_workers=args.workers,
+        progress=False,
+    )
+    print(f"built {cached.path} {len(cached)}", flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover - use cli() via -c so the class module is stable
+    cli()
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for ``sys.executable -c`` helpers: ``src`` and ``tests`` importable."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    src_dir = os.path.join(os.path.dirname(tests_dir), "src")
+    env = dict(os.environ)
+    parts = [src_dir, tests_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+#: ``sys.executable -c CLI_CODE build ...`` runs :func:`cli`.
+CLI_CODE = "import reliability_datasets as r; r.cli()"

@@ -1,0 +1,240 @@
+"""Integrity: damaged caches never crash readers, never return wrong data with verify=True,
+and ``edcache verify`` names the damaged file and its examples (issue 6, suite 2).
+
+The damage model and read classification live in ``tests/reliability_corruption.py``;
+that script also prints the detection-rate table of ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edcache import CachedDataset
+from edcache.errors import CacheNotFoundError, CorruptCacheError
+from edcache.verify import main_verify, verify_cache
+
+import reliability_corruption as rc
+from reliability_datasets import SlowDataset, assert_example_equal, expected
+
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("refs")
+    return {
+        "complete": rc.build_reference(str(base / "c"), True),
+        "incomplete": rc.build_reference(str(base / "i"), False),
+    }
+
+
+def _copy(ref: str, tmp_path) -> tuple[str, str]:
+    root = str(tmp_path / "root")
+    cache = os.path.join(root, "cached", rc.NAME)
+    shutil.copytree(ref, cache)
+    return root, cache
+
+
+# -- verify_cache on intact and on named damage ----------------------------------------
+def test_verify_cache_intact(refs):
+    report = verify_cache(refs["complete"], deep=True)
+    assert report.ok, str(report)
+    assert report.complete and report.length == rc.LENGTH
+    assert report.shards_checked == report.shards_total == rc.LENGTH // rc.CHUNK
+    assert report.labels_checked == ["label", "split", "extra"]
+    assert str(report).endswith("OK: no damage found")
+
+    partial = verify_cache(refs["incomplete"], deep=True)
+    assert partial.ok, str(partial)
+    assert not partial.complete
+    assert partial.shards_checked == 3
+    assert any("3 of 5 chunks committed" in note for note in partial.notes)
+
+
+def test_verify_names_damaged_shard_label_and_range(refs, tmp_path, capsys):
+    root, cache = _copy(refs["complete"], tmp_path)
+    rc.Damage("flip", "shards/00000003.shard", 200, 0x10).apply(cache)
+    rc.Damage("flip", "labels/1.npy", 150, 0x01).apply(cache)
+    report = verify_cache(cache)
+    assert not report.ok
+    assert report.damaged_files == ["labels/1.npy", "shards/00000003.shard"]
+    assert report.damaged_ranges == [(24, 32)]
+    shard_problem = next(p for p in report.problems if p.file.startswith("shards/"))
+    assert str(shard_problem).startswith("shards/00000003.shard (examples 24..31): fails its checksum")
+    assert main_verify([cache]) == 1
+    out = capsys.readouterr().out
+    assert "shards/00000003.shard (examples 24..31): fails its checksum" in out
+    assert "labels/1.npy: (label 'split')" in out and "fails its checksum" in out
+    assert "examples affected: 24..31" in out
+
+
+def test_verify_cli_exit_codes(refs, tmp_path, capsys):
+    assert main_verify([refs["complete"]]) == 0
+    assert "OK: no damage found" in capsys.readouterr().out
+    assert main_verify([str(tmp_path)]) == 2
+    assert "no edcache cache at" in capsys.readouterr().err
+    with pytest.raises(CacheNotFoundError):
+        verify_cache(str(tmp_path / "nothing"))
+    try:  # the lead's CLI dispatches ``edcache verify``
+        from edcache.cli.main import main
+    except ImportError:  # pragma: no cover
+        return
+    assert main(["verify", refs["complete"]]) == 0
+
+
+def test_verify_repair_advice_rebuilds_identically(refs, tmp_path):
+    """Delete what verify names, rerun with force_cache=True: the cache is whole again."""
+    root, cache = _copy(refs["complete"], tmp_path)
+    rc.Damage("zero", "shards/00000001.shard", 40, 16).apply(cache)
+    rc.Damage("truncate", "labels/2.list", 30).apply(cache)
+    report = verify_cache(cache)
+    assert report.damaged_files == ["labels/2.list", "shards/00000001.shard"]
+    for rel in report.damaged_files:
+        os.unlink(os.path.join(cache, rel))
+    count_dir = tmp_path / "count"
+    count_dir.mkdir()
+    ds = SlowDataset(root, rc.NAME, rc.LENGTH, count_dir=str(count_dir))
+    CachedDataset(ds, force_cache=True, chunk_size=rc.CHUNK, num_workers=0, progress=False)
+    assert sorted(int(n.split(".")[0]) for n in os.listdir(count_dir)) == list(range(8, 16))
+    assert verify_cache(cache).ok
+    for rel in rc.cache_files(refs["complete"]):
+        with open(os.path.join(refs["complete"], rel), "rb") as a, open(os.path.join(cache, rel), "rb") as b:
+            assert a.read() == b.read(), rel
+
+
+def test_verify_reads_stop_at_damaged_shard_only(refs, tmp_path):
+    """verify=True: the damaged shard raises, every other shard still reads correctly."""
+    root, cache = _copy(refs["complete"], tmp_path)
+    rc.Damage("flip", "shards/00000002.shard", 300, 0x80).apply(cache)
+    ds = CachedDataset.from_cache(root, rc.NAME, verify=True)
+    for i in range(rc.LENGTH):
+        if 16 <= i < 24:
+            with pytest.raises(CorruptCacheError, match=r"shard .*00000002\.shard \(examples 16\.\.23\) fails its checksum"):
+                ds[i]
+        else:
+            assert_example_equal(ds[i], expected(i))
+
+
+# -- fuzzing ---------------------------------------------------------------------------
+KINDS = ["flip", "truncate", "zero", "extend", "delete", "garbage", "swap", "field"]
+
+
+def _draw_damage(data, ref: str) -> rc.Damage:
+    files = rc.cache_files(ref)
+    file = data.draw(st.sampled_from(files), label="file")
+    size = os.path.getsize(os.path.join(ref, file))
+    kind = data.draw(st.sampled_from(KINDS), label="kind")
+    if kind == "flip":
+        return rc.Damage("flip", file, data.draw(st.integers(0, size - 1)), data.draw(st.integers(1, 255)))
+    if kind == "truncate":
+        return rc.Damage("truncate", file, data.draw(st.integers(0, size - 1)))
+    if kind == "zero":
+        return rc.Damage("zero", file, data.draw(st.integers(0, size - 1)),
+                         data.draw(st.sampled_from([1, 3, 8, 16, 64, 4096])))
+    if kind == "extend":
+        return rc.Damage("extend", file, payload=data.draw(st.binary(min_size=1, max_size=64)))
+    if kind == "garbage":
+        return rc.Damage("garbage", file, payload=data.draw(st.binary(max_size=3000)))
+    if kind == "swap":
+        return rc.Damage("swap", file, other=data.draw(st.sampled_from([f for f in files if f != file])))
+    if kind == "delete":
+        return rc.Damage("delete", file)
+    seed = data.draw(st.integers(0, 2**32))
+    return rc.random_damage(ref, random.Random(seed), "field", file)
+
+
+def _check(outcome: dict | None, damage: rc.Damage) -> None:
+    if outcome is None:
+        return  # the damage changed no byte
+    what = damage.describe()
+    assert outcome["verify=True"] != "wrong", f"verify=True returned wrong data after {what}"
+    harmful = outcome["default"] != "same" or outcome["verify=True"] != "same"
+    if harmful:
+        assert outcome["verify=True"] == "detected", what
+        assert outcome["edcache verify"] == "detected", what
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("state", ["complete", "incomplete"])
+@FUZZ
+@given(data=st.data())
+def test_fuzz_damaged_cache(refs, state, data):
+    """Default reads: correct data or an EdcacheError (never another type, no hang, no
+    allocation beyond the cache's size); verify=True and edcache verify catch every
+    damage that changes what a read returns."""
+    ref = refs[state]
+    damage = _draw_damage(data, ref)
+    outcome = rc.run_trial(ref, damage, state == "complete", measure_memory=True)
+    _check(outcome, damage)
+
+
+@pytest.mark.timeout(120)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_two_damages(refs, data):
+    """Two independent damages at once (e.g. a shard and the table that describes it)."""
+    ref = refs["complete"]
+    first, second = _draw_damage(data, ref), _draw_damage(data, ref)
+    class Both(rc.Damage):
+        def apply(self, cache_dir):
+            changed = False
+            for d in (first, second):
+                if os.path.exists(os.path.join(cache_dir, d.file)) and (
+                    d.kind != "swap" or os.path.exists(os.path.join(cache_dir, d.other))
+                ):
+                    changed |= d.apply(cache_dir)
+            return changed
+
+        def describe(self):
+            return f"{first.describe()} + {second.describe()}"
+
+    damage = Both("both", "")
+    outcome = rc.run_trial(ref, damage, True)
+    _check(outcome, damage)
+
+
+def test_corruption_matrix_script_smoke():
+    """The script behind the docs' table runs and agrees with the targets."""
+    table, misses = rc.run_matrix(trials=1, seed=11)
+    text = rc.format_table(table)
+    assert "| complete | shard: flip |" in text
+    totals = {k: sum(row[k] for row in table.values()) for k in ("verify=True:wrong", "harmful",
+                                                                  "verify=True:harmful-detected",
+                                                                  "edcache verify:harmful-detected")}
+    assert totals["verify=True:wrong"] == 0
+    assert totals["verify=True:harmful-detected"] == totals["harmful"]
+    assert totals["edcache verify:harmful-detected"] == totals["harmful"]
+
+
+@pytest.mark.parametrize("state,field,value", [
+    ("incomplete", "length", 24),
+    ("incomplete", "length", 0),
+    ("complete", "dataset", "reliability_datasets.OtherDataset"),
+    ("complete", "version", True),
+])
+def test_manifest_value_damage_detected(refs, tmp_path, state, field, value):
+    """A manifest that is still valid JSON with one value changed (here: an incomplete
+    cache claiming fewer examples) must not be read as if it were intact."""
+    import json
+
+    root, cache = _copy(refs[state], tmp_path)
+    path = os.path.join(cache, "manifest.json")
+    doc = json.load(open(path))
+    doc[field] = value
+    open(path, "w").write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    for verify in (False, True):
+        with pytest.raises(CorruptCacheError, match=r"manifest\.json: fails its checksum"):
+            CachedDataset.from_cache(root, rc.NAME, verify=verify)
+    report = verify_cache(cache)
+    assert report.damaged_files == ["manifest.json"]
