@@ -25,6 +25,19 @@ from .errors import CacheMismatchError, CacheNotFoundError, DatasetInterfaceErro
 from .format import cache_paths, find_cache, open_reader
 from .format.base import CacheReader
 
+# Incremented in every child right after a fork: a reader opened before the fork is
+# re-opened in the child (a cheaper check per read than os.getpid()).
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class CachedDataset(DatasetMixin):
     """A dataset whose examples are computed once and read back from an on-disk cache.
@@ -109,7 +122,7 @@ class CachedDataset(DatasetMixin):
         self._path = _path or self._choose_path(_legacy)
         self._legacy = self._path.endswith(".zip")
         self._reader: CacheReader | None = None
-        self._pid = -1
+        self._generation = -1
         if force_cache or not self._open_complete():
             self.cache_dataset()
 
@@ -142,7 +155,7 @@ class CachedDataset(DatasetMixin):
             reader.close()
             return False
         self._check_matches(reader)
-        self._reader, self._pid = reader, os.getpid()
+        self._reader, self._generation = reader, _fork_generation
         return True
 
     def _check_matches(self, reader: CacheReader) -> None:
@@ -202,7 +215,7 @@ class CachedDataset(DatasetMixin):
         self.verify = verify
         self.allow_pickle = allow_pickle
         self._reader = open_reader(path, verify=verify, allow_pickle=allow_pickle)
-        self._pid = os.getpid()
+        self._generation = _fork_generation
         self._length = len(self._reader)
         self.in_memory_keys = list(getattr(getattr(self._reader, "manifest", None), "in_memory_keys", []))
         return self
@@ -288,9 +301,9 @@ class CachedDataset(DatasetMixin):
     @property
     def fork_safe_zip(self) -> CacheReader:
         """The reader of the cache for this process (re-opened after a fork or unpickling)."""
-        if self._reader is None or self._pid != os.getpid():
+        if self._reader is None or self._generation != _fork_generation:
             self._reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
-            self._pid = os.getpid()
+            self._generation = _fork_generation
         return self._reader
 
     def __len__(self) -> int:
@@ -302,7 +315,7 @@ class CachedDataset(DatasetMixin):
             j = i + self._length if i < 0 else i
             if 0 <= j < self._length:
                 reader = self._reader
-                if reader is None or self._pid != os.getpid():
+                if reader is None or self._generation != _fork_generation:
                     reader = self.fork_safe_zip
                 return self._finish(reader.read(j), j)
         return super().__getitem__(i)
@@ -370,7 +383,7 @@ class CachedDataset(DatasetMixin):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_reader"] = None
-        state["_pid"] = -1
+        state["_generation"] = -1
         state["base_dataset"] = None
         return state
 
