@@ -168,14 +168,7 @@ def test_worker_killed_mid_chunk_then_all_gone_then_new_worker(cluster, tmp_path
     server = cluster.server()
     a, b = cluster.worker("a"), cluster.worker("b")
     cluster.wait_commits(3)
-    # kill host "a" while it is computing (its process tree wrote the latest examples)
-    a_pids = set(a.pids())
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        log = read_log(cluster.example_log)
-        if log and log[-1][1] in a_pids:
-            break
-        time.sleep(0.01)
+    a_pids = wait_until_computing(cluster, a)  # kill host "a" while it computes a chunk
     a.kill_group(signal.SIGKILL)
     a.wait(10)
     killed_at = len(read_log(cluster.example_log))
@@ -198,6 +191,38 @@ def test_worker_killed_mid_chunk_then_all_gone_then_new_worker(cluster, tmp_path
     redone = {i // CHUNK for i, pid in log[killed_at:] if pid not in a_pids}
     assert interrupted & redone, (interrupted, redone)
     assert any(pid not in a_pids | b_pids for _, pid in log), "the new worker did work"
+
+
+def wait_until_computing(cluster, proc, timeout: float = 10) -> set[int]:
+    """Wait until the last example computed came from ``proc``'s processes; return its pids."""
+    pids = set(proc.pids())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = read_log(cluster.example_log)
+        if log and log[-1][1] in pids:
+            return pids
+        time.sleep(0.005)
+    raise AssertionError(f"{proc.name} computed nothing for {timeout} s")
+
+
+def test_hung_worker_host_is_dropped_after_worker_ttl(cluster, tmp_path):
+    """SIGSTOP of a worker host mid-chunk: dropped after --worker-ttl, its chunk redone."""
+    cluster.configure(n=160, delay=0.03)
+    server = cluster.server("server", "--worker-ttl", "3")
+    a, b = cluster.worker("a"), cluster.worker("b")
+    server.wait_for_output(r"2 worker\(s\) connected", 60)
+    cluster.wait_commits(2)
+    a_pids = wait_until_computing(cluster, a)
+    a.kill_group(signal.SIGSTOP)
+    stopped = time.monotonic()
+    hung_chunk = read_log(cluster.example_log)[-1][0] // CHUNK
+    server.wait_for_output("a worker left; 1 connected", 30)
+    assert time.monotonic() - stopped < 3 * 1.1 + 3  # ttl, the watchdog period, the status poll
+    a.kill_group(signal.SIGCONT)  # the zombie comes back: it must not break anything
+    assert server.wait(120) == 0, server.output()
+    assert_equal_to_local_build(cluster, tmp_path)
+    redone_by = {pid for i, pid in read_log(cluster.example_log) if i // CHUNK == hung_chunk}
+    assert redone_by - a_pids, "the hung host's chunk was computed by another worker"
 
 
 def test_worker_before_server_and_server_restart_resumes(cluster, tmp_path):

@@ -72,7 +72,9 @@ class InProcessCluster:
         local_workers: int = 0,
         dashboard: int | None = None,
         verbose: bool = False,
+        worker_ttl: float | None = DEFAULT_WORKER_TTL,
     ) -> None:
+        self.worker_ttl = worker_ttl
         self.host = host
         self.port = port
         self.security = security
@@ -86,6 +88,7 @@ class InProcessCluster:
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
         self._slots: Any = None
+        self._watchdog: Any = None
 
     def _call(self, coro: Any, timeout: float | None = 120) -> Any:
         assert self._loop is not None
@@ -120,6 +123,8 @@ class InProcessCluster:
                 f"cannot start the scheduler on {self.host or '*'}:{self.port}: {exc}"
             ) from exc
         self._stop = asyncio.Event()
+        if self.worker_ttl:
+            self._watchdog = asyncio.ensure_future(self._drop_silent_workers(self.worker_ttl))
         if self.local_workers:
             from .worker import SlotOptions, run_slots
 
@@ -129,6 +134,32 @@ class InProcessCluster:
             )
             self._slots = asyncio.ensure_future(run_slots(options, self.local_workers, self._stop))
         return self.scheduler.address
+
+    async def _drop_silent_workers(self, ttl: float) -> None:
+        """Remove a worker silent for ``ttl`` seconds (hung or cut-off host) at once.
+
+        Dask's own ``worker-ttl`` check runs only every ``ttl`` seconds and first asks the
+        host's nanny for a restart (30 s timeout), so a hung host would linger for up to
+        ``2 * ttl + 30`` s. Removing it here bounds that by about ``1.1 * ttl``; its
+        chunks are then recomputed by the other workers. A host that comes back is told
+        it is unknown, shuts its worker down, and its slot reconnects.
+        """
+        from distributed.metrics import time as dask_time
+
+        log = logging.getLogger("edcache.distributed")
+        while True:
+            await asyncio.sleep(max(0.5, ttl / 10))
+            now = dask_time()
+            for ws in list(self.scheduler.workers.values()):
+                silent = now - ws.last_seen
+                if silent > ttl:
+                    log.warning("worker %s silent for %.0f s; dropping it", ws.address, silent)
+                    try:
+                        await self.scheduler.remove_worker(
+                            ws.address, stimulus_id=f"edcache-worker-ttl-{now}", close=True
+                        )
+                    except Exception:  # already gone
+                        pass
 
     def connect_address(self) -> str:
         """Where a client on this host reaches the scheduler."""
@@ -146,7 +177,7 @@ class InProcessCluster:
 
             self._client = Client(
                 self.connect_address(), security=self.security, timeout="60s",
-                set_as_default=False, direct_to_workers=True,
+                set_as_default=False, direct_to_workers=False,
             )
         return self._client
 
@@ -179,6 +210,8 @@ class InProcessCluster:
             self._client = None
 
         async def _close() -> None:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             if self._stop is not None:
                 self._stop.set()
             if self._slots is not None:
@@ -298,7 +331,7 @@ def run_server(
     security = make_security(cred_path, ca=ca, cert=cert, key=key)
     cluster = InProcessCluster(
         host=host, port=port, security=security, local_workers=local_workers,
-        dashboard=dashboard, verbose=verbose,
+        dashboard=dashboard, verbose=verbose, worker_ttl=worker_ttl,
     )
 
     def start_cluster() -> str:

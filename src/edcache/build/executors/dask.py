@@ -106,7 +106,6 @@ class DaskExecutor(Executor):
         on_status: Callable[[str, int], None] | None = None,
         status_interval: float = 1.0,
         connect_timeout: str | float = "30s",
-        direct_to_workers: bool | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.security = security
@@ -115,7 +114,6 @@ class DaskExecutor(Executor):
         self.on_status = on_status or _print_status
         self.status_interval = status_interval
         self.connect_timeout = connect_timeout
-        self.direct_to_workers = direct_to_workers
         self.workers = 0  # connected workers at the last check
 
     # -- connection --------------------------------------------------------------------
@@ -137,7 +135,7 @@ class DaskExecutor(Executor):
         try:
             client = Client(
                 address, security=security, timeout=self.connect_timeout,
-                set_as_default=False, direct_to_workers=self.direct_to_workers,
+                set_as_default=False,
             )
         except Exception as exc:
             raise ClusterError(
@@ -218,7 +216,10 @@ class DaskExecutor(Executor):
                     if f.status != "finished":
                         raise self._failure(f, chunk_of[f.key])
                 try:
-                    results = client.gather(finished)
+                    # through the scheduler: when a worker holding a result hangs, the
+                    # scheduler drops it after worker-ttl, which aborts this transfer and
+                    # recomputes the chunk; a direct transfer would wait for the hung host
+                    results = client.gather(finished, direct=False)
                 except Exception:  # a result was lost and its recomputation failed
                     for f in finished:
                         if f.status != "finished":
