@@ -333,29 +333,19 @@ class CachedDataset(DatasetMixin):
         return self[list(indices)]
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
-        """A collated batch: fixed-shape array fields stacked, other fields as lists.
+        """A collated batch of ``indices``: a dict of arrays and lists.
 
-        Array fields stored as shard columns are gathered with one fancy index per
-        shard instead of per example.
+        Fixed-shape arrays and numbers are stacked (gathered column-wise, one fancy
+        index per shard, where the cache stores them as columns); other fields are
+        lists. ``index_`` holds the indices.
         """
         length = self._length
-        idx = np.asarray([normalize_index(i, length) for i in indices], dtype=np.int64)
-        examples = self.fork_safe_zip.read_many(idx.tolist())
-        batch: dict[str, Any] = {}
-        keys = list(examples[0]) if examples else []
-        for key in keys:
-            gather = getattr(self.fork_safe_zip, "column_batch", None)
-            stacked = gather(key, idx) if gather is not None else None
-            if stacked is not None:
-                batch[key] = stacked
-                continue
-            values = [ex.get(key) for ex in examples]
-            if all(isinstance(v, np.ndarray) for v in values) and len({(v.dtype, v.shape) for v in values}) == 1:
-                batch[key] = np.stack(values)
-            elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
-                batch[key] = np.asarray(values)
-            else:
-                batch[key] = values
+        idx = np.fromiter((normalize_index(i, length) for i in indices), dtype=np.int64)
+        reader = self.fork_safe_zip
+        fast = getattr(reader, "read_batch", None)
+        batch = fast(idx) if fast is not None else None
+        if batch is None:
+            batch = _collate(reader.read_many(idx.tolist()))
         batch["index_"] = idx
         return batch
 
@@ -389,6 +379,20 @@ class CachedDataset(DatasetMixin):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._path!r}, {self._length} examples)"
+
+
+def _collate(examples: list[dict]) -> dict[str, Any]:
+    """Stack what stacks (arrays of one shape and dtype, numbers); lists otherwise."""
+    batch: dict[str, Any] = {}
+    for key in examples[0] if examples else ():
+        values = [ex.get(key) for ex in examples]
+        if all(isinstance(v, np.ndarray) for v in values) and len({(v.dtype, v.shape) for v in values}) == 1:
+            batch[key] = np.stack(values)
+        elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+            batch[key] = np.asarray(values)
+        else:
+            batch[key] = values
+    return batch
 
 
 class PathCachedDataset(CachedDataset):

@@ -127,26 +127,44 @@ class ShardCacheReader(CacheReader):
             out[pos] = sf.read(row)
         return out
 
-    def column_batch(self, key: Any, indices: np.ndarray) -> np.ndarray | None:
-        """Gather top-level array ``key`` for ``indices`` (one fancy index per shard).
+    def read_batch(self, indices: np.ndarray) -> dict[Any, Any] | None:
+        """Collate examples ``indices`` column by column, or None if their shards differ
+        in schema or are not fully columnar.
 
-        Returns None unless every shard involved stores ``key`` as a column of one dtype
-        and shape.
+        Array and number fields come back as arrays ``(len(indices), ...)`` gathered with
+        one fancy index per shard; str, bytes and None fields as lists.
         """
-        cs = self.manifest.chunk_size
-        chunks, rows = np.divmod(indices, cs)
-        out = None
-        for chunk in np.unique(chunks).tolist():
-            col = (self._shards.get(chunk) or self.shard(chunk)).column(key)
-            if col is None:
-                return None
-            if out is None:
-                out = np.empty((len(indices), *col.shape[1:]), dtype=col.dtype)
-            elif out.dtype != col.dtype or out.shape[1:] != col.shape[1:]:
-                return None
-            sel = chunks == chunk
-            out[sel] = col[rows[sel]]
-        return out
+        n = len(indices)
+        if n == 0:
+            return None
+        order = np.argsort(indices, kind="stable")
+        chunks, rows = np.divmod(indices[order], self._chunk_size)
+        cut = (np.flatnonzero(chunks[1:] != chunks[:-1]) + 1).tolist()
+        starts, ends = [0, *cut], [*cut, n]
+        shards = [self._shards.get(c) or self.shard(c) for c in chunks[starts].tolist()]
+        schema = shards[0].schema
+        if schema is None or any(sf.schema != schema for sf in shards):
+            return None
+        positions, rows_list = order.tolist(), rows.tolist()
+        batch: dict[Any, Any] = {}
+        for key, kind, dtype, shape in schema:
+            columns = [sf.column(key) for sf in shards]
+            if columns[0] is not None:
+                out = np.empty((n, *shape), dtype=columns[0].dtype)
+                for col, a, b in zip(columns, starts, ends):
+                    if b - a == 1:
+                        out[positions[a]] = col[rows_list[a]]
+                    else:
+                        out[order[a:b]] = col[rows[a:b]]
+                batch[key] = out
+            else:
+                values: list[Any] = [None] * n
+                for sf, a, b in zip(shards, starts, ends):
+                    get = sf.getter(key)
+                    for p, r in zip(positions[a:b], rows_list[a:b]):
+                        values[p] = get(r)
+                batch[key] = values
+        return batch
 
     # -- labels ------------------------------------------------------------------------
     @property

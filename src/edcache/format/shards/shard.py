@@ -278,6 +278,15 @@ class ShardFile:
         if keys is None and self._spans is None:
             raise self._bad("neither records nor a full column set")
         self._fields = list(zip(self._keys, self._getters)) if keys is not None else None
+        #: ((key, kind, dtype, shape), ...) when every field is a column, else None
+        self.schema = (
+            tuple(
+                (d["key"], d["kind"], d.get("dtype"), tuple(d.get("shape") or ()))
+                for d in footer["columns"]
+            )
+            if keys is not None
+            else None
+        )
         self._labels_span = footer["labels"]
         self._decoder = Decoder(mm, self._getters, allow_pickle, where=f"shard {self.path}")
 
@@ -352,6 +361,10 @@ class ShardFile:
         ):
             raise self._bad("labels record malformed")
         return values
+
+    def getter(self, key: Any) -> Callable[[int], Any]:
+        """``getter(key)(row)`` is the value of column ``key`` for the example at ``row``."""
+        return self._getters[self._keys.index(key)]
 
     def column(self, key: Any) -> np.ndarray | None:
         """The column array of top-level ``key`` (arrays stacked, numbers, bools, numpy
