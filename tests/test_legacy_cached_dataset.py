@@ -115,7 +115,7 @@ def test_cached_dataset_on_a_legacy_zip_pickles_and_works_in_workers(root, metho
         results = pool.starmap(_read, [(ds, i) for i in range(N)])
     assert [name for name, _ in results] == [f"img_{i:04d}" for i in range(N)]
     assert os.getpid() not in {pid for _, pid in results}
-    zf = ds.fork_safe_zip.zipfile
+    zf = ds.fork_safe_zip  # a per-process ZipFile, as in edflow
     assert isinstance(zf, zipfile.ZipFile) and zf.read("example_0.p")
 
 

@@ -129,7 +129,7 @@ def test_edcache_reads_a_zip_edflow_built(tmp_path):
     ds = CachedDataset.from_cache(str(tmp_path), "faces")
     assert len(ds) == N
     for i in range(N):
-        assert_same(ds.fork_safe_zip.read(i), edflow_example(i), f"example {i}")  # index_ is numpy.int64
+        assert_same(ds.store.read(i), edflow_example(i), f"example {i}")  # index_ is numpy.int64
         assert ds[i]["index_"] == i
     for key, values in edflow_labels(N, IN_MEMORY_KEYS).items():
         assert ds.labels[key].tolist() == values

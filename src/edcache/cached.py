@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .dataset import DatasetMixin, check_cachable, checked_length, normalize_index
-from .errors import CacheMismatchError, CacheNotFoundError, DatasetInterfaceError
+from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError, DatasetInterfaceError
 from .format import cache_paths, find_cache, open_reader
 from .format.base import CacheReader
 
@@ -151,6 +151,10 @@ class CachedDataset(DatasetMixin):
             reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
         except CacheNotFoundError:
             return False
+        except CorruptCacheError:
+            if self._legacy:
+                return False  # a killed edflow writer: the legacy sink salvages it on resume
+            raise
         if not reader.complete or (self._legacy and len(reader) < self._length):
             reader.close()
             return False
@@ -259,6 +263,7 @@ class CachedDataset(DatasetMixin):
             sink: Any = LegacyZipSink(
                 self._path, self._length, self.in_memory_keys,
                 keep_existing=self.keep_existing, chunk_size=self.chunk_size,
+                allow_pickle=self.allow_pickle,
             )
         else:
             from .format.shards import dataset_identity, prepare_cache_dir
@@ -299,12 +304,22 @@ class CachedDataset(DatasetMixin):
 
     # -- reading -------------------------------------------------------------------------
     @property
-    def fork_safe_zip(self) -> CacheReader:
+    def store(self) -> CacheReader:
         """The reader of the cache for this process (re-opened after a fork or unpickling)."""
         if self._reader is None or self._generation != _fork_generation:
             self._reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
             self._generation = _fork_generation
         return self._reader
+
+    @property
+    def fork_safe_zip(self) -> Any:
+        """The per-process handle of the store, as in edflow.
+
+        For an edflow zip this is a ``zipfile.ZipFile`` opened in this process (for an
+        examples folder, an :class:`ExamplesFolder`): ``read("example_3.p")`` returns a
+        member's bytes. For the new format it is the shard reader (:attr:`store`).
+        """
+        return getattr(self.store, "zipfile", self.store)
 
     def __len__(self) -> int:
         return self._length
@@ -316,16 +331,16 @@ class CachedDataset(DatasetMixin):
             if 0 <= j < self._length:
                 reader = self._reader
                 if reader is None or self._generation != _fork_generation:
-                    reader = self.fork_safe_zip
+                    reader = self.store
                 return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
     def get_example(self, i: int) -> dict:
         """Example ``i`` as stored in the cache."""
-        return self.fork_safe_zip.read(i)
+        return self.store.read(i)
 
     def _get_many(self, indices: list[int]) -> list[dict]:
-        examples = self.fork_safe_zip.read_many(indices)
+        examples = self.store.read_many(indices)
         return [self._finish(ex, j) for ex, j in zip(examples, indices)]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
@@ -341,7 +356,7 @@ class CachedDataset(DatasetMixin):
         """
         length = self._length
         idx = np.fromiter((normalize_index(i, length) for i in indices), dtype=np.int64)
-        reader = self.fork_safe_zip
+        reader = self.store
         fast = getattr(reader, "read_batch", None)
         batch = fast(idx) if fast is not None else None
         if batch is None:
@@ -353,7 +368,7 @@ class CachedDataset(DatasetMixin):
     def labels(self) -> dict:
         """The ``in_memory_keys`` columns, read from the cache (numpy arrays, memory-mapped
         where the dtype allows; a list where values do not form an array)."""
-        return self.fork_safe_zip.labels
+        return self.store.labels
 
     @labels.setter
     def labels(self, value: dict) -> None:
@@ -367,7 +382,7 @@ class CachedDataset(DatasetMixin):
     @property
     def complete(self) -> bool:
         """Whether the cache holds every example."""
-        return self.fork_safe_zip.complete
+        return self.store.complete
 
     # -- pickling: no open handles travel; each process opens lazily ----------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -405,11 +420,18 @@ class PathCachedDataset(CachedDataset):
     def __init__(self, dataset: Any, path: str, **kwargs: Any) -> None:
         path = os.fspath(path)
         if dataset is None:
+            allow_pickle = kwargs.get("allow_pickle", False)
             fresh = CachedDataset._from_path(
                 path, root=os.path.dirname(path), verify=kwargs.get("verify", False),
-                allow_pickle=kwargs.get("allow_pickle", False),
+                allow_pickle=allow_pickle,
             )
             self.__dict__.update(fresh.__dict__)
+            if self._legacy:  # edflow's cachable recorded the length in path + ".p"
+                from .format.legacy import read_cachable_length
+
+                recorded = read_cachable_length(path, allow_pickle=allow_pickle)
+                if recorded is not None:
+                    self._length = recorded
             return
         super().__init__(dataset, _path=path, **kwargs)
 
@@ -434,6 +456,30 @@ def parameters_fingerprint(args: tuple, kwargs: dict) -> str:
     return json.dumps({"args": _canonical(list(args)), "kwargs": _canonical(kwargs)}, sort_keys=True)
 
 
+def _cachable_zip(
+    fn: Callable[..., Any], path: str, args: tuple, kwargs: dict, params: str, options: dict
+) -> CachedDataset:
+    """``cachable`` on an edflow zip: edflow's side files ``path.p`` and ``pathparameters.p``."""
+    from .format.fsutil import atomic_write
+    from .format.legacy import legacy_dumps, read_cachable_length, read_cachable_parameters
+
+    allow_pickle = options.get("allow_pickle", False)
+    if read_cachable_length(path, allow_pickle=allow_pickle) is not None:
+        recorded = read_cachable_parameters(path, allow_pickle=allow_pickle)
+        if recorded is not None and parameters_fingerprint(*recorded) != params:
+            raise CacheMismatchError(
+                f"the cache at {path} was built by {fn.__qualname__} with the arguments "
+                f"{parameters_fingerprint(*recorded)}, not {params}. Use another path per set of "
+                "arguments, or delete it."
+            )
+        return PathCachedDataset(None, path, **{k: v for k, v in options.items()
+                                                if k in ("verify", "allow_pickle")})
+    dataset = PathCachedDataset(fn(*args, **kwargs), path, **options)
+    atomic_write(path + "parameters.p", legacy_dumps((tuple(args), dict(kwargs))))
+    atomic_write(path + ".p", legacy_dumps(len(dataset)))  # edflow's completion marker, last
+    return dataset
+
+
 def cachable(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., CachedDataset]]:
     """Decorator: cache the dataset a function returns at ``path``.
 
@@ -448,6 +494,8 @@ def cachable(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callab
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> CachedDataset:
             params = parameters_fingerprint(args, kwargs)
+            if path.endswith(".zip"):
+                return _cachable_zip(fn, path, args, kwargs, params, options)
             try:
                 reader = open_reader(path)
             except CacheNotFoundError:

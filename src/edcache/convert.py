@@ -213,7 +213,7 @@ def _legacy_to_shards(source: _LegacySource, dst: str, progress: bool) -> None:
               file=sys.stderr)
     dataset = _ReaderDataset(dst, length, list(labels), source.example)
     built = _build(lambda: PathCachedDataset(dataset, dst, num_workers=0, progress=progress))
-    reader = built.fork_safe_zip
+    reader = built.store
     _verify(length, source.example, reader, "verifying", progress)
     _check_labels(labels, reader.labels, dst)
 
@@ -227,7 +227,7 @@ def _shards_to_zip(src: str, dst: str, progress: bool) -> None:
     keys = list(source.labels)
     dataset = _ReaderDataset(dst, len(source), keys, source.read)
     built = _build(lambda: PathCachedDataset(dataset, dst, num_workers=0, progress=progress))
-    reader = built.fork_safe_zip
+    reader = built.store
     _verify(len(source), source.read, reader, "verifying", progress)
     expected = source.labels
     _check_labels({k: [expected[k][i] for i in range(len(source))] for k in keys}, reader.labels, dst)
