@@ -12,3 +12,15 @@ try:  # an installed edcache (pip install -e .) wins
     import edcache  # noqa: F401
 except ImportError:
     sys.path.insert(0, SRC_DIR)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` run only when asked for (``-m long``)."""
+    if "long" in (config.getoption("markexpr", "") or ""):
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="long variant: run with -m long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

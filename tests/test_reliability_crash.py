@@ -1,0 +1,408 @@
+"""Crash consistency (issue 6, suite 1).
+
+* Random SIGKILLs of a builder's whole process group (coordinator, forkserver and pool
+  workers) while it builds; resume with ``keep_existing=True``; the finished cache is
+  byte-identical to an uninterrupted build, no temporary file is left, and committed
+  chunks are never lost or recomputed. CI: 3 kills; ``-m long``: 20 kills.
+* Every crash point: a build in a forked child is killed (SIGKILL, no cleanup) just
+  before its k-th file-system operation on the cache, for every k (and with the k-th
+  write torn in half); each intermediate state is a valid cache, and resuming completes
+  it byte-identically.
+* The same random kills for an edflow-zip build (``_legacy=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+
+from edcache import CachedDataset
+from edcache.errors import CacheNotFoundError, EdcacheError, IncompleteCacheError
+from edcache.format.shards.manifest import read_commits, read_manifest
+from edcache.verify import verify_cache
+
+from reliability_datasets import (
+    CLI_CODE,
+    SlowDataset,
+    assert_example_equal,
+    computations,
+    expected,
+    subprocess_env,
+)
+
+NAME = "crash"
+
+
+# -- helpers ---------------------------------------------------------------------------
+def tree(path: str) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name -> bytes)."""
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = fh.read()
+    return out
+
+
+def temp_files(root: str) -> list[str]:
+    found = []
+    for dirpath, _, files in os.walk(root):
+        found += [os.path.join(dirpath, f) for f in files if f.startswith(".tmp-") or f.endswith(".partial")]
+    return found
+
+
+def reference_cache(root: str, length: int, chunk: int, legacy: bool = False) -> str:
+    ds = CachedDataset(SlowDataset(root, NAME, length), chunk_size=chunk, num_workers=0,
+                       progress=False, _legacy=True if legacy else None)
+    return ds.path
+
+
+def start_builder(root: str, length: int, chunk: int, *, delay: float, workers: int = 2,
+                  count_dir: str | None = None, legacy: bool = False) -> subprocess.Popen:
+    args = [sys.executable, "-c", CLI_CODE, "build", root, NAME, str(length), "--delay", str(delay),
+            "--chunk-size", str(chunk), "--workers", str(workers)]
+    if count_dir:
+        args += ["--count-dir", count_dir]
+    if legacy:
+        args.append("--legacy")
+    return subprocess.Popen(args, env=subprocess_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the builder and every process of its group (forkserver, pool workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _group_alive(proc.pid):
+        time.sleep(0.02)
+    assert not _group_alive(proc.pid), "processes of the killed builder survived"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a non-zombie process of group ``pgid`` exists."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def committed_chunks(cache_dir: str) -> set[int] | None:
+    """Chunks a resume will keep; None before the first manifest; all when complete."""
+    try:
+        m = read_manifest(cache_dir)
+    except FileNotFoundError:
+        return None
+    if m.complete:
+        return set(range(m.num_chunks))
+    return set(read_commits(cache_dir, m.num_chunks))
+
+
+def check_intermediate_state(root: str, length: int) -> None:
+    """A killed build leaves a valid cache: verify is clean, reads return only truth."""
+    cache_dir = os.path.join(root, "cached", NAME)
+    if not os.path.exists(os.path.join(cache_dir, "manifest.json")):
+        with pytest.raises(CacheNotFoundError):
+            CachedDataset.from_cache(root, NAME)
+        return
+    report = verify_cache(cache_dir)
+    assert report.ok, str(report)
+    ds = CachedDataset.from_cache(root, NAME, verify=True)
+    assert len(ds) == length
+    for i in range(0, length, 7):
+        try:
+            got = ds[i]
+        except IncompleteCacheError:
+            continue
+        assert_example_equal(got, expected(i), f"example {i}")
+
+
+def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float, seed: int,
+                     window: tuple[float, float]) -> tuple[str, str, int]:
+    """Kill builds at random moments until ``kills`` landed; then finish without kill."""
+    rng = random.Random(seed)
+    root = str(tmp_path / "crashed")
+    count_dir = tmp_path / "count"
+    count_dir.mkdir()
+    cache_dir = os.path.join(root, "cached", NAME)
+    landed = 0
+    previous: set[int] = set()
+    while landed < kills:
+        proc = start_builder(root, length, chunk, delay=delay, count_dir=str(count_dir))
+        time.sleep(rng.uniform(*window))
+        if proc.poll() is not None:  # finished (or failed) before the kill
+            out, err = proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            break
+        kill_group(proc)
+        landed += 1
+        now = committed_chunks(cache_dir)
+        if now is not None:
+            assert previous <= now, f"committed chunks lost by kill {landed}: {sorted(previous - now)}"
+            previous = now
+        check_intermediate_state(root, length)
+    # the final, uninterrupted resume recomputes no committed chunk
+    before = dict(computations(str(count_dir)))
+    proc = start_builder(root, length, chunk, delay=0, count_dir=str(count_dir))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    after = computations(str(count_dir))
+    recomputed = {i for i in range(length) if after.get(i, 0) > before.get(i, 0) and i // chunk in previous}
+    assert not recomputed, f"the resume recomputed committed examples {sorted(recomputed)[:10]}"
+    assert set(after) == set(range(length))
+    return root, cache_dir, landed
+
+
+# -- new format: random kills ----------------------------------------------------------
+def _random_kills(tmp_path, kills, length, window, seed):
+    chunk = 8
+    ref = reference_cache(str(tmp_path / "ref"), length, chunk)
+    root, cache_dir, landed = random_kill_loop(tmp_path, kills, length, chunk, 0.004, seed, window)
+    assert landed == kills, f"only {landed} of {kills} kills landed before the build finished"
+    assert tree(cache_dir) == tree(ref), "resumed cache differs from an uninterrupted build"
+    assert temp_files(root) == []
+    ds = CachedDataset.from_cache(root, NAME, verify=True)
+    for i in range(length):
+        assert_example_equal(ds[i], expected(i), f"example {i}")
+    assert verify_cache(cache_dir).ok
+    print(f"\ncrash: {landed}/{kills} kills survived (length {length}, chunk {chunk})")
+
+
+@pytest.mark.timeout(180)
+def test_random_sigkill_resume_byte_identical(tmp_path):
+    _random_kills(tmp_path, kills=3, length=480, window=(0.3, 1.3), seed=1)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+def test_random_sigkill_resume_byte_identical_long(tmp_path):
+    _random_kills(tmp_path, kills=20, length=4000, window=(0.2, 2.0), seed=int(time.time()))
+
+
+# -- new format: every crash point ------------------------------------------------------
+CP_LENGTH, CP_CHUNK = 24, 8
+
+
+class _Crash:
+    """Patches the file-system calls edcache makes on the cache and dies at the k-th."""
+
+    def __init__(self, root: str, at: int | None, torn: bool) -> None:
+        self.root, self.at, self.torn, self.count = os.path.realpath(root), at, torn, 0
+        self.kinds: list[str] = []
+
+    def _mine(self, path) -> bool:
+        try:
+            return os.path.realpath(os.fspath(path)).startswith(self.root)
+        except TypeError:
+            return False
+
+    def point(self, write=None) -> None:
+        self.count += 1
+        self.kinds.append("w" if write is not None else "o")
+        if self.count == self.at:
+            if self.torn and write is not None:
+                write()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def install(self) -> None:
+        import edcache.format.fsutil as fsutil
+        import edcache.format.shards.sink as sink
+
+        real = {name: getattr(os, name) for name in ("replace", "rename", "unlink", "fsync", "write")}
+        real_write_file = fsutil.write_file
+
+        def wrap_path(name):
+            def f(*args, **kwargs):
+                if self._mine(args[0]):
+                    self.point()
+                return real[name](*args, **kwargs)
+            return f
+
+        def fd_mine(fd):
+            try:
+                return self._mine(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                return False
+
+        def fsync(fd):
+            if fd_mine(fd):
+                self.point()
+            return real["fsync"](fd)
+
+        def write(fd, data):
+            if fd_mine(fd):
+                self.point(lambda: real["write"](fd, bytes(data)[: len(data) // 2]))
+            return real["write"](fd, data)
+
+        def write_file(path, data, *args, **kwargs):
+            if self._mine(path):
+                def half():
+                    with open(path, "wb") as fh:
+                        fh.write(bytes(data)[: len(data) // 2])
+                self.point(half)
+            return real_write_file(path, data, *args, **kwargs)
+
+        for name in ("replace", "rename", "unlink"):
+            setattr(os, name, wrap_path(name))
+        os.fsync, os.write = fsync, write
+        fsutil.write_file = write_file
+        sink.write_file = write_file
+
+
+def _build_in_child(root: str, at: int | None, torn: bool) -> tuple[int, str]:
+    """Fork; the child builds with num_workers=0 and dies at point ``at``.
+    Returns (signal that ended the child or 0, the kinds of the points it passed:
+    ``w`` a write that can be torn, ``o`` another operation)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(r)
+            crash = _Crash(root, at, torn)
+            crash.install()
+            CachedDataset(SlowDataset(root, NAME, CP_LENGTH), chunk_size=CP_CHUNK, num_workers=0,
+                          progress=False)
+            os.write(w, "".join(crash.kinds).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    data = os.read(r, 100)
+    os.close(r)
+    if os.WIFSIGNALED(status):
+        return os.WTERMSIG(status), ""
+    assert os.WEXITSTATUS(status) == 0, "the child build failed"
+    return 0, data.decode()
+
+
+@pytest.mark.timeout(240)
+def test_every_crash_point_resumes_byte_identical(tmp_path):
+    ref = tree(reference_cache(str(tmp_path / "ref"), CP_LENGTH, CP_CHUNK))
+    sig, kinds = _build_in_child(str(tmp_path / "count"), None, False)
+    points = len(kinds)
+    assert sig == 0 and points > 10
+    tried = survived = stale_logs = 0
+    for torn in (False, True):
+        for at in range(1, points + 1):
+            if torn and kinds[at - 1] != "w":
+                continue
+            root = str(tmp_path / f"cp-{int(torn)}-{at}")
+            sig, _ = _build_in_child(root, at, torn)
+            assert sig == signal.SIGKILL, f"point {at} was not reached"
+            tried += 1
+            cache_dir = os.path.join(root, "cached", NAME)
+            where = f"crash point {at}{' (torn write)' if torn else ''}"
+            if os.path.exists(os.path.join(cache_dir, "manifest.json")):
+                report = verify_cache(cache_dir)
+                problems = [p for p in report.problems if not (torn and "is torn" in p.message)]
+                assert not problems, f"{where}: {report}"
+                ds = CachedDataset.from_cache(root, NAME, verify=True)
+                for i in range(CP_LENGTH):
+                    try:
+                        assert_example_equal(ds[i], expected(i), f"{where}, example {i}")
+                    except IncompleteCacheError:
+                        pass
+            killed_complete = (committed_chunks(cache_dir) or set()) == set(range(CP_LENGTH // CP_CHUNK)) \
+                and read_manifest(cache_dir).complete
+            CachedDataset(SlowDataset(root, NAME, CP_LENGTH), chunk_size=CP_CHUNK, num_workers=0,
+                          progress=False)
+            got = tree(cache_dir)
+            if killed_complete and "commits.log" in got:
+                # Killed between writing the complete manifest and deleting the log: the
+                # log stays (harmless, noted by verify) because opening a complete cache
+                # writes nothing. See docs/reliability.md.
+                del got["commits.log"]
+                stale_logs += 1
+            assert got == ref, f"{where}: resumed cache differs from the reference"
+            assert temp_files(root) == [], where
+            survived += 1
+    print(f"\ncrash points: {survived}/{tried} survived ({points} file-system operations killed "
+          f"before, {kinds.count('w')} writes torn); stale commits.log left {stale_logs} times")
+
+
+# -- legacy zip: random kills ---------------------------------------------------------
+def _zip_members(path: str) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {info.filename: zf.read(info) for info in zf.infolist()}
+
+
+def _legacy_kills(tmp_path, kills, length, window, seed):
+    try:
+        from edcache.format.legacy import LegacyZipSink  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pytest.skip("edcache.format.legacy.LegacyZipSink does not exist yet")
+    chunk = 8
+    ref = reference_cache(str(tmp_path / "ref"), length, chunk, legacy=True)
+    rng = random.Random(seed)
+    root = str(tmp_path / "crashed")
+    landed = 0
+    while landed < kills:
+        proc = start_builder(root, length, chunk, delay=0.004, legacy=True)
+        time.sleep(rng.uniform(*window))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.communicate()[1].decode()
+            break
+        kill_group(proc)
+        landed += 1
+    proc = start_builder(root, length, chunk, delay=0, legacy=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert landed == kills
+    zip_path = os.path.join(root, "cached", NAME + ".zip")
+    got, want = _zip_members(zip_path), _zip_members(ref)
+    assert sorted(got) == sorted(want)
+    from edcache.format.legacy import safe_loads
+
+    for name in want:  # member order and timestamps follow commit times; the bytes do not
+        if name == "labels.p":  # rebuilt from read-back values: same values, other pickle memo
+            assert_example_equal(safe_loads(got[name], member=name), safe_loads(want[name], member=name), name)
+        else:
+            assert got[name] == want[name], name
+    assert temp_files(root) == []
+    assert sorted(os.listdir(os.path.join(root, "cached"))) == sorted(os.listdir(os.path.dirname(ref)))
+    ds = CachedDataset.from_cache(root, NAME)
+    for i in range(0, length, 5):
+        got_ex = ds[i]
+        assert got_ex["name"] == expected(i)["name"] and got_ex["label"] == expected(i)["label"]
+    print(f"\ncrash (legacy zip): {landed}/{kills} kills survived")
+
+
+@pytest.mark.timeout(180)
+def test_random_sigkill_legacy_zip_resume(tmp_path):
+    _legacy_kills(tmp_path, kills=3, length=480, window=(0.3, 1.3), seed=2)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+def test_random_sigkill_legacy_zip_resume_long(tmp_path):
+    _legacy_kills(tmp_path, kills=20, length=4000, window=(0.2, 2.0), seed=int(time.time()))
+
+
+def test_killed_builder_never_leaves_unreadable_state_for_waiters(tmp_path):
+    """After a kill, a new builder takes the lock (flock dies with the process) at once."""
+    root = str(tmp_path / "r")
+    proc = start_builder(root, 400, 8, delay=0.004)
+    time.sleep(0.8)
+    kill_group(proc)
+    t = CachedDataset(SlowDataset(root, NAME, 400), chunk_size=8, num_workers=0, progress=False)
+    assert len(t) == 400 and verify_cache(t.path).ok
