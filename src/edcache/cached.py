@@ -72,7 +72,7 @@ class CachedDataset(DatasetMixin):
         Address of an ``edcache --server`` / Dask scheduler (``tls://host:port``) to
         build on a cluster instead of local processes.
     mp_context : str or None
-        Start method of the local worker processes (default ``forkserver``).
+        Start method of the local worker processes (default ``fork`` where available).
     progress : bool
         Show a progress bar while building.
 

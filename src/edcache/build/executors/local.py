@@ -6,7 +6,6 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
-import warnings
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -66,8 +65,10 @@ class LocalPoolExecutor(Executor):
     num_workers : int
         Number of worker processes.
     mp_context : str or None
-        Start method. Default: ``forkserver`` where available (else ``spawn``); ``fork``
-        is used automatically if the dataset cannot be pickled.
+        Start method. Default: ``fork`` where available (else ``spawn``), which needs
+        neither a picklable dataset nor an ``if __name__ == "__main__"`` guard;
+        ``forkserver`` or ``spawn`` if the process holds threads that do not survive a
+        fork.
     max_crashes : int
         How often a chunk may be in flight when a worker process dies.
     """
@@ -81,30 +82,27 @@ class LocalPoolExecutor(Executor):
         self.mp_context = mp_context
         self.max_crashes = max_crashes
 
+    def _start_method(self) -> str:
+        if self.mp_context is not None:
+            return self.mp_context
+        # fork, as PyTorch's DataLoader: works in scripts without a __main__ guard and
+        # with datasets that cannot be pickled; forkserver/spawn on request
+        return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
     def _pool(self, source: DatasetSource, encoder: ChunkEncoder) -> ProcessPoolExecutor:
         global _INHERITED
-        methods = mp.get_all_start_methods()
-        method = self.mp_context
+        method = self._start_method()
         payload: bytes | None = None
-        if method != "fork":
+        if method == "fork":
+            _INHERITED = (source, encoder)  # the children inherit it: nothing is pickled
+        else:
             try:
                 payload = pickle.dumps((source, encoder), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
-                if method is not None or "fork" not in methods:
-                    raise BuildError(
-                        f"the dataset cannot be pickled to send it to worker processes ({exc}); "
-                        "build with num_workers=0, or make the dataset picklable"
-                    ) from exc
-                warnings.warn(
-                    f"the dataset cannot be pickled ({exc}); starting workers with fork instead",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                method = "fork"
-        if method is None:
-            method = "forkserver" if "forkserver" in methods else "spawn"
-        if method == "fork":
-            _INHERITED = (source, encoder)
+                raise BuildError(
+                    f"the dataset cannot be pickled to send it to {method} worker processes "
+                    f"({exc}); use mp_context='fork', num_workers=0, or make it picklable"
+                ) from exc
         return ProcessPoolExecutor(
             max_workers=self.num_workers,
             mp_context=mp.get_context(method),
@@ -120,6 +118,7 @@ class LocalPoolExecutor(Executor):
         on_result: Callable[[ChunkResult], None],
     ) -> None:
         pending = deque(tasks)
+        finished = 0
         inflight: dict[Future, ChunkTask] = {}
         crashes: Counter[int] = Counter()
         window = 2 * self.num_workers
@@ -142,6 +141,7 @@ class LocalPoolExecutor(Executor):
                     except BrokenProcessPool:
                         lost.append(task)
                         continue
+                    finished += 1
                     on_result(result)
                 if lost:  # a worker died: every chunk in flight is lost with the pool
                     lost.extend(inflight.values())
@@ -150,10 +150,17 @@ class LocalPoolExecutor(Executor):
                         crashes[task.chunk_id] += 1
                     chunk, worst = crashes.most_common(1)[0]
                     if worst >= self.max_crashes:
+                        hint = ""
+                        if not finished and self._start_method() != "fork":
+                            hint = (
+                                f" No chunk finished at all: with the {self._start_method()} start "
+                                "method, worker processes import your main script again, so it needs "
+                                "an `if __name__ == '__main__':` guard (or use mp_context='fork')."
+                            )
                         raise BuildError(
                             f"a worker process died {worst} times while chunk {chunk} was being "
                             "computed (segfault, out of memory, or killed?); committed chunks are "
-                            "kept, run again to resume"
+                            f"kept, run again to resume.{hint}"
                         )
                     pending.extendleft(sorted(lost, key=lambda t: -t.chunk_id))
                     _terminate(pool)

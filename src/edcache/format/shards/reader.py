@@ -52,6 +52,7 @@ class ShardCacheReader(CacheReader):
     def _reset(self) -> None:
         self._chunk_size = self.manifest.chunk_size
         self._shards: dict[int, ShardFile] = {}
+        self._schemas: dict[tuple, tuple] = {}
         self._table: np.ndarray | None = None
         self._commits: dict[int, tuple[int, str]] = {}
         self._labels: Labels | None = None
@@ -105,6 +106,8 @@ class ShardCacheReader(CacheReader):
             shard_path(self.path, chunk), nbytes, task.start, task.size,
             digest if self.verify else None, self.allow_pickle,
         )
+        if sf.schema is not None:  # one shared tuple per distinct schema: compared by identity
+            sf.schema = self._schemas.setdefault(sf.schema, sf.schema)
         self._shards[chunk] = sf
         return sf
 
@@ -143,12 +146,12 @@ class ShardCacheReader(CacheReader):
         starts, ends = [0, *cut], [*cut, n]
         shards = [self._shards.get(c) or self.shard(c) for c in chunks[starts].tolist()]
         schema = shards[0].schema
-        if schema is None or any(sf.schema != schema for sf in shards):
+        if schema is None or any(sf.schema is not schema for sf in shards):
             return None
         positions, rows_list = order.tolist(), rows.tolist()
         batch: dict[Any, Any] = {}
         for key, kind, dtype, shape in schema:
-            columns = [sf.column(key) for sf in shards]
+            columns = [sf._arrays.get(key) for sf in shards]
             if columns[0] is not None:
                 out = np.empty((n, *shape), dtype=columns[0].dtype)
                 for col, a, b in zip(columns, starts, ends):
