@@ -150,3 +150,21 @@ def test_cli_demo_small(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "random reads, cached:" in run.stdout
     assert "labels: 32 train / 8 validation examples" in run.stdout
+
+
+def test_script_without_main_guard_builds_on_the_pool(tmp_path):
+    script = tmp_path / "build_it.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from edcache import CachedDataset, DatasetMixin\n"
+        "class Local(DatasetMixin):  # defined in __main__, no if __name__ guard\n"
+        f"    root = {str(tmp_path)!r}\n"
+        "    name = 'local'\n"
+        "    def __len__(self): return 100\n"
+        "    def get_example(self, i): return {'x': np.arange(3) + i}\n"
+        "ds = CachedDataset(Local(), num_workers=2, chunk_size=10, progress=False)\n"
+        "print(int(ds[99]['x'][0]))\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "99"
