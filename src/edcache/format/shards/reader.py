@@ -51,6 +51,7 @@ class ShardCacheReader(CacheReader):
 
     def _reset(self) -> None:
         self._chunk_size = self.manifest.chunk_size
+        self._length = self.manifest.length
         self._shards: dict[int, ShardFile] = {}
         self._schemas: dict[tuple, tuple] = {}
         self._table: np.ndarray | None = None
@@ -111,7 +112,18 @@ class ShardCacheReader(CacheReader):
         self._shards[chunk] = sf
         return sf
 
+    def _out_of_range(self, index: int) -> IndexError:
+        return IndexError(f"index {index} is out of range for a cache of {self.manifest.length} examples")
+
+    def _check_range(self, idx: np.ndarray) -> None:
+        if len(idx):
+            bad = (idx < 0) | (idx >= self.manifest.length)
+            if bad.any():
+                raise self._out_of_range(int(idx[np.argmax(bad)]))
+
     def read(self, index: int) -> dict:
+        if not 0 <= index < self._length:
+            raise self._out_of_range(index)
         chunk, row = divmod(index, self._chunk_size)
         sf = self._shards.get(chunk)
         if sf is None:
@@ -122,6 +134,7 @@ class ShardCacheReader(CacheReader):
         """Read several examples, visiting each shard once, in shard order."""
         cs = self.manifest.chunk_size
         idx = np.asarray(indices, dtype=np.int64)
+        self._check_range(idx)
         out: list[Any] = [None] * len(idx)
         order = np.argsort(idx, kind="stable")
         for pos in order.tolist():
@@ -140,6 +153,7 @@ class ShardCacheReader(CacheReader):
         n = len(indices)
         if n == 0:
             return None
+        self._check_range(np.asarray(indices))
         order = np.argsort(indices, kind="stable")
         chunks, rows = np.divmod(indices[order], self._chunk_size)
         cut = (np.flatnonzero(chunks[1:] != chunks[:-1]) + 1).tolist()
