@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...errors import CacheNotFoundError, IncompleteCacheError, UnsafePickleError
+from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
 from ..base import CacheReader, Labels
 from .labels import load_label
 from .manifest import Manifest, load_shard_table, read_commits, read_manifest, shard_path
@@ -77,12 +77,25 @@ class ShardCacheReader(CacheReader):
     def _shard_info(self, chunk: int) -> tuple[int, str] | None:
         if self.manifest.complete:
             if self._table is None:
-                self._table = load_shard_table(self.path, self.manifest, self.verify)
+                try:
+                    self._table = load_shard_table(self.path, self.manifest, self.verify)
+                except CorruptCacheError:
+                    # a build started over the complete cache (force_cache=True) removes
+                    # shards.idx and commits through commits.log again: follow it
+                    self._refresh()
+                    if self.manifest.complete:
+                        raise
+                    return self._shard_info(chunk)
             nbytes, digest = self._table[chunk]
             return int(nbytes), f"{int(digest):016x}"
         if chunk not in self._commits:  # the build may have committed it since
+            # The log first, then the manifest: a build that completes writes the complete
+            # manifest before deleting the log, so one of the two has the chunk.
+            commits = read_commits(self.path, self.manifest.num_chunks)
             self._refresh()
-            self._commits = read_commits(self.path, self.manifest.num_chunks)
+            if self.manifest.complete:
+                return self._shard_info(chunk)
+            self._commits = commits
         return self._commits.get(chunk)
 
     def _refresh(self) -> None:
