@@ -98,6 +98,44 @@ class OtherDataset(SlowDataset):
     """Same examples, another class (for the "different dataset at the same name" case)."""
 
 
+class BadDataset(SlowDataset):
+    """A :class:`SlowDataset` that misbehaves at index ``at`` in the way ``mode`` names.
+
+    Modes: ``nondict`` (returns a list), ``unstorable`` (``meta/calib`` is an object),
+    ``raise`` (KeyError), ``missing_key`` (no ``label``), ``mixed_type`` (``label`` is a
+    str), ``mixed_shape`` (``image`` label of another shape). ``mode=None`` behaves.
+    """
+
+    def __init__(self, root: str, name: str, length: int, mode: str | None, at: int,
+                 count_dir: str | None = None, keys: list[str] | None = None) -> None:
+        super().__init__(root, name, length, count_dir=count_dir)
+        self.mode, self.at = mode, at
+        if keys is not None:
+            self.in_memory_keys = keys
+
+    def get_example(self, i: int) -> dict:
+        ex = super().get_example(i)
+        if i != self.at or self.mode is None:
+            return ex
+        if self.mode == "nondict":
+            return [ex]  # type: ignore[return-value]
+        if self.mode == "unstorable":
+            ex["meta"]["calib"] = Calibration()
+        elif self.mode == "raise":
+            raise KeyError(f"no such file: img_{i}.jpg")
+        elif self.mode == "missing_key":
+            del ex["label"]
+        elif self.mode == "mixed_type":
+            ex["label"] = "seven"
+        elif self.mode == "mixed_shape":
+            ex["image"] = ex["image"][:2]
+        return ex
+
+
+class Calibration:
+    """A value the safe codec does not store."""
+
+
 def computations(count_dir: str) -> dict[int, int]:
     """How often each index was computed, from the files :class:`SlowDataset` wrote."""
     counts: dict[int, int] = {}
