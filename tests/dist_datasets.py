@@ -114,7 +114,7 @@ import sys  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
-EDCACHE = [sys.executable, "-u", "-m", "edcache.cli.distributed"]
+EDCACHE = [sys.executable, "-u", "-m", "edcache.cli.main"]  # the `edcache` command
 
 
 def free_port() -> int:

@@ -69,6 +69,12 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--dashboard", type=int, default=None, metavar="PORT",
          help="server: serve Dask's dashboard on 127.0.0.1:PORT (off by default)")
     _add(g, "--verbose", action="store_true", help="log Dask's messages")
+    # options main.py has for local builds, for `python -m edcache.cli.distributed`
+    _add(parser, "--force", action="store_true", help=argparse.SUPPRESS)
+    _add(parser, "--no-keep-existing", action="store_true", help=argparse.SUPPRESS)
+    _add(parser, "--legacy", action="store_true", help=argparse.SUPPRESS)
+    _add(parser, "--allow-pickle", action="store_true", help=argparse.SUPPRESS)
+    _add(parser, "--no-progress", action="store_true", help=argparse.SUPPRESS)
 
 
 def _fail(message: str, code: int) -> int:
@@ -114,9 +120,10 @@ def run_server(args: argparse.Namespace) -> int:
         allowed_failures=args.allowed_failures,
         dashboard=args.dashboard,
         force=bool(getattr(args, "force", False)),
-        keep_existing=bool(getattr(args, "keep_existing", True)),
+        keep_existing=not getattr(args, "no_keep_existing", False),
+        legacy=True if getattr(args, "legacy", False) else None,
         allow_pickle=bool(getattr(args, "allow_pickle", False)),
-        progress=bool(getattr(args, "progress", True)),
+        progress=not getattr(args, "no_progress", False),
         verbose=bool(getattr(args, "verbose", False)),
     ))
 

@@ -177,7 +177,7 @@ class InProcessCluster:
 
             self._client = Client(
                 self.connect_address(), security=self.security, timeout="60s",
-                set_as_default=False, direct_to_workers=False,
+                set_as_default=False,
             )
         return self._client
 
@@ -300,6 +300,7 @@ def run_server(
     dashboard: int | None = None,
     force: bool = False,
     keep_existing: bool = True,
+    legacy: bool | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
     verbose: bool = False,
@@ -363,11 +364,12 @@ def run_server(
                 start_cluster()
                 return DaskExecutor(
                     cluster.client(), staged=shared_fs, factory=dataset, on_status=_status_printer,
+                    gather_timeout=max(worker_ttl, 1.0),
                 )
 
         cached = _ServerCachedDataset(
-            ds, force_cache=force, keep_existing=keep_existing, chunk_size=chunk_size,
-            allow_pickle=allow_pickle, progress=progress,
+            ds, force_cache=force, keep_existing=keep_existing, _legacy=legacy,
+            chunk_size=chunk_size, allow_pickle=allow_pickle, progress=progress,
         )
         cluster.announce_done()
         print(f"edcache server: the cache at {cached.path} is complete ({len(cached)} examples)",

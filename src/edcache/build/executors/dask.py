@@ -92,6 +92,9 @@ class DaskExecutor(Executor):
         Seconds between checks of the connected workers.
     connect_timeout : str or float
         How long to try to reach the scheduler.
+    gather_timeout : float
+        Seconds a direct transfer of finished results from workers may take before
+        they are fetched through the scheduler instead (see :meth:`_gather`).
     """
 
     staged = False
@@ -106,6 +109,7 @@ class DaskExecutor(Executor):
         on_status: Callable[[str, int], None] | None = None,
         status_interval: float = 1.0,
         connect_timeout: str | float = "30s",
+        gather_timeout: float = 60.0,
     ) -> None:
         self.scheduler = scheduler
         self.security = security
@@ -114,6 +118,7 @@ class DaskExecutor(Executor):
         self.on_status = on_status or _print_status
         self.status_interval = status_interval
         self.connect_timeout = connect_timeout
+        self.gather_timeout = gather_timeout
         self.workers = 0  # connected workers at the last check
 
     # -- connection --------------------------------------------------------------------
@@ -150,21 +155,22 @@ class DaskExecutor(Executor):
         except Exception:
             return self.workers
 
-    def _check_workers(self, client: Any, state: dict[str, float]) -> None:
-        now = time.monotonic()
-        if now - state["checked"] < self.status_interval:
-            return
-        state["checked"] = now
-        n = self._count_workers(client)
-        if n != self.workers or (n == 0 and now - state["said"] > 60):
-            if n == 0:
-                self.on_status("no worker connected; waiting for workers", 0)
-            elif n > self.workers:
-                self.on_status(f"{n} worker(s) connected", n)
-            else:
-                self.on_status(f"a worker left; {n} connected", n)
-            state["said"] = now
-            self.workers = n
+    def _watch_workers(self, client: Any, stop: threading.Event) -> None:
+        """Report workers joining and leaving, and say so while none is connected."""
+        said = 0.0
+        while not stop.is_set():
+            n = self._count_workers(client)
+            now = time.monotonic()
+            if n != self.workers or (n == 0 and now - said > 60):
+                if n == 0:
+                    self.on_status("no worker connected; waiting for workers", 0)
+                elif n > self.workers:
+                    self.on_status(f"{n} worker(s) connected", n)
+                else:
+                    self.on_status(f"a worker left; {n} connected", n)
+                said = now
+                self.workers = n
+            stop.wait(self.status_interval)
 
     # -- the run -----------------------------------------------------------------------
     def run(
@@ -191,6 +197,7 @@ class DaskExecutor(Executor):
         client, owned = self._connect()
         pending: dict[str, Any] = {}
         source_future = None
+        stop_watching = threading.Event()
         try:
             source_future = client.submit(
                 _source_value, payload, key=f"edcache-source-{token}", pure=False
@@ -203,23 +210,20 @@ class DaskExecutor(Executor):
             pending = {f.key: f for f in futures}
             completed = as_completed(futures, loop=client.loop)
             del futures
-            state = {"checked": 0.0, "said": 0.0}
             self.workers = -1
+            watcher = threading.Thread(
+                target=self._watch_workers, args=(client, stop_watching), daemon=True,
+                name="edcache-dask-status",
+            )
+            watcher.start()
             while pending:
-                self._check_workers(client, state)
-                batch = completed.next_batch(block=False)
-                if not batch:
-                    time.sleep(0.01)
-                    continue
+                batch = completed.next_batch(block=True)
                 finished = [f for f in batch if f.status == "finished"]
                 for f in batch:
                     if f.status != "finished":
                         raise self._failure(f, chunk_of[f.key])
                 try:
-                    # through the scheduler: when a worker holding a result hangs, the
-                    # scheduler drops it after worker-ttl, which aborts this transfer and
-                    # recomputes the chunk; a direct transfer would wait for the hung host
-                    results = client.gather(finished, direct=False)
+                    results = self._gather(client, finished)
                 except Exception:  # a result was lost and its recomputation failed
                     for f in finished:
                         if f.status != "finished":
@@ -238,6 +242,7 @@ class DaskExecutor(Executor):
                     pass
             raise
         finally:
+            stop_watching.set()
             pending.clear()
             if source_future is not None:
                 try:
@@ -249,6 +254,21 @@ class DaskExecutor(Executor):
                     client.close(timeout=10)
                 except Exception:
                     pass
+
+    def _gather(self, client: Any, futures: list) -> list:
+        """Fetch finished results, straight from the workers that hold them.
+
+        A direct transfer from a host that hangs (stopped, cut off) would wait for it
+        forever, so after ``gather_timeout`` seconds the results are fetched through
+        the scheduler instead: it drops silent workers (``worker-ttl``), which aborts
+        its transfer and has the chunk recomputed elsewhere. (Going through the
+        scheduler always would cost a second TLS hop: about half the throughput for
+        large chunks.)
+        """
+        try:
+            return client.sync(client._gather, futures, direct=True, callback_timeout=self.gather_timeout)
+        except TimeoutError:
+            return client.gather(futures, direct=False)
 
     def _failure(self, future: Any, task: ChunkTask) -> BaseException:
         """The exception to raise for a chunk task that errored or was cancelled."""
