@@ -37,9 +37,27 @@ _WORKER_STATE: tuple[Any, ChunkEncoder] | None = None
 _INHERITED: tuple[DatasetSource, ChunkEncoder] | None = None  # set before a fork start
 
 
+def _exit_with_parent(parent: int, interval: float = 0.1) -> None:
+    """Exit this worker once the process that started it is gone.
+
+    A coordinator killed alone (``kill -9``, the OOM killer) leaves its pool workers
+    waiting on the task queue forever, each holding a copy of the dataset.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="edcache-exit-with-parent", daemon=True).start()
+
+
 def _init_worker(payload: bytes | None) -> None:
     global _WORKER_STATE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    _exit_with_parent(os.getppid())
     source, encoder = pickle.loads(payload) if payload is not None else _INHERITED  # type: ignore[misc]
     _WORKER_STATE = (source.load(), encoder)
 
