@@ -406,3 +406,40 @@ def test_killed_builder_never_leaves_unreadable_state_for_waiters(tmp_path):
     kill_group(proc)
     t = CachedDataset(SlowDataset(root, NAME, 400), chunk_size=8, num_workers=0, progress=False)
     assert len(t) == 400 and verify_cache(t.path).ok
+
+
+@pytest.mark.timeout(120)
+def test_coordinator_killed_alone_workers_exit(tmp_path):
+    """The OOM killer (or ``kill -9 PID``) ends only the coordinator: its pool workers must
+    not live on forever, and a resumed build is still byte-identical."""
+    length, chunk = 800, 8
+    ref = reference_cache(str(tmp_path / "ref"), length, chunk)
+    root = str(tmp_path / "r")
+    count = tmp_path / "count"
+    count.mkdir()
+    args = [sys.executable, "-c", CLI_CODE, "build", root, NAME, str(length), "--delay", "0.004",
+            "--chunk-size", str(chunk), "--workers", "2", "--count-dir", str(count)]
+    # no pipes: orphaned workers would hold them open
+    proc = subprocess.Popen(args, env=subprocess_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(count)) < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = _group_alive(proc.pid)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not survivors, "pool workers outlived their killed coordinator"
+    resume = start_builder(root, length, chunk, delay=0)
+    _, err = resume.communicate(timeout=120)
+    assert resume.returncode == 0, err.decode()
+    assert tree(os.path.join(root, "cached", NAME)) == tree(ref)
+    assert temp_files(root) == []
