@@ -64,20 +64,6 @@ def _explode(i: int) -> None:
     raise RuntimeError(f"{FAILURE_MARKER} at index {i}")
 
 
-class CpuBound(Squares):
-    """Examples whose cost is pure CPU (for the benchmark)."""
-
-    name = "cpubound"
-
-    def get_example(self, i: int) -> dict:
-        rng = np.random.default_rng(i)
-        x = rng.standard_normal((96, 96))
-        acc = 0.0
-        for _ in range(int(self.delay * 1000)):  # ~1 ms per unit of delay*1000 on this VM
-            acc += float(np.linalg.norm(x @ x))
-        return {"image": (x * 10).astype(np.int16), "label": i % 7, "score": acc}
-
-
 def make() -> Squares:
     """Factory of :class:`Squares` configured by the environment (see the module doc)."""
     env = os.environ
@@ -88,15 +74,6 @@ def make() -> Squares:
         delay=float(env.get("EDCACHE_TEST_DELAY", "0.005")),
         log=env.get("EDCACHE_TEST_LOG") or None,
         fail_at=int(fail) if fail else None,
-    )
-
-
-def make_cpu() -> CpuBound:
-    env = os.environ
-    return CpuBound(
-        env.get("EDCACHE_TEST_ROOT", "/nonexistent-edcache-test-root"),
-        n=int(env.get("EDCACHE_TEST_N", "512")),
-        delay=float(env.get("EDCACHE_TEST_DELAY", "0.004")),
     )
 
 

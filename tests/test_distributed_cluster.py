@@ -73,7 +73,8 @@ def cluster(tmp_path):
         def worker(self, name: str, *args: str) -> Proc:
             return self.start(
                 name, "--address", f"127.0.0.1:{self.port}", "--dataset", "dist_datasets.make",
-                "--credentials", self.credentials, "--timeout", "60", *args,
+                "--credentials", self.credentials, "--timeout", "60",
+                *(args if "--nworkers" in args else ("--nworkers", "1", *args)),
             )
 
         @property
@@ -139,7 +140,7 @@ def test_server_and_two_workers_build_equals_local_build(cluster, tmp_path):
     assert argv[:3] == ["edcache", "--address", f"127.0.0.1:{cluster.port}"]
     assert argv[argv.index("--credentials") + 1] == cluster.credentials
     server.wait_for_output("waiting for workers", 30)
-    workers = [cluster.start(f"w{i}", *argv[1:], "--timeout", "60") for i in range(2)]
+    workers = [cluster.start(f"w{i}", *argv[1:], "--nworkers", "1", "--timeout", "60") for i in range(2)]
     server.wait_for_output(r"2 worker\(s\) connected", 60)
     # nothing but the TLS scheduler/worker ports listens, and only on loopback
     listening = listening_addresses([server, *workers])
@@ -160,6 +161,10 @@ def test_shared_filesystem_mode_equals_local_build(cluster, tmp_path):
     server = cluster.server("server", "--shared-fs", "--local-workers", "2")
     assert server.wait(120) == 0, server.output()
     assert_equal_to_local_build(cluster, tmp_path)
+    # started again on a complete cache: nothing to do, no scheduler, exit 0
+    again = cluster.server("again", "--local-workers", "2")
+    assert again.wait(60) == 0, again.output()
+    assert "is complete" in again.stderr() and "scheduler at" not in again.stderr()
 
 
 def test_worker_killed_mid_chunk_then_all_gone_then_new_worker(cluster, tmp_path):
@@ -281,9 +286,19 @@ def test_python_api_scheduler_keyword(cluster, tmp_path):
     server = cluster.start("server", "--server", "--host", "127.0.0.1", "--port", str(cluster.port),
                            "--credentials", cluster.credentials, "--local-workers", "2")
     server.wait_for_output(r"(?m)^edcache --address", 30)
+    address = f"tls://127.0.0.1:{cluster.port}"
     ds = Squares(cluster.root, n=48, delay=0)
-    cached = CachedDataset(ds, chunk_size=CHUNK, scheduler=f"tls://127.0.0.1:{cluster.port}",
-                           security=cluster.credentials, progress=False)
+    cached = CachedDataset(ds, chunk_size=CHUNK, scheduler=address, security=cluster.credentials,
+                           progress=False)
     assert len(cached) == 48 and cached[5]["label"] == 5
     assert_equal_to_local_build(cluster, tmp_path)
+
+    from edcache import cachable
+
+    @cachable(str(tmp_path / "decorated"), scheduler=address, security=cluster.credentials,
+              chunk_size=CHUNK, progress=False)
+    def build(n):
+        return Squares(str(tmp_path / "unused"), n=n, delay=0)
+
+    assert build(20)[19]["text"] == "example 19"
     assert server.alive()

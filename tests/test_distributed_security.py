@@ -33,7 +33,7 @@ def test_generated_credentials_are_private_and_reused(tmp_path):
     assert open(path).read() == text  # never regenerated behind the user's back
     sec = make_security(path)
     assert sec.require_encryption
-    assert "BEGIN CERTIFICATE" in sec.tls_ca_file and "PRIVATE KEY" not in sec.tls_ca_file
+    assert sec.tls_ca_file == sec.tls_worker_cert == sec.tls_client_cert == path
 
 
 def test_readable_by_others_or_missing_credentials_are_refused(tmp_path):
@@ -115,7 +115,7 @@ def test_workers_and_clients_without_the_cluster_credentials_are_refused(server,
         Client(f"tcp://127.0.0.1:{port}", timeout="5s", set_as_default=False)
 
     # raw TLS that trusts the server but presents no certificate: the server refuses
-    ctx = ssl.create_default_context(cadata=make_security(creds).tls_ca_file)
+    ctx = ssl.create_default_context(cafile=creds)
     ctx.check_hostname = False
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with pytest.raises((ssl.SSLError, ConnectionError)) as refused:
@@ -154,5 +154,31 @@ def test_http_routes_listen_on_loopback_only(tmp_path):
             time.sleep(0.1)
         http = client.run(lambda dask_worker: dask_worker.http_server.address)
         assert list(http.values()) == ["127.0.0.1"]
+    finally:
+        cluster.close()
+
+
+def test_own_certificates_instead_of_generated_credentials(tmp_path):
+    """--tls-ca/--tls-cert/--tls-key: a user's own PKI; other credentials are refused."""
+    from distributed import Client
+
+    from edcache.distributed.security import _split_pem, generate_credentials_pem
+    from edcache.distributed.server import InProcessCluster
+
+    certs, keys = _split_pem(generate_credentials_pem("my-pki").decode())
+    paths = {}
+    for name, text in (("ca", certs[1]), ("cert", certs[0]), ("key", keys[0])):
+        paths[name] = str(tmp_path / f"{name}.pem")
+        with open(paths[name], "w") as f:
+            f.write(text)
+    own = make_security(ca=paths["ca"], cert=paths["cert"], key=paths["key"])
+    cluster = InProcessCluster(host="127.0.0.1", port=0, security=own)
+    try:
+        address = cluster.start()
+        with Client(address, security=own, timeout="30s", set_as_default=False) as client:
+            assert client.nthreads() == {}
+        other, _ = ensure_credentials(str(tmp_path / "other.pem"))
+        with pytest.raises(Exception):
+            Client(address, security=make_security(other), timeout="10s", set_as_default=False)
     finally:
         cluster.close()

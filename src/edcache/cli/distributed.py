@@ -48,8 +48,8 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--port", type=int, default=DEFAULT_PORT, help=f"server: port (default {DEFAULT_PORT})")
     _add(g, "--local-workers", type=int, default=0, metavar="N",
          help="server: also run N worker processes on this host")
-    _add(g, "--nworkers", type=int, default=1, metavar="N",
-         help="worker host: number of single-threaded worker processes (default 1)")
+    _add(g, "--nworkers", type=int, default=None, metavar="N",
+         help="worker host: number of single-threaded worker processes (default: all cores)")
     _add(g, "--credentials", metavar="FILE",
          help="the cluster's credentials file (server: created 0600 if missing; default "
               "$EDCACHE_CREDENTIALS or ~/.edcache/credentials.pem)")

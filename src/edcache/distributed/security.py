@@ -207,12 +207,12 @@ def make_security(
                     "--credentials) to this host and pass --credentials FILE"
                 )
             check_credentials_file(path)
-        with open(path) as f:
-            certs, _ = _split_pem(f.read())
-        # Trust only the CA certificate(s), kept in memory; the leaf and key are read
-        # from the 0600 file by OpenSSL (the file lists the leaf first).
-        ca_data = "".join(certs[1:])
-        cert_path, key_path = path, None
+        # One file for all three: OpenSSL takes the leaf (listed first), its chain and
+        # the key from it, and trusts the certificates in it (the CA; trusting the leaf
+        # too grants nothing more: presenting it needs the key). Paths rather than
+        # in-memory PEM (and the key named explicitly), so the same Security works for
+        # dask-jobqueue's job scripts and `dask worker --tls-*` options.
+        ca_data = cert_path = key_path = path
     roles: dict[str, Any] = {}
     for role in ("client", "scheduler", "worker"):
         roles[f"tls_{role}_cert"] = cert_path

@@ -77,7 +77,6 @@ class SlotOptions:
     timeout: float | None = 600.0  # give up after this long without a server (None: never)
     name_prefix: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     local_directory: str | None = None
-    dataset: str | None = None
     verbose: bool = False
     extra_nanny_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -131,7 +130,6 @@ class WorkerSlot:
                 death_timeout=opts.timeout or None,
                 local_directory=opts.local_directory,
                 silence_logs=logging.INFO if opts.verbose else logging.ERROR,
-                env={"EDCACHE_WORKER_DATASET": opts.dataset or ""},
                 **opts.extra_nanny_kwargs,
             )
             self.nanny = nanny
@@ -271,7 +269,7 @@ def run_worker(
     address: str,
     *,
     dataset: str | None = None,
-    nworkers: int = 1,
+    nworkers: int | None = None,
     credentials: str | None = None,
     ca: str | None = None,
     cert: str | None = None,
@@ -294,6 +292,10 @@ def run_worker(
 
     if dataset:
         import_factory(dataset)  # fail fast, before joining, if this host cannot import it
+    if nworkers is None:
+        from ..build.coordinator import default_num_workers
+
+        nworkers = default_num_workers()
     if nworkers < 1:
         raise ClusterError(f"--nworkers must be >= 1, got {nworkers}")
     addr = tls_address(address, DEFAULT_PORT)
@@ -301,7 +303,7 @@ def run_worker(
     configure_logging(verbose)
     options = SlotOptions(
         address=addr, security=security, timeout=timeout or None, local_directory=local_directory,
-        dataset=dataset, verbose=verbose,
+        verbose=verbose,
     )
 
     async def main() -> list[str]:
