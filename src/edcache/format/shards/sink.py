@@ -281,16 +281,18 @@ def prepare_cache_dir(
         if _size_or_none(shard_path(cache_dir, c)) == v[0]
     }
     _remove_strays(cache_dir, set(commits))
+    # Rewrite the log so it lists exactly the commits we trust, *before* the manifest
+    # says "incomplete": a complete manifest ignores the log, and an incomplete one
+    # must never be on disk without the log of what is already committed.
+    log_bytes = b"".join(
+        f'{{"c": {c}, "n": {n}, "h": "{h}"}}\n'.encode() for c, (n, h) in sorted(commits.items())
+    )
+    atomic_write(os.path.join(cache_dir, COMMITS), log_bytes)
     write_manifest(cache_dir, manifest)
     try:
         os.unlink(os.path.join(cache_dir, SHARD_TABLE))
     except FileNotFoundError:
         pass
-    # rewrite the log so it lists exactly the commits we trust
-    log_bytes = b"".join(
-        f'{{"c": {c}, "n": {n}, "h": "{h}"}}\n'.encode() for c, (n, h) in sorted(commits.items())
-    )
-    atomic_write(os.path.join(cache_dir, COMMITS), log_bytes)
     return ShardSink(cache_dir, manifest, commits)
 
 
