@@ -267,7 +267,7 @@ class _Crash:
         sink.write_file = write_file
 
 
-def _build_in_child(root: str, at: int | None, torn: bool) -> tuple[int, str]:
+def _build_in_child(root: str, at: int | None, torn: bool, force: bool = False) -> tuple[int, str]:
     """Fork; the child builds with num_workers=0 and dies at point ``at``.
     Returns (signal that ended the child or 0, the kinds of the points it passed:
     ``w`` a write that can be torn, ``o`` another operation)."""
@@ -280,7 +280,7 @@ def _build_in_child(root: str, at: int | None, torn: bool) -> tuple[int, str]:
             crash = _Crash(root, at, torn)
             crash.install()
             CachedDataset(SlowDataset(root, NAME, CP_LENGTH), chunk_size=CP_CHUNK, num_workers=0,
-                          progress=False)
+                          progress=False, force_cache=force)
             os.write(w, "".join(crash.kinds).encode())
             code = 0
         finally:
@@ -443,3 +443,35 @@ def test_coordinator_killed_alone_workers_exit(tmp_path):
     assert resume.returncode == 0, err.decode()
     assert tree(os.path.join(root, "cached", NAME)) == tree(ref)
     assert temp_files(root) == []
+
+
+@pytest.mark.timeout(240)
+def test_every_crash_point_of_a_forced_rerun_keeps_all_work(tmp_path):
+    """``force_cache=True`` over a complete cache (it rewrites labels): killed at any
+    point, the next run recomputes nothing and the cache is byte-identical again."""
+    import shutil
+
+    ref_dir = reference_cache(str(tmp_path / "ref"), CP_LENGTH, CP_CHUNK)
+    ref = tree(ref_dir)
+    probe = str(tmp_path / "probe")
+    shutil.copytree(os.path.dirname(ref_dir), os.path.join(probe, "cached"))
+    sig, kinds = _build_in_child(probe, None, False, force=True)
+    assert sig == 0 and len(kinds) > 5
+    lost = []
+    for at in range(1, len(kinds) + 1):
+        root = str(tmp_path / f"f-{at}")
+        shutil.copytree(os.path.dirname(ref_dir), os.path.join(root, "cached"))
+        sig, _ = _build_in_child(root, at, False, force=True)
+        assert sig == signal.SIGKILL
+        count = tmp_path / f"count-{at}"
+        count.mkdir()
+        # resuming = running the interrupted command again
+        CachedDataset(SlowDataset(root, NAME, CP_LENGTH, count_dir=str(count)), chunk_size=CP_CHUNK,
+                      num_workers=0, progress=False, force_cache=True)
+        if computations(str(count)):
+            lost.append((at, len(computations(str(count)))))
+        assert tree(os.path.join(root, "cached", NAME)) == ref, \
+            f"crash point {at} of a forced rerun: cache differs after resuming"
+        assert temp_files(root) == []
+    assert not lost, f"killed at these points, the resume recomputed committed examples: {lost}"
+    print(f"\nforced rerun: {len(kinds)}/{len(kinds)} crash points lost no work")
