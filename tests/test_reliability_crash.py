@@ -105,6 +105,20 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def wait_for_kill_moment(proc: subprocess.Popen, count_dir: str, rng: random.Random, length: int) -> None:
+    """Sleep until a random moment of the build: during start-up (1 in 5), or after a
+    random number of examples (up to half of those left) were computed by this run."""
+    if rng.random() < 0.2:
+        time.sleep(rng.uniform(0.0, 0.6))
+        return
+    before = len(os.listdir(count_dir))
+    left = max(1, length - len({int(n.split(".")[0]) for n in os.listdir(count_dir)}))
+    target = before + rng.randint(1, max(1, left // 2))
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and len(os.listdir(count_dir)) < target and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def committed_chunks(cache_dir: str) -> set[int] | None:
     """Chunks a resume will keep; None before the first manifest; all when complete."""
     try:
@@ -135,8 +149,8 @@ def check_intermediate_state(root: str, length: int) -> None:
         assert_example_equal(got, expected(i), f"example {i}")
 
 
-def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float, seed: int,
-                     window: tuple[float, float]) -> tuple[str, str, int]:
+def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float,
+                     seed: int) -> tuple[str, str, int]:
     """Kill builds at random moments until ``kills`` landed; then finish without kill."""
     rng = random.Random(seed)
     root = str(tmp_path / "crashed")
@@ -147,7 +161,7 @@ def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float
     previous: set[int] = set()
     while landed < kills:
         proc = start_builder(root, length, chunk, delay=delay, count_dir=str(count_dir))
-        time.sleep(rng.uniform(*window))
+        wait_for_kill_moment(proc, str(count_dir), rng, length)
         if proc.poll() is not None:  # finished (or failed) before the kill
             out, err = proc.communicate()
             assert proc.returncode == 0, err.decode()
@@ -172,10 +186,10 @@ def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float
 
 
 # -- new format: random kills ----------------------------------------------------------
-def _random_kills(tmp_path, kills, length, window, seed):
+def _random_kills(tmp_path, kills, length, seed):
     chunk = 8
     ref = reference_cache(str(tmp_path / "ref"), length, chunk)
-    root, cache_dir, landed = random_kill_loop(tmp_path, kills, length, chunk, 0.004, seed, window)
+    root, cache_dir, landed = random_kill_loop(tmp_path, kills, length, chunk, 0.004, seed)
     assert landed == kills, f"only {landed} of {kills} kills landed before the build finished"
     assert tree(cache_dir) == tree(ref), "resumed cache differs from an uninterrupted build"
     assert temp_files(root) == []
@@ -188,13 +202,15 @@ def _random_kills(tmp_path, kills, length, window, seed):
 
 @pytest.mark.timeout(180)
 def test_random_sigkill_resume_byte_identical(tmp_path):
-    _random_kills(tmp_path, kills=3, length=480, window=(0.3, 1.3), seed=1)
+    _random_kills(tmp_path, kills=3, length=480, seed=1)
 
 
 @pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_random_sigkill_resume_byte_identical_long(tmp_path):
-    _random_kills(tmp_path, kills=20, length=4000, window=(0.2, 2.0), seed=int(time.time()))
+    seed = int(time.time())
+    print(f"\nseed {seed}")
+    _random_kills(tmp_path, kills=20, length=1600, seed=seed)
 
 
 # -- new format: every crash point ------------------------------------------------------
@@ -346,7 +362,7 @@ def _zip_members(path: str) -> dict[str, bytes]:
         return {info.filename: zf.read(info) for info in zf.infolist()}
 
 
-def _legacy_kills(tmp_path, kills, length, window, seed):
+def _legacy_kills(tmp_path, kills, length, seed):
     try:
         from edcache.format.legacy import LegacyZipSink  # noqa: F401
     except ImportError:  # pragma: no cover
@@ -355,10 +371,12 @@ def _legacy_kills(tmp_path, kills, length, window, seed):
     ref = reference_cache(str(tmp_path / "ref"), length, chunk, legacy=True)
     rng = random.Random(seed)
     root = str(tmp_path / "crashed")
+    count_dir = tmp_path / "count"
+    count_dir.mkdir()
     landed = 0
     while landed < kills:
-        proc = start_builder(root, length, chunk, delay=0.004, legacy=True)
-        time.sleep(rng.uniform(*window))
+        proc = start_builder(root, length, chunk, delay=0.004, legacy=True, count_dir=str(count_dir))
+        wait_for_kill_moment(proc, str(count_dir), rng, length)
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.communicate()[1].decode()
             break
@@ -389,13 +407,15 @@ def _legacy_kills(tmp_path, kills, length, window, seed):
 
 @pytest.mark.timeout(180)
 def test_random_sigkill_legacy_zip_resume(tmp_path):
-    _legacy_kills(tmp_path, kills=3, length=480, window=(0.3, 1.3), seed=2)
+    _legacy_kills(tmp_path, kills=3, length=480, seed=2)
 
 
 @pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_random_sigkill_legacy_zip_resume_long(tmp_path):
-    _legacy_kills(tmp_path, kills=20, length=4000, window=(0.2, 2.0), seed=int(time.time()))
+    seed = int(time.time())
+    print(f"\nseed {seed}")
+    _legacy_kills(tmp_path, kills=20, length=1600, seed=seed)
 
 
 def test_killed_builder_never_leaves_unreadable_state_for_waiters(tmp_path):
