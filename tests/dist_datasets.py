@@ -7,7 +7,8 @@ The factories read their parameters from environment variables, because ``edcach
 * ``EDCACHE_TEST_N``: number of examples (default 96);
 * ``EDCACHE_TEST_DELAY``: seconds of work per example (default 0.005);
 * ``EDCACHE_TEST_LOG``: if set, every computed index is appended as ``index pid``;
-* ``EDCACHE_TEST_FAIL_AT``: if set, ``dataset[i]`` raises for that index.
+* ``EDCACHE_TEST_FAIL_AT``: if set, ``dataset[i]`` raises for that index;
+* ``EDCACHE_TEST_CRASH_AT``: if set, ``dataset[i]`` kills its process for that index.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ class Squares(DatasetMixin):
     in_memory_keys = ["label"]
 
     def __init__(self, root: str, n: int = 96, delay: float = 0.005, log: str | None = None,
-                 fail_at: int | None = None) -> None:
+                 fail_at: int | None = None, crash_at: int | None = None) -> None:
         self.root = root
         self.n = n
         self.delay = delay
         self.log = log
         self.fail_at = fail_at
+        self.crash_at = crash_at
 
     def __len__(self) -> int:
         return self.n
@@ -50,6 +52,8 @@ class Squares(DatasetMixin):
             time.sleep(self.delay)
         if self.fail_at is not None and i == self.fail_at:
             _explode(i)
+        if self.crash_at is not None and i == self.crash_at:
+            os._exit(70)  # like a segfault or the OOM killer: no exception, the process is gone
         rng = np.random.default_rng(i)
         return {
             "image": rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8),
@@ -67,13 +71,14 @@ def _explode(i: int) -> None:
 def make() -> Squares:
     """Factory of :class:`Squares` configured by the environment (see the module doc)."""
     env = os.environ
-    fail = env.get("EDCACHE_TEST_FAIL_AT")
+    fail, crash = env.get("EDCACHE_TEST_FAIL_AT"), env.get("EDCACHE_TEST_CRASH_AT")
     return Squares(
         env.get("EDCACHE_TEST_ROOT", "/nonexistent-edcache-test-root"),
         n=int(env.get("EDCACHE_TEST_N", "96")),
         delay=float(env.get("EDCACHE_TEST_DELAY", "0.005")),
         log=env.get("EDCACHE_TEST_LOG") or None,
         fail_at=int(fail) if fail else None,
+        crash_at=int(crash) if crash else None,
     )
 
 

@@ -270,6 +270,20 @@ def test_dataset_exception_reports_index_and_remote_traceback(cluster):
     assert all(os.path.exists(shard_path(cluster.cache_dir, c)) for c in committed)
 
 
+def test_chunk_that_kills_workers_stops_after_allowed_failures(cluster):
+    """A chunk whose example kills the worker process: retried on restarted workers, then
+    the build stops (exit 3) naming the chunk and allowed-failures; committed chunks kept."""
+    cluster.configure(n=48, delay=0.002, EDCACHE_TEST_CRASH_AT="30")
+    server = cluster.server("server", "--local-workers", "1", "--allowed-failures", "1")
+    assert server.wait(120) == 3, server.output()
+    err = server.stderr()
+    assert "chunk 3 (examples 24..31)" in err and "allowed-failures" in err
+    committed = read_commit_log(cluster.cache_dir)
+    assert committed and 3 not in committed
+    crashes = [pid for i, pid in read_log(cluster.example_log) if i == 30]
+    assert len(set(crashes)) == 2  # the first attempt and one retry, in two processes
+
+
 def test_worker_fails_fast_when_the_factory_cannot_be_imported(cluster):
     cluster.configure(n=8, delay=0)
     t0 = time.monotonic()

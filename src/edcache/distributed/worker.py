@@ -280,8 +280,8 @@ def run_worker(
 ) -> int:
     """The body of ``edcache --address``; returns the process exit status.
 
-    0: the server said the cache is complete (or the slots were stopped by a signal);
-    1: no server was reachable for ``timeout`` seconds. Import errors of ``dataset`` and
+    0: the server said the cache is complete; 1: no server was reachable for ``timeout``
+    seconds; 130: stopped by SIGINT/SIGTERM. Import errors of ``dataset`` and
     refused credentials raise (the CLI prints them and exits 2 / 3).
     """
     import dask
@@ -325,7 +325,8 @@ def run_worker(
     if "timeout" in outcomes:
         _say(f"no server at {addr} for {timeout:.0f} s; giving up")
         return 1
-    return 0
+    _say("stopped")
+    return 130  # SIGINT / SIGTERM
 
 
 __all__ = ["SlotOptions", "WorkerSlot", "listen_host_for", "run_slots", "run_worker"]

@@ -219,15 +219,18 @@ class DaskExecutor(Executor):
             while pending:
                 batch = completed.next_batch(block=True)
                 finished = [f for f in batch if f.status == "finished"]
-                for f in batch:
-                    if f.status != "finished":
-                        raise self._failure(f, chunk_of[f.key])
+                if len(finished) < len(batch):
+                    time.sleep(0.3)  # chunks failing together (one dying worker): report all
+                    failed = {f.key: f for f in batch if f.status != "finished"}
+                    failed.update((k, f) for k, f in pending.items() if f.status == "error")
+                    raise self._failure(sorted(failed.values(), key=lambda f: chunk_of[f.key].chunk_id),
+                                        chunk_of)
                 try:
                     results = self._gather(client, finished)
                 except Exception:  # a result was lost and its recomputation failed
-                    for f in finished:
-                        if f.status != "finished":
-                            raise self._failure(f, chunk_of[f.key]) from None
+                    failed = [f for f in finished if f.status != "finished"]
+                    if failed:
+                        raise self._failure(failed, chunk_of) from None
                     raise
                 for f, result in zip(finished, results):
                     on_result(result)
@@ -270,33 +273,50 @@ class DaskExecutor(Executor):
         except TimeoutError:
             return client.gather(futures, direct=False)
 
-    def _failure(self, future: Any, task: ChunkTask) -> BaseException:
-        """The exception to raise for a chunk task that errored or was cancelled."""
+    def _failure(self, futures: list, chunk_of: dict[str, ChunkTask]) -> BaseException:
+        """The exception to raise for chunk tasks that errored or were cancelled.
+
+        An exception raised by the dataset wins (it names the index and carries the
+        worker's traceback). Chunks that were running on workers that kept dying are
+        listed together: Dask counts every chunk a dying worker was busy with.
+        """
         from distributed import KilledWorker
 
-        if future.status == "cancelled":
-            return ClusterError(
-                f"the cluster dropped chunk {task.chunk_id} (examples {task.start}..{task.stop - 1}): "
-                "the connection to the scheduler was lost or the task was cancelled. Committed "
-                "chunks are kept; run again to resume."
+        def span(future: Any) -> str:
+            task = chunk_of[future.key]
+            return f"chunk {task.chunk_id} (examples {task.start}..{task.stop - 1})"
+
+        killed, cancelled = [], []
+        for future in futures:
+            if future.status == "cancelled":
+                cancelled.append(future)
+                continue
+            exc = future.exception()
+            if isinstance(exc, KilledWorker):
+                killed.append(future)
+                continue
+            if isinstance(exc, ExampleError):
+                return exc  # carries the index and the worker's traceback
+            remote = "".join(traceback.format_exception(type(exc), exc, future.traceback()))
+            if isinstance(exc, EdcacheError):
+                exc.add_note(f"Traceback in the worker:\n{remote}")
+                return exc
+            return BuildError(
+                f"{span(future)} failed on a worker: {type(exc).__name__}: {exc}\n\n"
+                f"Traceback in the worker:\n{remote}"
             )
-        exc = future.exception()
-        if isinstance(exc, KilledWorker):
+        if killed:
             return ClusterError(
-                f"chunk {task.chunk_id} (examples {task.start}..{task.stop - 1}) was being computed "
-                "on workers that died, more often than the scheduler's allowed-failures "
-                "(distributed.scheduler.allowed-failures). A dataset that crashes or exhausts "
-                "memory on these indices? Committed chunks are kept; run again to resume."
+                f"{', '.join(span(f) for f in killed)}: the workers computing "
+                f"{'it' if len(killed) == 1 else 'them'} died more often than the scheduler's "
+                "allowed-failures (distributed.scheduler.allowed-failures; edcache --server "
+                "--allowed-failures N). A dataset that crashes or exhausts memory on these "
+                "indices? Committed chunks are kept; run again to resume."
             )
-        if isinstance(exc, ExampleError):
-            return exc  # carries the index and the worker's traceback
-        remote = "".join(traceback.format_exception(type(exc), exc, future.traceback()))
-        if isinstance(exc, EdcacheError):
-            exc.add_note(f"Traceback in the worker:\n{remote}")
-            return exc
-        return BuildError(
-            f"chunk {task.chunk_id} (examples {task.start}..{task.stop - 1}) failed on a worker: "
-            f"{type(exc).__name__}: {exc}\n\nTraceback in the worker:\n{remote}"
+        return ClusterError(
+            f"the cluster dropped {', '.join(span(f) for f in cancelled)}: the connection to the "
+            "scheduler was lost or the task was cancelled. Committed chunks are kept; run again "
+            "to resume."
         )
 
 
