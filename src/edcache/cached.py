@@ -247,7 +247,15 @@ class CachedDataset(DatasetMixin):
                 self._reader = None
             if not self.force_cache and self._open_complete():
                 return  # another process finished it while we waited
-            self._build()
+            try:
+                self._build()
+            except OSError as exc:  # disk full or failing: say so, and that work is kept
+                from .build.coordinator import storage_error
+
+                new = storage_error(exc, self._path)
+                if new is exc:
+                    raise
+                raise new from exc
             if not self._open_complete():
                 raise CacheNotFoundError(f"the cache at {self._path} is not complete after building")
         finally:

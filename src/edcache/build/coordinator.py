@@ -6,6 +6,7 @@ than once; the sink's commit is idempotent, so each chunk is committed exactly o
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -15,6 +16,24 @@ from ..format.base import ChunkResult, ChunkSink
 from .executors.base import Executor
 from .plan import plan_chunks
 from .worker import DatasetSource
+
+
+#: errno values of a failing disk (full, quota, I/O error, read-only, file too large).
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def storage_error(exc: OSError, where: str) -> OSError:
+    """For a disk error (full, I/O error, ...) while writing the cache at ``where``: the
+    same error type and errno, with a message that names the cache and says that
+    committed work is kept. Other errors come back unchanged."""
+    if exc.errno not in _STORAGE_ERRORS or "while writing the cache at" in str(exc.strerror):
+        return exc
+    return OSError(
+        exc.errno,
+        f"{exc.strerror} while writing the cache at {where}. The chunks committed so far "
+        "are kept: free space (or fix the device) and run again to resume",
+        exc.filename,
+    )
 
 
 def default_num_workers() -> int:
@@ -58,6 +77,11 @@ def run_build(
         if tasks:
             executor.run(source, sink.encoder(staged=executor.staged), tasks, on_result)
         sink.finalize()
+    except OSError as exc:
+        new = storage_error(exc, getattr(sink, "cache_dir", None) or getattr(sink, "path", ""))
+        if new is exc:
+            raise
+        raise new from exc
     finally:
         bar.close()
         close = getattr(sink, "close", None)
