@@ -157,6 +157,7 @@ def _identity(batch):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 def test_dataloader_four_workers_while_build_resumes(tmp_path):
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader, Subset
