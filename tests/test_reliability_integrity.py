@@ -238,3 +238,25 @@ def test_manifest_value_damage_detected(refs, tmp_path, state, field, value):
             CachedDataset.from_cache(root, rc.NAME, verify=verify)
     report = verify_cache(cache)
     assert report.damaged_files == ["manifest.json"]
+
+
+def test_verify_legacy_zip_names_damaged_member(tmp_path):
+    """``edcache verify`` on an edflow zip: every member's CRC, no unpickling."""
+    import zipfile
+
+    root = str(tmp_path)
+    ds = CachedDataset(SlowDataset(root, "z", 12), _legacy=True, chunk_size=4, num_workers=0, progress=False)
+    assert ds.path.endswith(".zip")
+    report = verify_cache(ds.path)
+    assert report.ok and report.format == "edflow zip" and report.length == 12, str(report)
+    with zipfile.ZipFile(ds.path) as zf:
+        info = zf.getinfo("example_5.p")
+        offset = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+    with open(ds.path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    report = verify_cache(ds.path)
+    assert [str(p).split(":")[1] for p in report.problems] == ["example_5.p (examples 5..5)"]
+    assert main_verify([ds.path]) == 1

@@ -471,7 +471,8 @@ def _check_labels(path: str, manifest, report: VerifyReport) -> None:
         try:
             column = load_label(path, key, info, manifest.length, verify=True)
         except EdcacheError as exc:
-            report.add(rel, f"(label {key!r}) {exc}")
+            message = str(exc).replace(f"label file {full} (key {key!r}) ", "")
+            report.add(rel, f"(label {key!r}) {message}")
             continue
         del column
         report.labels_checked.append(key)
@@ -494,6 +495,8 @@ def _verify_zip(path: str) -> VerifyReport:
         for info in infos:
             m = _EXAMPLE_MEMBER.match(info.filename)
             start = int(m.group(1)) if m else None
+            if start is not None:
+                indices.add(start)
             try:
                 with zf.open(info) as member:
                     while member.read(1 << 20):
@@ -505,8 +508,6 @@ def _verify_zip(path: str) -> VerifyReport:
                 continue
             report.shards_checked += 1
             report.bytes_checked += info.compress_size
-            if start is not None:
-                indices.add(start)
     report.length = len(indices)
     if indices and indices != set(range(len(indices))):
         missing = sorted(set(range(max(indices) + 1)) - indices)
