@@ -96,6 +96,18 @@ class BoolLen(_Base):
         return True
 
 
+class SlashName(_Base):
+    name = "faces/256"
+
+
+class IntRoot(_Base):
+    root = 5
+
+
+class StrKeys(_Base):
+    in_memory_keys = "label"
+
+
 NEEDS = ("A dataset to cache needs root (folder to cache into), name (unique name), __len__ and "
          "__getitem__ (or get_example); in_memory_keys is optional.")
 
@@ -108,12 +120,23 @@ NEEDS = ("A dataset to cache needs root (folder to cache into), name (unique nam
     (FloatLen, "FloatLen.__len__ returned 3.0; it must be a non-negative int"),
     (NegativeLen, "NegativeLen.__len__ returned -1; it must be a non-negative int"),
     (BoolLen, "BoolLen.__len__ returned True; it must be a non-negative int"),
+    (SlashName, "SlashName.name must be a non-empty string without '/', not 'faces/256'"),
+    (IntRoot, "IntRoot.root must be a path, not 5"),
+    (StrKeys, "StrKeys.in_memory_keys must be a list of str, not 'label'"),
 ])
 def test_dataset_interface_errors(cls, message, tmp_path):
     with pytest.raises(DatasetInterfaceError) as err:
         build(cls())
     assert str(err.value) == message
     assert not os.path.exists("/nonexistent")  # nothing was created
+
+
+@pytest.mark.parametrize("chunk_size", [0, -8, 2.5, True])
+def test_bad_chunk_size(tmp_path, chunk_size):
+    with pytest.raises(DatasetInterfaceError) as err:
+        CachedDataset(SlowDataset(str(tmp_path), "c", 10), chunk_size=chunk_size, num_workers=0)
+    assert str(err.value) == f"chunk_size must be a positive int, got {chunk_size!r}"
+    assert not os.path.exists(tmp_path / "cached")
 
 
 # -- errors while building: message, and committed work kept ---------------------------
