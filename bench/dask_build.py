@@ -18,8 +18,9 @@ same chunk size, and build the same cache from scratch:
   ``edcache --server``; the cluster's own start-up is reported separately.
 
 Two payloads: ``small`` (a 32x32x3 image per example: compute-bound) and ``large``
-(a 256x256x3 image per example: 12 MB per chunk through TLS). The figure of merit is
-the throughput ratio dask/pool (target >= 0.9).
+(a 256x256x3 image per example: 12 MB per chunk through TLS). Each is also built in
+``--shared-fs`` mode (workers write the shards, only metadata travels). The figure of
+merit is the throughput ratio dask/pool (target >= 0.9).
 """
 
 from __future__ import annotations
@@ -76,12 +77,22 @@ def run_pool(ds_args: tuple, workers: int, chunk: int) -> float:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_dask(ds_args: tuple, client: object, chunk: int) -> float:
+class _SharedFsCachedDataset(CachedDataset):
+    """What ``edcache --server --shared-fs`` builds with: workers write the shard files."""
+
+    def _executor(self, num_workers: int) -> object:
+        from edcache.build.executors.dask import DaskExecutor
+
+        return DaskExecutor(self.scheduler, staged=True)
+
+
+def run_dask(ds_args: tuple, client: object, chunk: int, shared_fs: bool = False) -> float:
     root = tempfile.mkdtemp(prefix="edcache-bench-dask-")
     try:
         ds = CpuBound(root, *ds_args)
+        cls = _SharedFsCachedDataset if shared_fs else CachedDataset
         t = time.perf_counter()
-        CachedDataset(ds, chunk_size=chunk, scheduler=client, progress=False)
+        cls(ds, chunk_size=chunk, scheduler=client, progress=False)
         return time.perf_counter() - t
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -128,19 +139,22 @@ def main(argv: list[str] | None = None) -> int:
             side = {"small": 32, "large": 256}[payload]
             ds_args = (args.n, work, side)
             run_dask((args.chunk_size * 2, work, side), client, args.chunk_size)  # warm-up
-            pool_t, dask_t = [], []
-            for _ in range(args.repeats):  # interleaved, so drifts hit both sides
+            pool_t, dask_t, shared_t = [], [], []
+            for _ in range(args.repeats):  # interleaved, so drifts hit all sides alike
                 pool_t.append(run_pool(ds_args, args.workers, args.chunk_size))
                 dask_t.append(run_dask(ds_args, client, args.chunk_size))
-            p, d = statistics.median(pool_t), statistics.median(dask_t)
-            ratio = p / d  # throughput ratio dask/pool
+                shared_t.append(run_dask(ds_args, client, args.chunk_size, shared_fs=True))
+            p, d, sh = (statistics.median(t) for t in (pool_t, dask_t, shared_t))
             mb = args.n * side * side * 3 / 1e6
             results["payloads"][payload] = {
-                "pool_s": pool_t, "dask_s": dask_t, "pool_ex_per_s": args.n / p,
-                "dask_ex_per_s": args.n / d, "ratio": ratio, "payload_mb": mb,
+                "pool_s": pool_t, "dask_s": dask_t, "dask_shared_fs_s": shared_t,
+                "pool_ex_per_s": args.n / p, "dask_ex_per_s": args.n / d,
+                "dask_shared_fs_ex_per_s": args.n / sh, "ratio": p / d, "ratio_shared_fs": p / sh,
+                "payload_mb": mb,
             }
-            print(f"{payload:5s} ({mb:6.0f} MB): pool {args.n / p:7.1f} ex/s ({p:.2f} s)   "
-                  f"dask {args.n / d:7.1f} ex/s ({d:.2f} s)   dask/pool = {ratio:.2f}x", flush=True)
+            print(f"{payload:5s} ({mb:4.0f} MB): pool {args.n / p:6.1f} ex/s   dask {args.n / d:6.1f} ex/s "
+                  f"(dask/pool = {p / d:.2f}x)   dask --shared-fs {args.n / sh:6.1f} ex/s "
+                  f"({p / sh:.2f}x)", flush=True)
     finally:
         cluster.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""edcache: ``CachedDataset(DS(), num_workers=0)`` builds, ``CachedDataset.from_cache``
+opens, ``ds[i]`` reads (adds ``index_``). Also reported: the reader underneath
+(``ds.fork_safe_zip.read(i)``), ``ds.get_batch`` and ``ds.__getitems__`` when present."""
+
+from __future__ import annotations
+
+import os
+
+from ..common import SHAPES
+from .base import Skip, Store
+
+NAME = "bench"
+_EXAMPLES = None
+
+
+def _dataset_class():
+    from edcache import DatasetMixin
+
+    class BenchDS(DatasetMixin):
+        def __init__(self, root, n, keys):
+            self.root, self.name, self._n, self.in_memory_keys = root, NAME, n, list(keys)
+
+        def __len__(self):
+            return self._n
+
+        def get_example(self, i):
+            return _EXAMPLES[i]
+
+    return BenchDS
+
+
+class EdcacheStore(Store):
+    name = "edcache"
+    label = "edcache"
+
+    @classmethod
+    def check(cls):
+        try:
+            import edcache
+
+            edcache.CachedDataset, edcache.DatasetMixin  # noqa: B018
+        except Exception as e:
+            raise Skip(f"edcache not importable yet: {type(e).__name__}: {e}")
+
+    @property
+    def cpath(self):
+        return os.path.join(self.path, "cached", NAME)
+
+    def write(self, examples, n):
+        global _EXAMPLES
+        from edcache import CachedDataset
+
+        _EXAMPLES = examples if isinstance(examples, list) else list(examples)
+        try:
+            CachedDataset(_dataset_class()(self.path, n, SHAPES[self.shape]["in_memory_keys"]), num_workers=0)
+        finally:
+            _EXAMPLES = None
+
+    def open(self):
+        from edcache import CachedDataset
+
+        self.ds = CachedDataset.from_cache(self.path, NAME)
+        self._get = self.ds.__getitem__
+
+    def read(self, i):
+        return self._get(i)
+
+    def read_variants(self):
+        reader = getattr(self.ds, "fork_safe_zip", None)
+        if reader is not None and hasattr(reader, "read"):
+            return {"reader.read": reader.read}
+        return {}
+
+    def batch_methods(self):
+        out = {}
+        for m in ("get_batch", "__getitems__"):
+            if hasattr(self.ds, m):
+                out[m] = getattr(self.ds, m)
+        return out
+
+    def data_files(self):
+        return self.cpath
+
+    def nbytes(self):
+        from ..common import du
+
+        return du(self.cpath)
+
+    def torch_dataset(self):
+        # the CachedDataset itself, as a user would pass it (it re-opens per worker)
+        from edcache import CachedDataset
+
+        return CachedDataset.from_cache(self.path, NAME)

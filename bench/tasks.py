@@ -1,0 +1,411 @@
+"""Measurements, each run in a fresh subprocess by run.py:
+
+    python -m bench.tasks TASK '{"json": "args"}'
+
+The last stdout line is ``@@RESULT@@ {json}``."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    du,
+    make_examples,
+    median,
+    random_sequence,
+    raw_example_bytes,
+    shape_n,
+    time_batches,
+    time_pass,
+    touch,
+    warm_page_cache,
+)
+from .stores import get_store_class
+from .stores.base import Skip
+
+MIN_READS = 10  # slow stores: at least this many reads per timed pass
+MAX_REPS = 15
+
+
+def _store(a: dict):
+    cls = get_store_class(a["store"])
+    cls.check()
+    return cls(a["path"], a["shape"], a["quick"])
+
+
+# -- write ------------------------------------------------------------------------------
+
+
+def task_write(a: dict) -> dict:
+    st = _store(a)
+    n = shape_n(a["shape"], a["quick"])
+    examples = make_examples(a["shape"], n)
+    st.clear()
+    gc.collect()
+    t0 = time.perf_counter()
+    st.write(iter(examples), n)
+    dt = time.perf_counter() - t0
+    raw = n * raw_example_bytes(a["shape"])
+    nbytes = st.nbytes()
+    out = {"n": n, "write_s": dt, "write_eps": n / dt, "nbytes": nbytes, "raw_bytes": raw, "disk_ratio": nbytes / raw}
+    note = _note(a["store"])
+    if note:
+        out["note"] = note
+    return out
+
+
+def _note(store: str) -> str | None:
+    if store == "mds":
+        from .stores import mds_store
+
+        return mds_store.NOTE
+    return None
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+def _reps(pass_s: float, target_s: float, reps: int) -> int:
+    """Short passes get more repetitions (median of up to MAX_REPS)."""
+    return int(min(MAX_REPS, max(reps, target_s * reps / max(pass_s, 1e-9))))
+
+
+def _probe(read, indices, mode: str, limit_s: float) -> float:
+    """Seconds per read over at most ``indices``, stopping after ``limit_s / 2``."""
+    t = time.perf_counter
+    t0 = t()
+    c = 0
+    for i in indices:
+        touch(read(i), mode)
+        c += 1
+        if t() - t0 > limit_s / 2:
+            break
+    return max((t() - t0) / c, 1e-8)
+
+
+def _measure(read, n: int, order: str, mode: str, target_s: float, reps: int, cap: int) -> dict:
+    """Examples/s over ``count`` reads: every store whose reads are fast enough does the
+    same ``min(n, cap)`` reads (the same indices); slow stores do fewer (>= MIN_READS)."""
+    probe = random_sequence(n, 32) if order == "random" else list(range(min(32, n)))
+    _probe(read, probe, mode, target_s)  # warm the probe
+    est = _probe(read, probe, mode, target_s)
+    count = min(n, cap)
+    if est * count > target_s:
+        count = int(max(MIN_READS, min(count, target_s / est)))
+    idx = random_sequence(n, count) if order == "random" else list(range(count))
+    time_pass(read, idx, mode)  # warm-up pass over exactly what is timed
+    times = [time_pass(read, idx, mode)]
+    times += [time_pass(read, idx, mode) for _ in range(_reps(times[0], target_s, reps) - 1)]
+    return {"eps": count / median(times), "count": count, "reps_s": times}
+
+
+def _measure_batches(fn, n: int, target_s: float, reps: int, bs: int = 256) -> dict:
+    seq = random_sequence(n, bs * 40, seed=7)
+    first = time_batches(fn, [seq[:bs]], "page")  # warms and estimates
+    nb = int(min(40, max(1, target_s / max(first, 1e-7))))
+    batches = [seq[k * bs : (k + 1) * bs] for k in range(nb)]
+    if nb > 1:
+        time_batches(fn, batches, "page")
+    times = [time_batches(fn, batches, "page")]
+    times += [time_batches(fn, batches, "page") for _ in range(_reps(times[0], target_s, reps) - 1)]
+    return {"eps": nb * bs / median(times), "batches": nb, "reps_s": times}
+
+
+def task_read(a: dict) -> dict:
+    st = _store(a)
+    n = shape_n(a["shape"], a["quick"])
+    target, reps = a["target_s"], a["reps"]
+    files = st.data_files()
+    out: dict[str, Any] = {}
+    if files:
+        t0 = time.perf_counter()
+        out["warm_bytes"] = warm_page_cache(files)
+        out["warm_s"] = time.perf_counter() - t0
+    # open: first open in this process, then the median of 5 re-opens (each after a
+    # close: LMDB allows one open environment per path and process)
+    t0 = time.perf_counter()
+    st.open()
+    first = time.perf_counter() - t0
+    if getattr(st, "has_open", True):
+        st.close()
+        opens = []
+        for _ in range(5):
+            st2 = type(st)(st.path, st.shape, st.quick)
+            t0 = time.perf_counter()
+            st2.open()
+            opens.append(time.perf_counter() - t0)
+            st2.close()
+        st.open()
+        out["open_first_ms"] = first * 1e3
+        out["open_ms"] = median(opens) * 1e3
+    # correctness spot check against the generated data (arrays and scalars)
+    ref = make_examples(a["shape"], min(n, 3))
+    got = st.read(2 if n > 2 else 0)
+    exp = ref[2 if n > 2 else 0]
+    for k, v in exp.items():
+        g = got[k]
+        if isinstance(v, np.ndarray):
+            if not np.array_equal(np.asarray(g), v):
+                raise AssertionError(f"{a['store']}: example 2 key {k!r} differs from the written data")
+        elif isinstance(v, str):
+            assert str(g) == v, (k, g, v)
+        else:
+            assert float(g) == float(v), (k, g, v)
+    del ref
+    variants = {"": st.read}
+    variants.update(st.read_variants())
+    for vname, fn in variants.items():
+        for order in ("random", "seq"):
+            for mode in ("page", "full"):
+                key = f"{order}_{mode}" + (f"@{vname}" if vname else "")
+                out[key] = _measure(fn, n, order, mode, target, reps, a["cap"])
+    # batched reads of 256 random indices (not for 'large': a 256 MiB batch)
+    if a["shape"] == "large":
+        st.close()
+        return out
+    batch = {"loop": _measure_batches(st.read_batch, n, target, reps)}
+    for bname, fn in st.batch_methods().items():
+        try:
+            batch[bname] = _measure_batches(fn, n, target, reps)
+        except Exception as e:  # a fast path that is broken is a finding, not a crash
+            batch[bname] = {"error": f"{type(e).__name__}: {e}"}
+    out["batch256"] = batch
+    st.close()
+    return out
+
+
+# -- DataLoader -------------------------------------------------------------------------
+
+
+def _mem(pid: int) -> tuple[int, int]:
+    """(USS, Private_Dirty) bytes of a process. USS (psutil) = Private_Clean +
+    Private_Dirty: it includes clean file-backed pages of mmapped files that only this
+    process maps (page cache, reclaimable, not a copy). Private_Dirty counts heap and
+    copy-on-write copies only: the 'copy-on-read blowup' part."""
+    import psutil
+
+    uss = psutil.Process(pid).memory_full_info().uss
+    dirty = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Private_Dirty:"):
+                    dirty = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return uss, dirty
+
+
+def task_dataloader(a: dict) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    torch.set_num_threads(1)
+    st = _store(a)
+    n = shape_n(a["shape"], a["quick"])
+    bs = 64
+    k = int(max(bs * 12, a["count"]))
+    k -= k % bs
+    max_s = a.get("max_s", 10.0)
+    if st.data_files():
+        warm_page_cache(st.data_files())
+    if a["store"] == "memory":
+        st.open()
+    ds = st.torch_dataset()
+    kw = dict(batch_size=bs, num_workers=2, persistent_workers=True)
+    if st.iterable:
+        dl = DataLoader(ds, **kw)
+    else:
+        # shuffled; num_samples may exceed n (then: consecutive permutations)
+        g = torch.Generator().manual_seed(0)
+        dl = DataLoader(ds, sampler=RandomSampler(range(n), num_samples=k, generator=g), **kw)
+    gc.collect()
+    t_start = time.perf_counter()
+    holder = {}
+
+    def epochs():  # iterable stores may be shorter than k: go on with the next epoch
+        while True:
+            it = iter(dl)
+            holder.setdefault("it", it)
+            yield from it
+
+    def size(b):
+        return len(b[next(iter(b))]) if isinstance(b, dict) else len(b)
+
+    stream = epochs()
+    warm = 3  # baseline after a few batches (workers started, prefetch queues full)
+    got = 0
+    for _ in range(warm):
+        got += size(next(stream))
+    t0 = time.perf_counter()
+    seen = got
+    pids = [w.pid for w in getattr(holder["it"], "_workers", [])]
+    mem0 = [_mem(p) for p in pids]
+    for b in stream:
+        got += size(b)
+        if got >= k or time.perf_counter() - t0 > max_s:
+            break
+    t1 = time.perf_counter()
+    mem1 = [_mem(p) for p in pids]
+    uss_growth = sum(m1[0] - m0[0] for m0, m1 in zip(mem0, mem1))
+    anon_growth = sum(m1[1] - m0[1] for m0, m1 in zip(mem0, mem1))
+    read_bytes = (got - seen) * raw_example_bytes(a["shape"])
+    stream.close()
+    del stream, holder, dl
+    return {
+        "examples": got,
+        "eps": (got - seen) / (t1 - t0),
+        "eps_incl_startup": got / (t1 - t_start),
+        "startup_s": t0 - t_start,
+        "warmup_batches": warm,
+        "uss_worker_start_mb": [m[0] / 2**20 for m in mem0],
+        "uss_growth_mb": uss_growth / 2**20,
+        "dirty_growth_mb": anon_growth / 2**20,
+        "read_mb": read_bytes / 2**20,
+        "uss_growth_frac": uss_growth / max(read_bytes, 1),
+        "dirty_growth_frac": anon_growth / max(read_bytes, 1),
+        "shuffle": "store's own (IterableDataset)" if st.iterable else "RandomSampler",
+    }
+
+
+# -- build ------------------------------------------------------------------------------
+
+
+def task_build(a: dict) -> dict:
+    from edcache import CachedDataset
+
+    from .toy import CPUBound, calibrate_iters
+
+    n = a["n"]
+    iters = calibrate_iters(a["ms"])
+    root = a["path"]
+    ds = CPUBound(root, "toy", n, iters)
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds.get_example(i)
+    raw = time.perf_counter() - t0
+    out: dict[str, Any] = {"n": n, "iters": iters, "raw_s": raw, "ms_per_example": raw / n * 1e3}
+    for w in a["workers"]:
+        shutil.rmtree(root, ignore_errors=True)
+        ds = CPUBound(root, "toy", n, iters)
+        t0 = time.perf_counter()
+        cd = CachedDataset(ds, num_workers=w)
+        dt = time.perf_counter() - t0
+        assert len(cd) == n
+        out[f"build_w{w}_s"] = dt
+        out[f"overhead_w{w}_pct"] = (dt - raw) / raw * 100
+        out[f"speedup_w{w}"] = raw / dt
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+# -- scale ------------------------------------------------------------------------------
+
+
+def task_scale_build(a: dict) -> dict:
+    from edcache import CachedDataset
+
+    from .toy import Tiny
+
+    shutil.rmtree(a["path"], ignore_errors=True)
+    ds = Tiny(a["path"], "tiny", a["n"])
+    t0 = time.perf_counter()
+    CachedDataset(ds, num_workers=a.get("workers"))
+    dt = time.perf_counter() - t0
+    return {"n": a["n"], "build_s": dt, "build_eps": a["n"] / dt, "nbytes": du(os.path.join(a["path"], "cached", "tiny"))}
+
+
+def task_scale_open(a: dict) -> dict:
+    import psutil
+
+    proc = psutil.Process()
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    import edcache  # noqa: F401  (import cost is not open cost)
+    from edcache import CachedDataset
+
+    rss_import = proc.memory_info().rss
+    t0 = time.perf_counter()
+    ds = CachedDataset.from_cache(a["path"], "tiny")
+    first_open = time.perf_counter() - t0
+    rss_open = proc.memory_info().rss
+    assert len(ds) == a["n"]
+    t0 = time.perf_counter()
+    total = np.asarray(ds.labels["label"]).sum()
+    first_labels = time.perf_counter() - t0
+    rss_labels = proc.memory_info().rss
+    expect = sum(i % 1000 for i in range(a["n"]))
+    assert int(total) == expect, (total, expect)
+    opens, labels = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        d2 = CachedDataset.from_cache(a["path"], "tiny")
+        opens.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        np.asarray(d2.labels["label"]).sum()
+        labels.append(time.perf_counter() - t0)
+    return {
+        "n": a["n"],
+        "open_first_ms": first_open * 1e3,
+        "open_ms": median(opens) * 1e3,
+        "labels_first_ms": first_labels * 1e3,
+        "labels_ms": median(labels) * 1e3,
+        "rss_before_import_mb": rss0 / 2**20,
+        "rss_after_import_mb": rss_import / 2**20,
+        "rss_after_open_mb": rss_open / 2**20,
+        "rss_after_labels_mb": rss_labels / 2**20,
+    }
+
+
+def task_read_dl(a: dict) -> dict:
+    """Reads, then (same process, fresh store object) the DataLoader run sized from the
+    measured random-read rate: saves one interpreter start and library import."""
+    out = task_read(a)
+    gc.unfreeze()
+    gc.collect()
+    rate = out.get("random_page", {}).get("eps", 5000.0)
+    try:
+        out_dl = task_dataloader({**a, "count": int(rate * 2 * a["dl_s"]), "max_s": 3 * a["dl_s"]})
+    except Skip as e:
+        out_dl = {"skipped": str(e)}
+    except Exception as e:
+        traceback.print_exc()
+        out_dl = {"error": f"{type(e).__name__}: {e}"[:500]}
+    return {"read": out, "dataloader": out_dl}
+
+
+TASKS = {
+    "write": task_write,
+    "read": task_read,
+    "read_dl": task_read_dl,
+    "dataloader": task_dataloader,
+    "build": task_build,
+    "scale_build": task_scale_build,
+    "scale_open": task_scale_open,
+}
+
+
+def main() -> None:
+    name, args = sys.argv[1], json.loads(sys.argv[2])
+    try:
+        res = TASKS[name](args)
+    except Skip as e:
+        res = {"skipped": str(e)}
+    except Exception as e:
+        traceback.print_exc()
+        res = {"error": f"{type(e).__name__}: {e}"[:500]}
+    sys.stdout.flush()
+    print("@@RESULT@@ " + json.dumps(res, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    main()
