@@ -101,40 +101,51 @@ def make_examples(shape: str, n: int) -> list[dict]:
 # -- touch modes ----------------------------------------------------------------------
 
 
-def _touch_array_page(a: np.ndarray) -> int:
+def _touch_array_page(a: np.ndarray) -> float:
+    """Read one byte per 4 KiB of the array (the first element if it is <= 4 KiB)."""
     if a.nbytes <= PAGE:
-        return int(a.reshape(-1)[:1].view(np.uint8)[0]) if a.size else 0
-    b = a.reshape(-1).view(np.uint8) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    return int(b[::PAGE].sum())
+        return float(a.item(0)) if a.size else 0.0
+    if a.flags.c_contiguous:
+        b = a.reshape(-1).view(np.uint8)
+    else:
+        b = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    return float(b[::PAGE].sum())
+
+
+_ND = np.ndarray
 
 
 def touch(obj: Any, mode: str) -> float:
     """Consume an example so lazy/zero-copy stores pay for what a model would read.
 
     mode 'page': read one byte per 4 KiB page of every array.
-    mode 'full': read every byte of every array (``arr.sum()``)."""
+    mode 'full': read every byte of every array (``arr.sum()``).
+    Strings count their length; numbers are already materialized. Kept lean: it is
+    part of every timed read, for every store alike."""
     t = type(obj)
     if t is dict:
-        s = 0.0
-        for v in obj.values():
+        vals = obj.values()
+    elif t is list or t is tuple:
+        vals = obj
+    else:
+        vals = (obj,)
+    s = 0.0
+    page = mode == "page"
+    for v in vals:
+        tv = type(v)
+        if tv is _ND or isinstance(v, _ND):
+            s += _touch_array_page(v) if page else float(v.sum())
+        elif tv is int or tv is float or tv is bool:
+            continue
+        elif tv is str or tv is bytes:
+            s += len(v)
+        elif tv is dict or tv is list or tv is tuple:
             s += touch(v, mode)
-        return s
-    if t is np.ndarray or isinstance(obj, np.ndarray):
-        if mode == "page":
-            return _touch_array_page(obj)
-        return float(obj.sum())
-    if t is list or t is tuple:
-        s = 0.0
-        for v in obj:
-            s += touch(v, mode)
-        return s
-    if t is str or t is bytes:
-        return len(obj)
-    if t is int or t is float or t is bool:
-        return 0.0
-    if hasattr(obj, "numpy"):  # torch tensor
-        return touch(obj.numpy(), mode)
-    return 0.0
+        elif hasattr(v, "numpy"):  # torch tensor
+            s += touch(v.numpy(), mode)
+        elif isinstance(v, np.generic):
+            continue
+    return s
 
 
 # -- timing ---------------------------------------------------------------------------

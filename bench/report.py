@@ -126,6 +126,17 @@ def shape_table(shape: str, res: dict) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
         if w.get("note"):
             notes.append(f"{LABELS.get(st, st)}: {w['note']}")
+    for st in stores:
+        dlb = _get(res, st, "dataloader_batched")
+        if dlb:
+            if "eps" in dlb:
+                notes.append(
+                    f"{LABELS.get(st, st)} DataLoader over `get_batch` (batch_size=None + BatchSampler(64), default_convert): "
+                    + cell(dlb["eps"], _get(res, "lmdb", "dataloader", "eps"), _get(res, "memory", "dataloader", "eps"))
+                    + f"; worker USS growth {dlb['uss_growth_frac'] * 100:.1f}% (private dirty {dlb['dirty_growth_frac'] * 100:.1f}%)"
+                )
+            else:
+                notes.append(f"{LABELS.get(st, st)} DataLoader over `get_batch`: {dlb.get('error') or dlb.get('skipped')}")
     # per-variant read paths (e.g. edcache's reader under ds[i])
     for st in stores:
         rd = _get(res, st, "read") or {}
@@ -173,6 +184,10 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
     add("`get_batch(256)` small", ">= 5x the per-example loop", gb / loop if gb and loop else None, lambda v: v >= 5)
     de, dl = _get(s, "edcache", "dataloader", "eps"), _get(s, "lmdb", "dataloader", "eps")
     add("DataLoader end-to-end, small", ">= 1.5x LMDB", de / dl if de and dl else None, lambda v: v >= 1.5)
+    db = _get(s, "edcache", "dataloader_batched", "eps")
+    if db:
+        add("DataLoader end-to-end, small, over `get_batch` (batch_size=None)", ">= 1.5x LMDB (per-example LMDB loader)",
+            db / dl if dl else None, lambda v: v >= 1.5)
     sc = _get(results, "scale", "open") or {}
     n = sc.get("n")
     add(f"open, {n or '?'} examples", "<= 2 ms", sc.get("open_ms"), lambda v: v <= 2, lambda v: f"{v:.2f} ms (first {sc.get('open_first_ms', 0):.2f} ms)")
@@ -204,7 +219,7 @@ def write_report(results: dict, outdir: str) -> tuple[str, str]:
         "# edcache benchmark results",
         "",
         f"- date: {m['date']}; mode: **{m['mode']}**; total {m.get('total_s', 0):.0f} s; edcache commit {m.get('git_commit')}",
-        f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; load average (1/5/15 min) at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}",
         f"- python {m['python']}, numpy {m['numpy']}, " + ", ".join(f"{k} {x}" for k, x in v.items() if x),
         "- warm page cache, one reader process; medians of 3 timed passes after a warm-up pass over the same indices;"
         " DataLoader: batch 64, 2 workers, default collate, shuffled",
@@ -258,6 +273,7 @@ def plot(results: dict, png: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     sh = results.get("shapes", {})
     figs = [("random_page", "random, touch page"), ("random_full", "random, full touch"), ("batch", "batch of 256 (best)"), ("dl", "DataLoader (2 workers)")]
@@ -283,6 +299,10 @@ def plot(results: dict, png: str) -> None:
             ax.invert_yaxis()
             if any(vals):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            else:
+                ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", fontsize=9)
+                ax.set_xticks([])
             for yy, v in zip(y, vals):
                 if v:
                     ax.text(v, yy, " " + fmt_rate(v), va="center", fontsize=7)

@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     runner = Runner(args)
 
     results = {
-        "meta": {**machine_info(), "mode": mode, "git_commit": git_commit(), "argv": sys.argv[1:]},
+        "meta": {**machine_info(), "mode": mode, "git_commit": git_commit(), "argv": sys.argv[1:],
+                 "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "shapes": {},
         "build": None,
         "scale": None,
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
         with open(out_json, "w") as fh:
             json.dump(results, fh, indent=1, default=float)
 
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes will skew the timings")
     target_s = 0.05 if quick else 0.25
     reps = 3
     cap = 2000 if quick else 20000
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
             shutil.rmtree(path, ignore_errors=True)
 
     results["meta"]["total_s"] = time.perf_counter() - t_all
+    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     save()
     from bench.report import write_report
 

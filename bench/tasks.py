@@ -205,6 +205,21 @@ def _mem(pid: int) -> tuple[int, int]:
     return uss, dirty
 
 
+class BatchedView:
+    """``view[list_of_indices]`` -> ``ds.get_batch(indices)``: a DataLoader with
+    ``batch_size=None`` and a BatchSampler then fetches collated batches (one gather per
+    field) and only converts them to tensors (``default_convert``)."""
+
+    def __init__(self, ds, n: int) -> None:
+        self.ds, self.n = ds, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, indices):
+        return self.ds.get_batch(indices)
+
+
 def task_dataloader(a: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
@@ -222,7 +237,13 @@ def task_dataloader(a: dict) -> dict:
         st.open()
     ds = st.torch_dataset()
     kw = dict(batch_size=bs, num_workers=2, persistent_workers=True)
-    if st.iterable:
+    if a.get("batched"):
+        from torch.utils.data import BatchSampler
+
+        g = torch.Generator().manual_seed(0)
+        sampler = BatchSampler(RandomSampler(range(n), num_samples=k, generator=g), bs, drop_last=False)
+        dl = DataLoader(BatchedView(ds, n), batch_size=None, sampler=sampler, num_workers=2, persistent_workers=True)
+    elif st.iterable:
         dl = DataLoader(ds, **kw)
     else:
         # shuffled; num_samples may exceed n (then: consecutive permutations)
@@ -380,7 +401,22 @@ def task_read_dl(a: dict) -> dict:
     except Exception as e:
         traceback.print_exc()
         out_dl = {"error": f"{type(e).__name__}: {e}"[:500]}
-    return {"read": out, "dataloader": out_dl}
+    res = {"read": out, "dataloader": out_dl}
+    if a["store"] == "edcache" and a["shape"] != "large":
+        gc.collect()
+        try:
+            st = _store(a)
+            st.open()
+            has = hasattr(st.ds, "get_batch")
+            st.close()
+            if has:
+                res["dataloader_batched"] = task_dataloader(
+                    {**a, "batched": True, "count": int(rate * 2 * a["dl_s"]), "max_s": 3 * a["dl_s"]}
+                )
+        except Exception as e:
+            traceback.print_exc()
+            res["dataloader_batched"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    return res
 
 
 TASKS = {
