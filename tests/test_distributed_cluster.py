@@ -212,7 +212,7 @@ def wait_until_computing(cluster, proc, timeout: float = 10) -> set[int]:
 
 def test_hung_worker_host_is_dropped_after_worker_ttl(cluster, tmp_path):
     """SIGSTOP of a worker host mid-chunk: dropped after --worker-ttl, its chunk redone."""
-    cluster.configure(n=160, delay=0.03)
+    cluster.configure(n=320, delay=0.03)  # the healthy worker alone needs longer than the ttl
     server = cluster.server("server", "--worker-ttl", "3")
     a, b = cluster.worker("a"), cluster.worker("b")
     server.wait_for_output(r"2 worker\(s\) connected", 60)
@@ -221,8 +221,10 @@ def test_hung_worker_host_is_dropped_after_worker_ttl(cluster, tmp_path):
     a.kill_group(signal.SIGSTOP)
     stopped = time.monotonic()
     hung_chunk = read_log(cluster.example_log)[-1][0] // CHUNK
-    server.wait_for_output("a worker left; 1 connected", 30)
-    assert time.monotonic() - stopped < 3 * 1.1 + 3  # ttl, the watchdog period, the status poll
+    server.wait_for_output(r"silent for \d+ s; dropping it", 30)
+    # ttl 3 s + watchdog period + status poll; generous for loaded CI machines, and far
+    # below Dask's own path (2 * ttl + a 30 s nanny timeout; 5 min ttl by default)
+    assert time.monotonic() - stopped < 15
     a.kill_group(signal.SIGCONT)  # the zombie comes back: it must not break anything
     assert server.wait(120) == 0, server.output()
     assert_equal_to_local_build(cluster, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import pytest
 
 from dist_datasets import EDCACHE, HERE, SRC, Proc, Squares, free_port, subprocess_env, tree_files

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dist_datasets import EDCACHE, Proc, Squares, free_port, subprocess_env
+from dist_datasets import EDCACHE, Proc, free_port, subprocess_env
 from edcache.distributed.security import (
     ensure_credentials,
     make_security,

@@ -203,8 +203,9 @@ def make_security(
             path = os.path.abspath(os.path.expanduser(credentials)) if credentials else default_credentials_path()
             if not os.path.exists(path):
                 raise ClusterError(
-                    f"no credentials file at {path}: copy the file the server printed (its "
-                    "--credentials) to this host and pass --credentials FILE"
+                    f"no credentials file at {path}: copy the server's credentials file (named in "
+                    "the worker command it prints) to this host and pass --credentials FILE "
+                    "(security=FILE in Python)"
                 )
             check_credentials_file(path)
         # One file for all three: OpenSSL takes the leaf (listed first), its chain and

@@ -54,10 +54,29 @@ def dask_config(
 
 
 def public_host(host: str) -> str:
-    """The name workers should use for a server bound to ``host``."""
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        return socket.getfqdn()
-    return host
+    """The name workers should use for a server bound to ``host``.
+
+    For a wildcard bind: the host's fully qualified name if it resolves to a
+    non-loopback address, else the address of the interface with the default route
+    (found by a UDP ``connect``, which sends nothing), else the host name.
+    """
+    if host not in ("", "0.0.0.0", "::", "[::]"):
+        return host
+    name = socket.getfqdn()
+    try:
+        if not socket.gethostbyname(name).startswith("127."):
+            return name
+    except OSError:
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only a route lookup
+            ip = s.getsockname()[0]
+        if not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    except OSError:
+        pass
+    return socket.gethostname()
 
 
 class InProcessCluster:
@@ -128,9 +147,13 @@ class InProcessCluster:
         if self.local_workers:
             from .worker import SlotOptions, run_slots
 
+            from .worker import listen_host_for
+
+            # listen where remote workers can reach them (they fetch data from peers)
+            public = f"tls://{public_host(self.host)}:{self.scheduler.port}"
             options = SlotOptions(
                 address=self.connect_address(), security=self.security, timeout=None,
-                verbose=self.verbose,
+                listen_host=listen_host_for(public), verbose=self.verbose,
             )
             self._slots = asyncio.ensure_future(run_slots(options, self.local_workers, self._stop))
         return self.scheduler.address

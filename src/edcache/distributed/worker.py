@@ -28,7 +28,6 @@ from typing import Any
 
 from ..errors import ClusterError
 
-logger = logging.getLogger("edcache.distributed")
 
 def _mark_done(dask_worker: Any = None) -> int:
     """Run by the server on every nanny (``client.run(..., nanny=True)``) when the build is done.
@@ -37,8 +36,8 @@ def _mark_done(dask_worker: Any = None) -> int:
     when the nanny has closed and exits instead of reconnecting.
     """
     if dask_worker is not None:
-        dask_worker._edcache_done = True  # close this nanny and its worker process cleanly
-        try:
+        dask_worker._edcache_done = True
+        try:  # close this nanny and its worker process cleanly
             dask_worker.close_gracefully(reason="edcache-cache-complete")
             asyncio.get_running_loop().call_later(
                 0.2, lambda: asyncio.ensure_future(dask_worker.close(reason="edcache-cache-complete"))
@@ -77,6 +76,7 @@ class SlotOptions:
     timeout: float | None = 600.0  # give up after this long without a server (None: never)
     name_prefix: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     local_directory: str | None = None
+    listen_host: str | None = None  # default: the interface that routes to the scheduler
     verbose: bool = False
     extra_nanny_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -125,7 +125,7 @@ class WorkerSlot:
                 nthreads=1,
                 security=opts.security,
                 name=f"{opts.name_prefix}-{self.index}",
-                host=listen_host_for(opts.address),
+                host=opts.listen_host or listen_host_for(opts.address),
                 dashboard_address="127.0.0.1:0",  # the worker's HTTP routes: loopback only
                 death_timeout=opts.timeout or None,
                 local_directory=opts.local_directory,

@@ -6,10 +6,10 @@ therefore hands every result to the coordinator (``on_result``, which commits
 idempotently) as soon as it arrives, and then releases it from the cluster, so a
 committed chunk is never computed again.
 
-Workers get the dataset once per process: the chunk tasks depend on one small
-"source" task whose value is the pickled :class:`DatasetSource` and encoder, and each
-worker process unpickles it (importing a factory by name, or unpickling the dataset
-object) the first time it runs a chunk of this build.
+Workers get the dataset once per process: each chunk task carries the pickled
+:class:`DatasetSource` and encoder (or, when that is big, depends on one "source" task
+holding it), and each worker process unpickles it (importing a factory by name, or
+unpickling the dataset object) the first time it runs a chunk of this build.
 """
 
 from __future__ import annotations
@@ -95,6 +95,10 @@ class DaskExecutor(Executor):
     gather_timeout : float
         Seconds a direct transfer of finished results from workers may take before
         they are fetched through the scheduler instead (see :meth:`_gather`).
+    inline_payload : int
+        The pickled source and encoder travel with every task up to this many bytes
+        (no transfers between workers); a bigger one (a dataset object holding data)
+        becomes one task that each worker fetches once.
     """
 
     staged = False
@@ -110,6 +114,7 @@ class DaskExecutor(Executor):
         status_interval: float = 1.0,
         connect_timeout: str | float = "30s",
         gather_timeout: float = 60.0,
+        inline_payload: int = 64 * 1024,
     ) -> None:
         self.scheduler = scheduler
         self.security = security
@@ -119,6 +124,7 @@ class DaskExecutor(Executor):
         self.status_interval = status_interval
         self.connect_timeout = connect_timeout
         self.gather_timeout = gather_timeout
+        self.inline_payload = inline_payload
         self.workers = 0  # connected workers at the last check
 
     # -- connection --------------------------------------------------------------------
@@ -167,7 +173,7 @@ class DaskExecutor(Executor):
                 elif n > self.workers:
                     self.on_status(f"{n} worker(s) connected", n)
                 else:
-                    self.on_status(f"a worker left; {n} connected", n)
+                    self.on_status(f"{self.workers - n} worker(s) left; {n} connected", n)
                 said = now
                 self.workers = n
             stop.wait(self.status_interval)
@@ -199,11 +205,14 @@ class DaskExecutor(Executor):
         source_future = None
         stop_watching = threading.Event()
         try:
-            source_future = client.submit(
-                _source_value, payload, key=f"edcache-source-{token}", pure=False
-            )
+            if len(payload) <= self.inline_payload:  # e.g. a factory path: send with every task
+                source: Any = payload
+            else:  # a big dataset object: one task whose value each worker fetches once
+                source = source_future = client.submit(
+                    _source_value, payload, key=f"edcache-source-{token}", pure=False
+                )
             futures = client.map(
-                _run_chunk, list(tasks), token=token, payload=source_future,
+                _run_chunk, list(tasks), token=token, payload=source,
                 key=[f"edcache-chunk-{token}-{t.chunk_id}" for t in tasks], pure=False,
             )
             chunk_of = {f.key: t for f, t in zip(futures, tasks)}
