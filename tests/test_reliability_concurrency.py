@@ -135,13 +135,16 @@ def test_four_processes_builder_killed_others_finish(tmp_path):
     time.sleep(0.3)  # let the first one take the lock
     procs += [builder(root, name, length, delay=0.004, count_dir=str(count)) for _ in range(3)]
     deadline = time.monotonic() + 60
-    while not os.listdir(count) and time.monotonic() < deadline:
+    while len(os.listdir(count)) < 100 and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.5)
-    building = procs[0]
-    kill_group(building)
-    for p in procs[1:]:
-        finish(p)
+    # the builder is the process whose group holds the workers computing examples
+    groups = {_pgid(int(n.split(".")[1])) for n in os.listdir(count)} - {None}
+    building = [p for p in procs if p.pid in groups]
+    assert len(building) == 1, "expected exactly one process to be building"
+    kill_group(building[0])
+    for p in procs:
+        if p is not building[0]:
+            finish(p)
     cache_dir = os.path.join(root, "cached", name)
     assert tree(cache_dir) == want
     counts = computations(str(count))
@@ -149,6 +152,13 @@ def test_four_processes_builder_killed_others_finish(tmp_path):
     # only chunks in flight at the kill may have been computed twice
     twice = {i // CHUNK for i, n in counts.items() if n > 1}
     assert len(twice) <= 2 * 2 * 2, f"too many chunks recomputed: {sorted(twice)}"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 # -- DataLoader while another process resumes the build --------------------------------------
