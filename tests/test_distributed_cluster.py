@@ -304,6 +304,7 @@ def test_python_api_scheduler_keyword(cluster, tmp_path):
     server.wait_for_output(r"(?m)^edcache --address", 30)
     address = f"tls://127.0.0.1:{cluster.port}"
     ds = Squares(cluster.root, n=48, delay=0)
+    ds.blob = bytes(200_000)  # a dataset object holding data: sent once per worker, not per task
     cached = CachedDataset(ds, chunk_size=CHUNK, scheduler=address, security=cluster.credentials,
                            progress=False)
     assert len(cached) == 48 and cached[5]["label"] == 5
