@@ -260,3 +260,23 @@ def test_verify_legacy_zip_names_damaged_member(tmp_path):
     report = verify_cache(ds.path)
     assert [str(p).split(":")[1] for p in report.problems] == ["example_5.p (examples 5..5)"]
     assert main_verify([ds.path]) == 1
+
+
+def test_cached_dataset_verify_keyword(refs, tmp_path):
+    """``CachedDataset(dataset, verify=True)`` checks like ``from_cache(..., verify=True)``;
+    without it the same flip inside an array comes back silently (the documented trade-off)."""
+    root, cache = _copy(refs["complete"], tmp_path)
+    with open(os.path.join(cache, "shards/00000001.shard"), "rb") as f:
+        data = f.read()
+    at = data.find(expected(8)["image"].tobytes())  # example 8's pixels, stored raw
+    assert at > 0
+    rc.Damage("flip", "shards/00000001.shard", at + 5, 0x01).apply(cache)
+    plain = CachedDataset(SlowDataset(root, rc.NAME, rc.LENGTH), chunk_size=rc.CHUNK, num_workers=0,
+                          progress=False)
+    got = plain[8]["image"]
+    assert not (got == expected(8)["image"]).all()  # wrong, unseen without checksums
+    checked = CachedDataset(SlowDataset(root, rc.NAME, rc.LENGTH), chunk_size=rc.CHUNK, num_workers=0,
+                            progress=False, verify=True)
+    assert_example_equal(checked[0], expected(0))
+    with pytest.raises(CorruptCacheError, match="fails its checksum"):
+        checked[8]
