@@ -195,8 +195,10 @@ class ShardSink(ChunkSink):
         m.shard_table = {"nbytes": len(table), "xxh3": checksum(table)}
         m.complete = True
         write_manifest(self.cache_dir, m)
-        self.close()
+        # right after the manifest: the window in which a kill leaves a (harmless,
+        # ignored) stale log is one system call wide
         os.unlink(os.path.join(self.cache_dir, COMMITS))
+        self._log.close()  # everything in it was synced above
         fsync_dir(self.cache_dir)
 
     def close(self) -> None:
