@@ -229,18 +229,17 @@ class DaskExecutor(Executor):
                 batch = completed.next_batch(block=True)
                 finished = [f for f in batch if f.status == "finished"]
                 if len(finished) < len(batch):
-                    time.sleep(0.3)  # chunks failing together (one dying worker): report all
-                    failed = {f.key: f for f in batch if f.status != "finished"}
-                    failed.update((k, f) for k, f in pending.items() if f.status == "error")
-                    raise self._failure(sorted(failed.values(), key=lambda f: chunk_of[f.key].chunk_id),
-                                        chunk_of)
+                    raise self._failure(self._failed(batch, pending), chunk_of)
                 try:
                     results = self._gather(client, finished)
-                except Exception:  # a result was lost and its recomputation failed
-                    failed = [f for f in finished if f.status != "finished"]
+                except Exception as exc:  # e.g. a result was lost and its recomputation failed
+                    failed = self._failed(finished, pending)
                     if failed:
                         raise self._failure(failed, chunk_of) from None
-                    raise
+                    raise ClusterError(
+                        f"fetching finished chunks from the workers failed: {type(exc).__name__}: "
+                        f"{exc}. Committed chunks are kept; run again to resume."
+                    ) from exc
                 for f, result in zip(finished, results):
                     on_result(result)
                     pending.pop(f.key, None)
@@ -282,6 +281,18 @@ class DaskExecutor(Executor):
         except TimeoutError:
             return client.gather(futures, direct=False)
 
+    @staticmethod
+    def _failed(batch: list, pending: dict[str, Any]) -> list:
+        """The futures of ``batch`` that did not finish, plus any other errored one.
+
+        Chunks that were running on the same dying worker fail together; waiting a
+        moment lets the message name all of them.
+        """
+        time.sleep(0.3)
+        failed = {f.key: f for f in batch if f.status != "finished"}
+        failed.update((k, f) for k, f in pending.items() if f.status == "error")
+        return list(failed.values())
+
     def _failure(self, futures: list, chunk_of: dict[str, ChunkTask]) -> BaseException:
         """The exception to raise for chunk tasks that errored or were cancelled.
 
@@ -296,7 +307,7 @@ class DaskExecutor(Executor):
             return f"chunk {task.chunk_id} (examples {task.start}..{task.stop - 1})"
 
         killed, cancelled = [], []
-        for future in futures:
+        for future in sorted(futures, key=lambda f: chunk_of[f.key].chunk_id):
             if future.status == "cancelled":
                 cancelled.append(future)
                 continue
