@@ -15,6 +15,8 @@ import zipfile
 
 import numpy as np
 
+from helpers import assert_same  # noqa: F401  (re-exported for the legacy tests)
+
 IN_MEMORY_KEYS = ["label", "split", "score"]
 
 
@@ -142,26 +144,6 @@ def write_cachable(path: str, n: int, args: tuple = (), kwargs: dict | None = No
         f.write(pickle.dumps((args, kwargs or {})))
     with open(path + ".p", "wb") as f:
         f.write(pickle.dumps(n))
-
-
-def assert_same(a, b, where: str = "") -> None:
-    """Deep equality that also checks types, dtypes, shapes and dict key order."""
-    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
-    if isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for k, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{k}]")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
-        assert np.array_equal(a, b), where
-    elif isinstance(a, np.generic):
-        assert a.dtype == b.dtype and a == b, where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def edflow_read(path: str) -> tuple[list, dict]:

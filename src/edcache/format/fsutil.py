@@ -6,13 +6,18 @@ import os
 import uuid
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new file in directory ``path`` durable."""
+def fsync_file(path: str) -> None:
+    """fsync an existing file (or directory) by name."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in directory ``path`` durable."""
+    fsync_file(path)
 
 
 def temp_name(final_path: str, tag: str = "") -> str:
@@ -28,15 +33,6 @@ def write_file(path: str, data: bytes, fsync: bool = True) -> None:
         f.flush()
         if fsync:
             os.fsync(f.fileno())
-
-
-def fsync_file(path: str) -> None:
-    """fsync an existing file by name."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str, data: bytes) -> None:
