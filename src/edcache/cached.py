@@ -75,6 +75,10 @@ class CachedDataset(DatasetMixin):
         Start method of the local worker processes (default ``fork`` where available).
     progress : bool
         Show a progress bar while building.
+    executor : Executor, callable or None
+        Where to compute chunks instead of the local pool or ``scheduler``: an
+        :class:`~edcache.build.executors.Executor`, or a function returning one (called
+        only if a build is needed).
 
     Notes
     -----
@@ -97,6 +101,7 @@ class CachedDataset(DatasetMixin):
         security: Any = None,
         mp_context: str | None = None,
         progress: bool = True,
+        executor: Any = None,
         _path: str | None = None,
         _parameters: str | None = None,
     ) -> None:
@@ -117,6 +122,7 @@ class CachedDataset(DatasetMixin):
         self.security = security
         self.mp_context = mp_context
         self.progress = progress
+        self.executor = executor
         self._parameters = _parameters
         self._length = checked_length(dataset)
         self._path = _path or self._choose_path(_legacy)
@@ -300,6 +306,8 @@ class CachedDataset(DatasetMixin):
         )
 
     def _executor(self, num_workers: int) -> Any:
+        if self.executor is not None:
+            return self.executor() if callable(self.executor) else self.executor
         if self.scheduler is not None:
             from .build.executors.dask import DaskExecutor
 
@@ -398,6 +406,7 @@ class CachedDataset(DatasetMixin):
         state["_reader"] = None
         state["_generation"] = -1
         state["base_dataset"] = None
+        state["executor"] = None  # building state: not needed to read, maybe not picklable
         return state
 
     def __repr__(self) -> str:

@@ -74,6 +74,7 @@ def run_build(
             bar.update(result.stop - result.start)
 
     try:
+        executor.progress_bar = bar
         if tasks:
             executor.run(source, sink.encoder(staged=executor.staged), tasks, on_result)
         sink.finalize()

@@ -275,21 +275,9 @@ def worker_command(
     return shlex.join(argv)
 
 
-def _bar_postfix(n_workers: int) -> None:
-    """Show the connected workers on the build's progress bar (if one is active)."""
-    try:
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.set_postfix(workers=n_workers)
-    except Exception:
-        pass
-
-
 def _status_printer(message: str, n_workers: int) -> None:
     from tqdm.auto import tqdm
 
-    _bar_postfix(n_workers)
     tqdm.write(f"edcache server: {message}", file=sys.stderr)
     sys.stderr.flush()
 
@@ -382,17 +370,16 @@ def run_server(
                 pass
             return 0
 
-        class _ServerCachedDataset(CachedDataset):
-            def _executor(self, num_workers: int) -> Any:
-                start_cluster()
-                return DaskExecutor(
-                    cluster.client(), staged=shared_fs, factory=dataset, on_status=_status_printer,
-                    gather_timeout=max(worker_ttl, 1.0),
-                )
+        def executor() -> DaskExecutor:  # the cluster starts only if a build is needed
+            start_cluster()
+            return DaskExecutor(
+                cluster.client(), staged=shared_fs, factory=dataset, on_status=_status_printer,
+                gather_timeout=max(worker_ttl, 1.0),
+            )
 
-        cached = _ServerCachedDataset(
+        cached = CachedDataset(
             ds, force_cache=force, keep_existing=keep_existing, _legacy=legacy,
-            chunk_size=chunk_size, allow_pickle=allow_pickle, progress=progress,
+            chunk_size=chunk_size, allow_pickle=allow_pickle, progress=progress, executor=executor,
         )
         cluster.announce_done()
         print(f"edcache server: the cache at {cached.path} is complete ({len(cached)} examples)",

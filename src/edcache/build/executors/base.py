@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
 from ..worker import DatasetSource
@@ -17,6 +17,10 @@ class Executor(ABC):
     """
 
     staged: bool = True
+
+    #: The build's progress bar (a ``tqdm``), set by the coordinator before :meth:`run`;
+    #: executors may show cluster state on it (``set_postfix``).
+    progress_bar: Any = None
 
     @abstractmethod
     def run(

@@ -168,6 +168,8 @@ class DaskExecutor(Executor):
             n = self._count_workers(client)
             now = time.monotonic()
             if n != self.workers or (n == 0 and now - said > 60):
+                if self.progress_bar is not None:
+                    self.progress_bar.set_postfix(workers=n)
                 if n == 0:
                     self.on_status("no worker connected; waiting for workers", 0)
                 elif n > self.workers:

@@ -199,6 +199,7 @@ class ShardSink(ChunkSink):
         # ignored) stale log is one system call wide
         os.unlink(os.path.join(self.cache_dir, COMMITS))
         self._log.close()  # everything in it was synced above
+        _remove_strays(self.cache_dir, set(self._commits))  # e.g. staged files of killed workers
         fsync_dir(self.cache_dir)
 
     def close(self) -> None:
