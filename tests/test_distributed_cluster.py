@@ -132,7 +132,7 @@ def listening_addresses(procs) -> list[tuple[str, int]]:
 
 def test_server_and_two_workers_build_equals_local_build(cluster, tmp_path):
     """Server plus two separate `--address` worker processes started from the printed command."""
-    cluster.configure(n=120, delay=0.01, credentials=False)
+    cluster.configure(n=120, delay=0.03, credentials=False)  # enough work for both to join
     server = cluster.server()
     line = server.wait_for_output(r"(?m)^edcache --address .*$", 30).group(0)
     assert os.stat(cluster.credentials).st_mode & 0o777 == 0o600
