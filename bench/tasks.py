@@ -94,14 +94,14 @@ def _probe(read, indices, mode: str, limit_s: float) -> float:
 
 def _measure(read, n: int, order: str, mode: str, target_s: float, reps: int, cap: int) -> dict:
     """Examples/s over ``count`` reads: every store whose reads are fast enough does the
-    same ``min(n, cap)`` reads (the same indices); slow stores do fewer (>= MIN_READS)."""
+    same ``cap`` reads (the same indices); slow stores do fewer (>= MIN_READS)."""
     probe = random_sequence(n, 32) if order == "random" else list(range(min(32, n)))
     _probe(read, probe, mode, target_s)  # warm the probe
     est = _probe(read, probe, mode, target_s)
-    count = min(n, cap)
+    count = cap  # may exceed n: the random stream is consecutive permutations, seq wraps
     if est * count > target_s:
         count = int(max(MIN_READS, min(count, target_s / est)))
-    idx = random_sequence(n, count) if order == "random" else list(range(count))
+    idx = random_sequence(n, count) if order == "random" else [k % n for k in range(count)]
     time_pass(read, idx, mode)  # warm-up pass over exactly what is timed
     times = [time_pass(read, idx, mode)]
     times += [time_pass(read, idx, mode) for _ in range(_reps(times[0], target_s, reps) - 1)]
@@ -220,6 +220,20 @@ class BatchedView:
         return self.ds.get_batch(indices)
 
 
+class ConstantDataset:
+    """Returns one fixed example for every index: the DataLoader's own ceiling (worker
+    IPC, collate, shared-memory tensors) with no storage at all."""
+
+    def __init__(self, example: dict, n: int) -> None:
+        self.example, self.n = example, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return self.example
+
+
 def task_dataloader(a: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
@@ -236,6 +250,8 @@ def task_dataloader(a: dict) -> dict:
     if a["store"] == "memory":
         st.open()
     ds = st.torch_dataset()
+    if a.get("ceiling"):
+        ds = ConstantDataset(st.read(0), n)
     kw = dict(batch_size=bs, num_workers=2, persistent_workers=True)
     if a.get("batched"):
         from torch.utils.data import BatchSampler
@@ -301,7 +317,18 @@ def task_dataloader(a: dict) -> dict:
 # -- build ------------------------------------------------------------------------------
 
 
+def _cpu() -> float:
+    """CPU seconds of this process plus its waited-for children (pool workers)."""
+    import resource
+
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
 def task_build(a: dict) -> dict:
+    """Raw compute (no caching) vs CachedDataset builds with 0, 1, 2 workers. Raw is
+    timed before and after the builds (the minimum is used); CPU seconds (incl. the
+    pool's workers) are recorded too, as they do not depend on other load."""
     from edcache import CachedDataset
 
     from .toy import CPUBound, calibrate_iters
@@ -309,21 +336,33 @@ def task_build(a: dict) -> dict:
     n = a["n"]
     iters = calibrate_iters(a["ms"])
     root = a["path"]
-    ds = CPUBound(root, "toy", n, iters)
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds.get_example(i)
-    raw = time.perf_counter() - t0
-    out: dict[str, Any] = {"n": n, "iters": iters, "raw_s": raw, "ms_per_example": raw / n * 1e3}
+
+    def raw_pass():
+        ds = CPUBound(root, "toy", n, iters)
+        c0, t0 = _cpu(), time.perf_counter()
+        for i in range(n):
+            ds.get_example(i)
+        return time.perf_counter() - t0, _cpu() - c0
+
+    raw1, raw_cpu1 = raw_pass()
+    out: dict[str, Any] = {"n": n, "iters": iters}
     for w in a["workers"]:
         shutil.rmtree(root, ignore_errors=True)
         ds = CPUBound(root, "toy", n, iters)
-        t0 = time.perf_counter()
+        c0, t0 = _cpu(), time.perf_counter()
         cd = CachedDataset(ds, num_workers=w)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, _cpu() - c0
         assert len(cd) == n
+        del cd
         out[f"build_w{w}_s"] = dt
+        out[f"build_w{w}_cpu_s"] = dc
+    raw2, raw_cpu2 = raw_pass()
+    raw, raw_cpu = min(raw1, raw2), min(raw_cpu1, raw_cpu2)
+    out.update({"raw_s": raw, "raw_s_before_after": [raw1, raw2], "raw_cpu_s": raw_cpu, "ms_per_example": raw / n * 1e3})
+    for w in a["workers"]:
+        dt, dc = out[f"build_w{w}_s"], out[f"build_w{w}_cpu_s"]
         out[f"overhead_w{w}_pct"] = (dt - raw) / raw * 100
+        out[f"cpu_overhead_w{w}_pct"] = (dc - raw_cpu) / raw_cpu * 100
         out[f"speedup_w{w}"] = raw / dt
     shutil.rmtree(root, ignore_errors=True)
     return out
@@ -402,6 +441,15 @@ def task_read_dl(a: dict) -> dict:
         traceback.print_exc()
         out_dl = {"error": f"{type(e).__name__}: {e}"[:500]}
     res = {"read": out, "dataloader": out_dl}
+    if a["store"] == "memory":
+        gc.collect()
+        try:
+            res["dataloader_ceiling"] = task_dataloader(
+                {**a, "ceiling": True, "count": int(rate * 2 * a["dl_s"]), "max_s": 3 * a["dl_s"]}
+            )
+        except Exception as e:
+            traceback.print_exc()
+            res["dataloader_ceiling"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     if a["store"] == "edcache" and a["shape"] != "large":
         gc.collect()
         try:
