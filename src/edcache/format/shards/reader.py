@@ -49,10 +49,14 @@ class ShardCacheReader(CacheReader):
             )
         self._reset()
 
+    #: Most shards kept open (memory-mapped) at once per process; see :meth:`shard`.
+    max_open_shards = 32768
+
     def _reset(self) -> None:
         self._chunk_size = self.manifest.chunk_size
         self._length = self.manifest.length
         self._shards: dict[int, ShardFile] = {}
+        self._verified: set[int] = set()
         self._schemas: dict[tuple, tuple] = {}
         self._table: np.ndarray | None = None
         self._commits: dict[int, tuple[int, str]] = {}
@@ -116,12 +120,20 @@ class ShardCacheReader(CacheReader):
                 f"{self.path} are not cached yet: the build is incomplete"
             )
         nbytes, digest = info
+        check = self.verify and chunk not in self._verified
         sf = ShardFile(
             shard_path(self.path, chunk), nbytes, task.start, task.size,
-            digest if self.verify else None, self.allow_pickle,
+            digest if check else None, self.allow_pickle,
         )
+        if check:
+            self._verified.add(chunk)
         if sf.schema is not None:  # one shared tuple per distinct schema: compared by identity
             sf.schema = self._schemas.setdefault(sf.schema, sf.schema)
+        if len(self._shards) >= self.max_open_shards:
+            # Each open shard is one memory map; Linux refuses more than vm.max_map_count
+            # (65530 by default) per process. Forget the oldest: its map is released once
+            # no array read from it is alive any more.
+            del self._shards[next(iter(self._shards))]
         self._shards[chunk] = sf
         return sf
 

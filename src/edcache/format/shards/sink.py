@@ -10,7 +10,7 @@ from ...errors import CacheMismatchError, CodecError, CorruptCacheError, LabelEr
 from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
 import time
 
-from ..fsutil import atomic_write, fsync_dir, fsync_file, is_temp, temp_name, write_file
+from ..fsutil import atomic_write, fsync_dir, fsync_file, is_temp, sync_filesystem, temp_name, write_file
 from .codec import codec_error, find_unsupported
 from .labels import write_labels
 from .manifest import (
@@ -157,10 +157,14 @@ class ShardSink(ChunkSink):
         return True
 
     def sync(self) -> None:
-        """Make every commit so far durable: shard data, then the folder, then the log."""
-        for path in self._unsynced:
-            fsync_file(path)
-        if self._unsynced:
+        """Make every commit so far durable: shard data, then the folder, then the log.
+
+        One ``syncfs`` of the cache's file system where available (a per-file fsync
+        costs ~1 ms here, per chunk), else an fsync per new shard file.
+        """
+        if self._unsynced and not sync_filesystem(self.cache_dir):
+            for path in self._unsynced:
+                fsync_file(path)
             fsync_dir(os.path.join(self.cache_dir, SHARDS_DIR))
         self._log.sync()
         self._unsynced = []
