@@ -230,7 +230,7 @@ def write_report(results: dict, outdir: str) -> tuple[str, str]:
         f"- date: {m['date']}; mode: **{m['mode']}**; total {m.get('total_s', 0):.0f} s; edcache commit {m.get('git_commit')}",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; load average (1/5/15 min) at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}",
         f"- python {m['python']}, numpy {m['numpy']}, " + ", ".join(f"{k} {x}" for k, x in v.items() if x),
-        "- warm page cache, one reader process; medians of 3 timed passes after a warm-up pass over the same indices;"
+        "- warm page cache, one reader process; medians of >= 3 timed passes (full run: pooled from 2 rounds in separate processes) after a warm-up pass over the same indices;"
         " DataLoader: batch 64, 2 workers, default collate, shuffled",
         "",
     ]
