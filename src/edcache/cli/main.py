@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"edcache: --server/--address need the distributed extra "
                       f"(pip install 'edcache[distributed]'): {exc}", file=sys.stderr)
                 return 2
-            return distributed.run_server(args) if args.server else distributed.run_worker(args)
+            return distributed.dispatch(args)
         return _build(args)
     except EdcacheError as exc:
         print(f"edcache: error: {exc}", file=sys.stderr)
