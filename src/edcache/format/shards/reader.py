@@ -190,7 +190,7 @@ class ShardCacheReader(CacheReader):
         positions, rows_list = order.tolist(), rows.tolist()
         batch: dict[Any, Any] = {}
         for key, kind, dtype, shape in schema:
-            columns = [sf._arrays.get(key) for sf in shards]
+            columns = [sf.column(key) for sf in shards]
             if columns[0] is not None:
                 out = np.empty((n, *shape), dtype=columns[0].dtype)
                 for col, a, b in zip(columns, starts, ends):
