@@ -426,48 +426,73 @@ def task_scale_open(a: dict) -> dict:
     }
 
 
-def task_read_dl(a: dict) -> dict:
-    """Reads, then (same process, fresh store object) the DataLoader run sized from the
-    measured random-read rate: saves one interpreter start and library import."""
-    out = task_read(a)
-    gc.unfreeze()
-    gc.collect()
-    rate = out.get("random_page", {}).get("eps", 5000.0)
-    try:
-        out_dl = task_dataloader({**a, "count": int(rate * 2 * a["dl_s"]), "max_s": 3 * a["dl_s"]})
-    except Skip as e:
-        out_dl = {"skipped": str(e)}
-    except Exception as e:
-        traceback.print_exc()
-        out_dl = {"error": f"{type(e).__name__}: {e}"[:500]}
-    res = {"read": out, "dataloader": out_dl}
-    if a["store"] == "memory":
+def _dl_runs(a: dict, rate: float) -> dict:
+    """The DataLoader figures of one store: the run, plus the ceiling (memory) and the
+    get_batch loader (edcache), sized from the store's random-read rate."""
+    sized = {"count": int(rate * 2 * a["dl_s"]), "max_s": 3 * a["dl_s"]}
+
+    def guarded(extra: dict) -> dict:
         gc.collect()
         try:
-            res["dataloader_ceiling"] = task_dataloader(
-                {**a, "ceiling": True, "count": int(rate * 2 * a["dl_s"]), "max_s": 3 * a["dl_s"]}
-            )
+            return task_dataloader({**a, **sized, **extra})
+        except Skip as e:
+            return {"skipped": str(e)}
         except Exception as e:
             traceback.print_exc()
-            res["dataloader_ceiling"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+    res = {"dataloader": guarded({})}
+    if a["store"] == "memory":
+        res["dataloader_ceiling"] = guarded({"ceiling": True})
     if a["store"] == "edcache" and a["shape"] != "large":
-        gc.collect()
         try:
             st = _store(a)
             st.open()
             has = hasattr(st.ds, "get_batch")
             st.close()
-            if has:
-                res["dataloader_batched"] = task_dataloader(
-                    {**a, "batched": True, "count": int(rate * 2 * a["dl_s"]), "max_s": 3 * a["dl_s"]}
-                )
-        except Exception as e:
-            traceback.print_exc()
-            res["dataloader_batched"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        except Exception:
+            has = False
+        if has:
+            res["dataloader_batched"] = guarded({"batched": True})
     return res
 
 
+def task_read_dl(a: dict) -> dict:
+    """Reads, then (same process, fresh store object) the DataLoader runs sized from the
+    measured random-read rate: saves one interpreter start and library import."""
+    out = task_read(a)
+    gc.unfreeze()
+    gc.collect()
+    rate = out.get("random_page", {}).get("eps", 5000.0)
+    return {"read": out, **_dl_runs(a, rate)}
+
+
+def task_write_read(a: dict) -> dict:
+    """Quick mode: write, then read in the same process."""
+    w = task_write(a)
+    gc.collect()
+    try:
+        rd = task_read(a)
+    except Skip as e:
+        rd = {"skipped": str(e)}
+    except Exception as e:
+        traceback.print_exc()
+        rd = {"error": f"{type(e).__name__}: {e}"[:500]}
+    return {"write": w, "read": rd}
+
+
+def task_dataloader_all(a: dict) -> dict:
+    """Quick mode: the DataLoader runs of every store of one shape in one process (torch
+    is imported once); ``a["stores"]`` maps store -> (path, random-read rate)."""
+    out = {}
+    for store, (path, rate) in a["stores"].items():
+        out[store] = _dl_runs({**a, "store": store, "path": path}, rate)
+    return out
+
+
 TASKS = {
+    "write_read": task_write_read,
+    "dataloader_all": task_dataloader_all,
     "write": task_write,
     "read": task_read,
     "read_dl": task_read_dl,
