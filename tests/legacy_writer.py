@@ -75,6 +75,13 @@ def arrival_order(indices: list[int], chunk_size: int, workers: int = 2) -> list
     return order
 
 
+def edflow_view(i: int) -> dict:
+    """What edflow's ``ds[i]`` returns: the stored example with ``index_`` set to ``i``."""
+    example = edflow_example(i)
+    example["index_"] = i
+    return example
+
+
 def edflow_labels(n: int, keys: list[str]) -> dict:
     return {k: [edflow_example(i)[k] for i in range(n)] for k in keys}
 

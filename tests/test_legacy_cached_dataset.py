@@ -17,6 +17,7 @@ from legacy_writer import (
     IN_MEMORY_KEYS,
     assert_same,
     edflow_example,
+    edflow_view,
     edflow_labels,
     edflow_run,
     write_cachable,
@@ -24,13 +25,6 @@ from legacy_writer import (
 )
 
 N = 30
-
-
-def edflow_view(i):
-    """What edflow's ``ds[i]`` returns: the stored example with ``index_`` set to ``i``."""
-    example = edflow_example(i)
-    example["index_"] = i
-    return example
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from legacy_writer import (
     cut_central_directory,
     edflow_dumps,
     edflow_example,
+    edflow_view,
     edflow_labels,
     edflow_read,
     edflow_run,
@@ -27,12 +28,6 @@ from legacy_writer import (
 )
 
 N = 26
-
-
-def edflow_view(i):
-    example = edflow_example(i)
-    example["index_"] = i
-    return example
 
 
 def _check_new_format(root, name, n=N, keys=IN_MEMORY_KEYS):
