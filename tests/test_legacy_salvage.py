@@ -144,4 +144,10 @@ def test_salvage_keeps_exactly_the_members_written_before_the_cut(tmp_path_facto
     with open(path, "r+b") as f:
         f.truncate(end)
     expected = {f"example_{k}.p": data for k, (data, _) in enumerate(members) if ends[f"example_{k}.p"] <= end}
-    assert salvage_members(path) == expected
+    got = salvage_members(path)
+    # An empty member whose header ends exactly at the cut cannot be told apart from a
+    # header written before its data (sizes still 0): salvage may drop it, nothing more.
+    last = next(iter(reversed(expected)), None)
+    if last is not None and last not in got and expected[last] == b"" and ends[last] == end:
+        del expected[last]
+    assert got == expected

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .dataset import DatasetMixin, check_cachable, checked_length, normalize_index
+from .dataset import DatasetMixin, check_cachable, checked_length, normalize_index, normalize_indices
 from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError, DatasetInterfaceError
 from .format import cache_paths, find_cache, open_reader
 from .format.base import CacheReader
@@ -371,7 +371,9 @@ class CachedDataset(DatasetMixin):
         lists. ``index_`` holds the indices.
         """
         length = self._length
-        idx = np.fromiter((normalize_index(i, length) for i in indices), dtype=np.int64)
+        if not isinstance(indices, np.ndarray) and all(type(i) is int for i in indices):
+            indices = np.array(indices, dtype=np.int64)  # one conversion, checked vectorized
+        idx = normalize_indices(indices, length)
         reader = self.store
         fast = getattr(reader, "read_batch", None)
         batch = fast(idx) if fast is not None else None

@@ -27,6 +27,27 @@ def normalize_index(i: Any, length: int) -> int:
     return j
 
 
+def normalize_indices(indices: Any, length: int) -> np.ndarray:
+    """:func:`normalize_index` for a sequence of indices, vectorized: an int64 array.
+
+    Raises ``TypeError`` for non-integers and ``IndexError`` naming the first index out
+    of range.
+    """
+    if isinstance(indices, np.ndarray) and indices.dtype.kind in "iu":
+        idx = indices.astype(np.int64, copy=True).reshape(-1)
+    else:
+        idx = np.fromiter((normalize_index(i, length) for i in indices), dtype=np.int64)
+        return idx
+    idx[idx < 0] += length
+    bad = (idx < 0) | (idx >= length)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise IndexError(
+            f"index {int(indices.reshape(-1)[first])} is out of range for a dataset of length {length}"
+        )
+    return idx
+
+
 class DatasetMixin:
     """Base class of map-style datasets, as in edflow.
 

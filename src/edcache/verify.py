@@ -6,7 +6,8 @@
   content (an edited or damaged manifest shows up even where JSON still parses);
 * ``shards.idx`` (complete caches) or ``commits.log`` (builds in progress) has the
   recorded size and checksum, the right shape, and canonical lines;
-* every committed shard exists, has the recorded size and xxh3-64 checksum, and its
+* ``packed.shard`` (complete caches whose chunks were packed into one file) and
+  every committed shard exists, has the recorded size and xxh3-64 checksum, and its
   header, footer, offsets index and column table are consistent (``deep=True`` also
   decodes every record);
 * every label column has the recorded size and checksum and loads with the recorded
@@ -179,6 +180,7 @@ def _verify_dir(path: str, report: VerifyReport, deep: bool, allow_pickle: bool)
     from .format.shards.manifest import (
         COMMITS,
         MANIFEST,
+        PACKED,
         SHARD_TABLE,
         SHARD_TABLE_DTYPE,
         SHARDS_DIR,
@@ -208,6 +210,32 @@ def _verify_dir(path: str, report: VerifyReport, deep: bool, allow_pickle: bool)
         report.add(MANIFEST, "differs from what edcache writes for its content: it was edited or damaged")
     for message in _manifest_schema_problems(manifest):
         report.add(MANIFEST, message)
+
+    # -- a packed cache: one file instead of the chunk shards ------------------------
+    packed = manifest.packed if manifest.complete else None
+    packed_rec = None
+    if not manifest.complete:
+        packed_rec = _read_packed_record(path, report)
+        if packed_rec is not None:
+            packed = packed_rec["p"]
+    if packed is not None:
+        if manifest.complete and os.path.exists(os.path.join(path, COMMITS)):
+            report.notes.append(f"{COMMITS} left over next to a complete manifest (harmless)")
+        if packed_rec is not None:
+            report.notes.append("every chunk is committed and packed; the next build only marks "
+                                "the cache complete")
+        report.shards_total = 1
+        _check_shard(os.path.join(path, PACKED), PACKED, 0, manifest.length, packed["nbytes"],
+                     packed["xxh3"], report, deep, allow_pickle)
+        shards_dir = os.path.join(path, SHARDS_DIR)
+        if os.path.isdir(shards_dir):
+            for name in sorted(os.listdir(shards_dir)):
+                report.notes.append(f"{SHARDS_DIR}/{name}: left over from packing (harmless; "
+                                    "removed by the next build)")
+        _note_temp_files(path, report)
+        if manifest.complete:
+            _check_labels(path, manifest, report)
+        return
 
     # -- which shards are committed, with which size and checksum --------------------
     expected: dict[int, tuple[int, str]] = {}
@@ -264,13 +292,48 @@ def _verify_dir(path: str, report: VerifyReport, deep: bool, allow_pickle: bool)
                                     "(removed and rebuilt by the next build)")
     elif manifest.num_chunks:
         report.add(SHARDS_DIR, "folder is missing", 0, manifest.length)
-    for name in sorted(os.listdir(path)):
-        if name.startswith(".tmp-"):
-            report.notes.append(f"{name}: temporary file of an interrupted build (removed by the next build)")
+    _note_temp_files(path, report)
+    if os.path.exists(os.path.join(path, PACKED)):
+        report.notes.append(f"{PACKED}: written by a build killed before it committed the packing "
+                            "(removed by the next build)")
 
     # -- labels ----------------------------------------------------------------------
     if manifest.complete:
         _check_labels(path, manifest, report)
+
+
+def _note_temp_files(path: str, report: VerifyReport) -> None:
+    for name in sorted(os.listdir(path)):
+        if name.startswith(".tmp-"):
+            report.notes.append(f"{name}: temporary file of an interrupted build (removed by the next build)")
+
+
+def _read_packed_record(path: str, report: VerifyReport) -> dict | None:
+    """The packing record of ``commits.log``, checked to be the log's last line."""
+    from .format.shards.manifest import COMMITS, packed_record
+
+    try:
+        with open(os.path.join(path, COMMITS), "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.startswith(_PACKED_START):
+            continue
+        try:
+            rec = json.loads(line)
+            ok = packed_record(rec["p"], rec["labels"]) == line + b"\n" and set(rec["p"]) == {"nbytes", "xxh3"}
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok or number != len(lines) - 1:
+            report.add(COMMITS, f"line {number} is a damaged or misplaced packing record: {line[:80]!r}")
+            return None
+        return rec
+    return None
+
+
+#: how a packing record line starts (``json.dumps(..., sort_keys=True)``)
+_PACKED_START = b'{"labels": '
 
 
 def _prefix_regex() -> "re.Pattern[bytes]":
@@ -298,11 +361,11 @@ def _manifest_schema_problems(manifest) -> list[str]:
     if not isinstance(manifest.dataset, str) or not (manifest.parameters is None or isinstance(manifest.parameters, str)):
         out.append("dataset or parameters has the wrong type")
     if manifest.complete:
-        table = manifest.shard_table
+        name, table = ("packed", manifest.packed) if manifest.packed is not None else ("shard_table", manifest.shard_table)
         if set(table) != {"nbytes", "xxh3"} or type(table["nbytes"]) is not int or not (
             isinstance(table["xxh3"], str) and _HEX16.fullmatch(table["xxh3"])
         ):
-            out.append(f"shard_table entry is malformed: {table}")
+            out.append(f"{name} entry is malformed: {table}")
         for n, key in enumerate(manifest.in_memory_keys):
             info = manifest.labels.get(key, {})
             kind = info.get("kind")
@@ -320,8 +383,8 @@ def _manifest_schema_problems(manifest) -> list[str]:
                       and shape[0] == manifest.length and all(type(d) is int and d >= 0 for d in shape))
             if not ok:
                 out.append(f"labels entry of {key!r} is malformed: {info}")
-    elif manifest.labels or manifest.shard_table is not None:
-        out.append("an incomplete manifest lists labels or a shard table")
+    elif manifest.labels or manifest.shard_table is not None or manifest.packed is not None:
+        out.append("an incomplete manifest lists labels, a shard table or a packed file")
     return out
 
 
@@ -375,7 +438,10 @@ def _check_commit_log(path: str, manifest, report: VerifyReport, name: str) -> d
     lines = data.split(b"\n")
     tail = lines[-1]
     # A kill cannot tear the single small write() of a record; power loss or damage can.
-    if tail and (_COMMIT_PREFIX.fullmatch(tail) or not tail.strip(b"\0")):
+    if tail and (
+        _COMMIT_PREFIX.fullmatch(tail) or not tail.strip(b"\0")
+        or tail.startswith(_PACKED_START) or _PACKED_START.startswith(tail)
+    ):
         report.add(name, f"last record is torn ({tail[:40]!r}): power loss during a commit, or the "
                          "file was truncated; that chunk counts as not committed and the next build "
                          "rebuilds it")
@@ -383,6 +449,8 @@ def _check_commit_log(path: str, manifest, report: VerifyReport, name: str) -> d
         report.add(name, f"ends in bytes that are not a commit record: {tail[:40]!r}")
     commits: dict[int, tuple[int, str]] = {}
     for number, line in enumerate(lines[:-1], 1):
+        if line.startswith(_PACKED_START):
+            continue  # checked by _read_packed_record
         try:
             rec = json.loads(line)
             chunk, nbytes, digest = rec["c"], rec["n"], rec["h"]

@@ -4,9 +4,11 @@
 size, label schema, flags); reading it is all that opening a complete cache costs.
 While a build runs, ``commits.log`` records each committed chunk on a line of its own
 (the commit point; see :class:`~.sink.ShardSink` for when it is fsync'd). When the last chunk is committed, the
-per-shard sizes and checksums are written to ``shards.idx`` (sorted by chunk, so the
-finished cache does not depend on the order chunks arrived), the manifest is replaced
-with ``complete: true``, and the log is removed.
+chunks are either packed into one column-wise file, ``packed.shard`` (when every chunk
+has the same all-column schema; the chunk shards are then deleted), or their sizes and
+checksums are written to ``shards.idx``. Either way the result is sorted by chunk, so the
+finished cache does not depend on the order chunks arrived; then the manifest is
+replaced with ``complete: true`` and the log is removed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ MANIFEST = "manifest.json"
 COMMITS = "commits.log"
 SHARD_TABLE = "shards.idx"
 SHARDS_DIR = "shards"
+PACKED = "packed.shard"
 LABELS_DIR = "labels"
 
 #: A manifest larger than this is not one edcache wrote.
@@ -51,6 +54,7 @@ class Manifest:
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)
     shard_table: dict[str, Any] | None = None
     parameters: str | None = None
+    packed: dict[str, Any] | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -96,6 +100,7 @@ class Manifest:
                 labels=dict(doc.get("labels", {})),
                 shard_table=doc.get("shard_table"),
                 parameters=doc.get("parameters"),
+                packed=doc.get("packed"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCacheError(f"{where}: manifest field missing or wrong ({exc})") from exc
@@ -108,8 +113,20 @@ class Manifest:
             and all(isinstance(v, dict) for v in m.labels.values())
         ):
             raise CorruptCacheError(f"{where}: manifest values out of range")
-        if m.complete and (set(m.labels) != set(m.in_memory_keys) or not isinstance(m.shard_table, dict)):
-            raise CorruptCacheError(f"{where}: complete manifest lacks labels or shard table")
+        if m.packed is not None and not (
+            isinstance(m.packed, dict)
+            and isinstance(m.packed.get("nbytes"), int)
+            and isinstance(m.packed.get("xxh3"), str)
+        ):
+            raise CorruptCacheError(f"{where}: manifest entry 'packed' is malformed")
+        if m.complete and (
+            set(m.labels) != set(m.in_memory_keys)
+            or (m.packed is not None) == isinstance(m.shard_table, dict)
+        ):
+            raise CorruptCacheError(
+                f"{where}: complete manifest lacks labels, or has not exactly one of a shard "
+                "table and a packed file"
+            )
         return m
 
 
@@ -145,21 +162,45 @@ def read_commits(cache_dir: str, num_chunks: int) -> dict[int, tuple[int, str]]:
     A torn last line (a crash during the append) or a damaged line is ignored: that
     chunk simply counts as not committed and is computed again.
     """
+    return read_log(cache_dir, num_chunks)[0]
+
+
+def read_log(cache_dir: str, num_chunks: int) -> tuple[dict[int, tuple[int, str]], dict | None]:
+    """The chunk commits of ``commits.log`` and its packing record, if any.
+
+    The packing record (:func:`packed_record`) is the last line a build writes: the
+    chunks are packed into ``packed.shard``, whose size and checksum it holds, with the
+    label entries of the manifest to be.
+    """
     try:
         with open(os.path.join(cache_dir, COMMITS), "rb") as f:
             lines = f.read().split(b"\n")
     except FileNotFoundError:
-        return {}
+        return {}, None
     commits: dict[int, tuple[int, str]] = {}
+    packed = None
     for line in lines[:-1]:  # the part after the last newline is torn or empty
         try:
             rec = json.loads(line)
+            if "p" in rec:
+                if _valid_packed(rec["p"]) and isinstance(rec.get("labels"), dict):
+                    packed = rec
+                continue
             chunk, nbytes, digest = rec["c"], rec["n"], rec["h"]
             if isinstance(chunk, int) and 0 <= chunk < num_chunks and isinstance(nbytes, int):
                 commits[chunk] = (nbytes, str(digest))
         except (ValueError, KeyError, TypeError):
             continue
-    return commits
+    return commits, packed
+
+
+def _valid_packed(info: Any) -> bool:
+    return isinstance(info, dict) and isinstance(info.get("nbytes"), int) and isinstance(info.get("xxh3"), str)
+
+
+def packed_record(packed: dict[str, Any], labels: dict[str, dict]) -> bytes:
+    """The log line that commits the packing of all chunks into ``packed.shard``."""
+    return json.dumps({"p": packed, "labels": labels}, sort_keys=True).encode() + b"\n"
 
 
 class CommitLog:
@@ -185,6 +226,9 @@ class CommitLog:
 
     def append(self, chunk: int, nbytes: int, digest: str) -> None:
         os.write(self._fd, json.dumps({"c": chunk, "n": nbytes, "h": digest}).encode() + b"\n")
+
+    def append_packed(self, packed: dict[str, Any], labels: dict[str, dict]) -> None:
+        os.write(self._fd, packed_record(packed, labels))
 
     def sync(self) -> None:
         os.fsync(self._fd)

@@ -10,7 +10,7 @@ import numpy as np
 from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
 from ..base import CacheReader, Labels
 from .labels import load_label
-from .manifest import Manifest, load_shard_table, read_commits, read_manifest, shard_path
+from .manifest import PACKED, Manifest, load_shard_table, read_commits, read_manifest, shard_path
 from .shard import ShardFile
 
 
@@ -53,7 +53,9 @@ class ShardCacheReader(CacheReader):
     max_open_shards = 32768
 
     def _reset(self) -> None:
-        self._chunk_size = self.manifest.chunk_size
+        # A packed cache is one shard covering every example: "chunk" 0.
+        self._packed = self.manifest.complete and self.manifest.packed is not None
+        self._chunk_size = max(self.manifest.length, 1) if self._packed else self.manifest.chunk_size
         self._length = self.manifest.length
         self._shards: dict[int, ShardFile] = {}
         self._verified: set[int] = set()
@@ -79,6 +81,8 @@ class ShardCacheReader(CacheReader):
 
     # -- shards ------------------------------------------------------------------------
     def _shard_info(self, chunk: int) -> tuple[int, str] | None:
+        if self._packed:
+            return self.manifest.packed["nbytes"], self.manifest.packed["xxh3"]  # type: ignore[index]
         if self.manifest.complete:
             if self._table is None:
                 try:
@@ -106,12 +110,26 @@ class ShardCacheReader(CacheReader):
         manifest = read_manifest(self.path)
         if manifest.length == self.manifest.length and manifest.chunk_size == self.manifest.chunk_size:
             self.manifest = manifest
+            if manifest.complete and manifest.packed is not None and not self._packed:
+                # the build completed and packed its chunks: switch to the packed file
+                # (arrays already read stay valid: their maps live as long as they do)
+                self._reset()
+
+    def _locate(self, index: int) -> tuple[ShardFile, int]:
+        """The shard holding example ``index`` and its row there (opening it if needed)."""
+        while True:
+            cs = self._chunk_size
+            chunk, row = divmod(index, cs)
+            sf = self._shards.get(chunk) or self.shard(chunk)
+            if self._chunk_size == cs:
+                return sf, row
 
     def shard(self, chunk: int) -> ShardFile:
         """The mapped shard of chunk ``chunk`` (opened on first use)."""
         sf = self._shards.get(chunk)
         if sf is not None:
             return sf
+        cs = self._chunk_size
         info = self._shard_info(chunk)
         task = self.manifest.chunk(chunk)
         if info is None:
@@ -119,12 +137,15 @@ class ShardCacheReader(CacheReader):
                 f"examples {task.start}..{task.stop - 1} (chunk {chunk}) of the cache at "
                 f"{self.path} are not cached yet: the build is incomplete"
             )
+        if self._chunk_size != cs:  # switched to the packed layout meanwhile
+            return self.shard(0)
         nbytes, digest = info
         check = self.verify and chunk not in self._verified
-        sf = ShardFile(
-            shard_path(self.path, chunk), nbytes, task.start, task.size,
-            digest if check else None, self.allow_pickle,
-        )
+        if self._packed:
+            path, start, count = os.path.join(self.path, PACKED), 0, self.manifest.length
+        else:
+            path, start, count = shard_path(self.path, chunk), task.start, task.size
+        sf = ShardFile(path, nbytes, start, count, digest if check else None, self.allow_pickle)
         if check:
             self._verified.add(chunk)
         if sf.schema is not None:  # one shared tuple per distinct schema: compared by identity
@@ -152,19 +173,18 @@ class ShardCacheReader(CacheReader):
         chunk, row = divmod(index, self._chunk_size)
         sf = self._shards.get(chunk)
         if sf is None:
-            sf = self.shard(chunk)
+            sf, row = self._locate(index)
         return sf.read(row)
 
     def read_many(self, indices: Sequence[int]) -> list[dict]:
         """Read several examples, visiting each shard once, in shard order."""
-        cs = self.manifest.chunk_size
         idx = np.asarray(indices, dtype=np.int64)
         self._check_range(idx)
         out: list[Any] = [None] * len(idx)
         order = np.argsort(idx, kind="stable")
+        values = idx.tolist()
         for pos in order.tolist():
-            chunk, row = divmod(int(idx[pos]), cs)
-            sf = self._shards.get(chunk) or self.shard(chunk)
+            sf, row = self._locate(values[pos])
             out[pos] = sf.read(row)
         return out
 
@@ -178,12 +198,21 @@ class ShardCacheReader(CacheReader):
         n = len(indices)
         if n == 0:
             return None
-        self._check_range(np.asarray(indices))
+        indices = np.asarray(indices, dtype=np.int64)
+        self._check_range(indices)
+        if self._packed:
+            sf = self._shards.get(0) or self.shard(0)
+            if sf.schema is None:
+                return None
+            return {key: self._gather(sf, key, indices) for key, *_ in sf.schema}
+        cs = self._chunk_size
         order = np.argsort(indices, kind="stable")
-        chunks, rows = np.divmod(indices[order], self._chunk_size)
+        chunks, rows = np.divmod(indices[order], cs)
         cut = (np.flatnonzero(chunks[1:] != chunks[:-1]) + 1).tolist()
         starts, ends = [0, *cut], [*cut, n]
         shards = [self._shards.get(c) or self.shard(c) for c in chunks[starts].tolist()]
+        if self._chunk_size != cs:  # switched to the packed layout meanwhile
+            return self.read_batch(indices)
         schema = shards[0].schema
         if schema is None or any(sf.schema is not schema for sf in shards):
             return None
@@ -207,6 +236,14 @@ class ShardCacheReader(CacheReader):
                         values[p] = get(r)
                 batch[key] = values
         return batch
+
+    @staticmethod
+    def _gather(sf: ShardFile, key: Any, indices: np.ndarray) -> Any:
+        col = sf.column(key)
+        if col is not None:
+            return col[indices]  # one gather: a new (writable) array
+        get = sf.getter(key)
+        return [get(r) for r in indices.tolist()]
 
     # -- labels ------------------------------------------------------------------------
     @property

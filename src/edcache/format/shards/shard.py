@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from typing import Any, Callable, Sequence
 
 import msgpack
@@ -187,6 +188,60 @@ def encode_shard(
     return b"".join(parts)
 
 
+_U64_PAIR = struct.Struct("<QQ")
+
+
+def _row_builder(keys: list[Any], getters: list[Callable[[int], Any]]) -> Callable[[int], dict]:
+    """A function ``row -> {key: getter(row), ...}`` for one all-column schema.
+
+    Generated once per shard as a single dict display, which is about 30% faster than
+    a dict comprehension over (key, getter) pairs. Only generated names (``k0``, ``g0``,
+    ...) appear in the source; keys and getters are bound as values, so nothing read
+    from a cache file is ever compiled.
+    """
+    if len(keys) > 200:
+        pairs = list(zip(keys, getters))
+        return lambda r: {key: get(r) for key, get in pairs}
+    names = range(len(keys))
+    params = ", ".join(f"k{i}, g{i}" for i in names)
+    body = ", ".join(f"k{i}: g{i}(r)" for i in names)
+    make = eval(f"lambda {params}: lambda r: {{{body}}}", {"__builtins__": {}})
+    return make(*(x for pair in zip(keys, getters) for x in pair))
+
+
+def _parse_footer(buf: Any, size: int, path: str) -> tuple[dict, int]:
+    """The footer map of shard bytes ``buf`` (``size`` long) and where the body ends."""
+    if size < _HEAD + _TAIL or buf[:8] != MAGIC or buf[size - 8 : size] != END_MAGIC:
+        raise CorruptCacheError(f"shard {path} is damaged: bad magic bytes")
+    flen = int.from_bytes(buf[size - 16 : size - 8], "little")
+    if flen > size - _HEAD - _TAIL:
+        raise CorruptCacheError(f"shard {path} is damaged: footer length out of range")
+    try:
+        footer = msgpack.unpackb(buf[size - 16 - flen : size - 16], raw=False)
+    except Exception as exc:
+        raise CorruptCacheError(f"shard {path} is damaged: malformed footer ({exc})") from exc
+    if not isinstance(footer, dict) or footer.get("v") != VERSION:
+        raise CorruptCacheError(f"shard {path} is damaged: not a version {VERSION} footer")
+    return footer, size - 16 - flen
+
+
+def read_footer(path: str, nbytes: int, data: bytes | None = None) -> dict:
+    """The footer of the shard file ``path`` of ``nbytes`` bytes (parsed from ``data``
+    if given, else read with two small reads, without mapping the file)."""
+    if data is not None:
+        return _parse_footer(data, nbytes, path)[0]
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != nbytes or size < _HEAD + _TAIL:
+            raise CorruptCacheError(f"shard {path} has {size} bytes, {nbytes} were committed")
+        head = os.pread(f.fileno(), 8, 0)
+        tail = os.pread(f.fileno(), _TAIL, size - _TAIL)
+        flen = min(int.from_bytes(tail[:8], "little"), size - _HEAD - _TAIL)
+        footer = os.pread(f.fileno(), flen, size - _TAIL - flen)
+    # the same checks as on the whole file: head + footer + tail stand in for it
+    return _parse_footer(head + bytes(8) + footer + tail, _HEAD + flen + _TAIL, path)[0]
+
+
 class ShardFile:
     """A memory-mapped, validated shard, opened once per process.
 
@@ -243,20 +298,9 @@ class ShardFile:
 
     def _parse(self, size: int, allow_pickle: bool) -> None:
         mm, count = self._mmap, self.count
-        if mm[:8] != MAGIC or mm[size - 8 : size] != END_MAGIC:
-            raise self._bad("bad magic bytes")
-        flen = int.from_bytes(mm[size - 16 : size - 8], "little")
-        if flen > size - _HEAD - _TAIL:
-            raise self._bad("footer length out of range")
-        footer = msgpack.unpackb(mm[size - 16 - flen : size - 16], raw=False)
-        if not (
-            isinstance(footer, dict)
-            and footer.get("v") == VERSION
-            and footer.get("start") == self.start
-            and footer.get("count") == count
-        ):
+        footer, body_end = _parse_footer(mm, size, self.path)
+        if footer.get("start") != self.start or footer.get("count") != count:
             raise self._bad(f"footer does not describe examples {self.start}..{self.start + count - 1}")
-        body_end = size - 16 - flen
 
         self._spans: list[tuple[int, int]] | None = None
         index_off = footer["index"]
@@ -277,7 +321,7 @@ class ShardFile:
         keys = footer["keys"]
         if keys is None and self._spans is None:
             raise self._bad("neither records nor a full column set")
-        self._fields = list(zip(self._keys, self._getters)) if keys is not None else None
+        self._row = _row_builder(self._keys, self._getters) if keys is not None else None
         #: ((key, kind, dtype, shape), ...) when every field is a column, else None
         self.schema = (
             tuple(
@@ -310,11 +354,19 @@ class ShardFile:
                 or data + int(bounds[-1]) > end
             ):
                 raise self._bad("string column bounds")
-            o = (bounds + data).tolist()
-            view = memoryview(mm)
+            # two offsets straight from the map: no per-row Python state, which matters
+            # for a packed file of millions of rows read by many worker processes
+            pair, view = _U64_PAIR.unpack_from, memoryview(mm)
             if kind == STR:
-                return lambda r: str(view[o[r] : o[r + 1]], "utf-8")
-            return lambda r: view[o[r] : o[r + 1]].tobytes()
+                def get_str(r: int) -> str:
+                    a, b = pair(mm, offset + 8 * r)
+                    return str(view[data + a : data + b], "utf-8")
+                return get_str
+
+            def get_bytes(r: int) -> bytes:
+                a, b = pair(mm, offset + 8 * r)
+                return view[data + a : data + b].tobytes()
+            return get_bytes
         dt = np.dtype(desc["dtype"])
         if not _is_storable_dtype(dt):
             raise self._bad(f"column dtype {desc['dtype']!r}")
@@ -339,8 +391,8 @@ class ShardFile:
     def read(self, row: int) -> Any:
         """Decode the example at position ``row`` of this shard."""
         try:
-            if self._fields is not None:
-                return {key: get(row) for key, get in self._fields}
+            if self._row is not None:
+                return self._row(row)
             off, ln = self._spans[row]  # type: ignore[index]
             return self._decoder.decode(memoryview(self._mmap)[off : off + ln], row)
         except UnicodeDecodeError as exc:
@@ -373,7 +425,7 @@ class ShardFile:
 
     def close(self) -> None:
         self._decoder = None  # type: ignore[assignment]
-        self._arrays, self._getters, self._fields = {}, [], None
+        self._arrays, self._getters, self._row = {}, [], None
         try:
             self._mmap.close()
         except BufferError:

@@ -7,9 +7,9 @@ import shutil
 from typing import Any
 
 from ...errors import CacheMismatchError, CodecError, CorruptCacheError, LabelError
-from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
 import time
 
+from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
 from ..fsutil import atomic_write, fsync_dir, fsync_file, is_temp, sync_filesystem, temp_name, write_file
 from .codec import codec_error, find_unsupported
 from .labels import write_labels
@@ -17,17 +17,20 @@ from .manifest import (
     COMMITS,
     LABELS_DIR,
     MANIFEST,
+    PACKED,
     SHARD_TABLE,
     SHARDS_DIR,
     CommitLog,
     Manifest,
     encode_shard_table,
     load_shard_table,
-    read_commits,
+    packed_record,
+    read_log,
     read_manifest,
     shard_path,
     write_manifest,
 )
+from .pack import pack_chunks
 from .shard import ShardFile, checksum, encode_shard
 
 
@@ -108,16 +111,27 @@ class ShardSink(ChunkSink):
         manifest: Manifest,
         commits: dict[int, tuple[int, str]],
         sync_interval: float = 1.0,
+        *,
+        packed: dict[str, Any] | None = None,
+        complete: bool = False,
     ) -> None:
         self.cache_dir = cache_dir
         self.manifest = manifest
         self.sync_interval = sync_interval
+        #: show a progress bar while packing (set by the coordinator)
+        self.progress = False
         self._commits = dict(commits)
-        self._log = CommitLog(cache_dir)
+        # the packing record of an interrupted finalize: every chunk is in packed.shard
+        self._packed = packed
+        # the cache was complete already and is kept as it is (force_cache, keep_existing)
+        self._complete = complete
+        self._log = CommitLog(cache_dir) if not complete else None
         self._unsynced: list[str] = []
         self._last_sync = time.monotonic()
 
     def committed(self) -> set[int]:
+        if self._packed is not None or self._complete:
+            return set(range(self.manifest.num_chunks))
         return set(self._commits)
 
     def encoder(self, *, staged: bool) -> ShardEncoder:
@@ -166,7 +180,8 @@ class ShardSink(ChunkSink):
             for path in self._unsynced:
                 fsync_file(path)
             fsync_dir(os.path.join(self.cache_dir, SHARDS_DIR))
-        self._log.sync()
+        if self._log is not None:
+            self._log.sync()
         self._unsynced = []
         self._last_sync = time.monotonic()
 
@@ -178,11 +193,41 @@ class ShardSink(ChunkSink):
                 pass
 
     def finalize(self) -> None:
-        self.sync()
+        """Complete the cache: labels, then the packed file or the shard table, then the
+        manifest.
+
+        Packing is committed by its own log record (after ``packed.shard`` is durable)
+        before the chunk shards are deleted, so a kill at any point resumes either
+        before packing (chunk shards intact) or after it (nothing left to compute).
+        """
+        if self._complete:
+            return
         m = self.manifest
+        if self._packed is not None:  # an earlier finalize packed and was killed
+            m.labels, m.packed = self._packed["labels"], self._packed["p"]
+            _remove_chunk_shards(self.cache_dir)
+            self._mark_complete()
+            return
+        self.sync()
         missing = set(range(m.num_chunks)) - set(self._commits)
         if missing:
             raise CorruptCacheError(f"cannot finalize {self.cache_dir}: chunks {sorted(missing)[:10]} missing")
+        m.labels = write_labels(self.cache_dir, m.in_memory_keys, self._label_values())
+        packed = self._pack()
+        if packed is not None:
+            assert self._log is not None
+            self._log.append_packed(packed, m.labels)
+            self._log.sync()
+            m.packed = packed
+            _remove_chunk_shards(self.cache_dir)
+        else:
+            table = encode_shard_table(self._commits, m.num_chunks)
+            atomic_write(os.path.join(self.cache_dir, SHARD_TABLE), table)
+            m.shard_table = {"nbytes": len(table), "xxh3": checksum(table)}
+        self._mark_complete()
+
+    def _label_values(self) -> dict[str, list]:
+        m = self.manifest
         values: dict[str, list] = {key: [] for key in m.in_memory_keys}
         if m.in_memory_keys:
             for chunk in range(m.num_chunks):
@@ -193,20 +238,36 @@ class ShardSink(ChunkSink):
                 for key in m.in_memory_keys:
                     values[key].extend(chunk_labels[key])
                 sf.close()
-        m.labels = write_labels(self.cache_dir, m.in_memory_keys, values)
-        table = encode_shard_table(self._commits, m.num_chunks)
-        atomic_write(os.path.join(self.cache_dir, SHARD_TABLE), table)
-        m.shard_table = {"nbytes": len(table), "xxh3": checksum(table)}
+        return values
+
+    def _pack(self) -> dict[str, Any] | None:
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.manifest.length, unit="ex", desc="packing", dynamic_ncols=True)
+        try:
+            return pack_chunks(self.cache_dir, self.manifest, self._commits, bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _mark_complete(self) -> None:
+        m = self.manifest
         m.complete = True
         write_manifest(self.cache_dir, m)
         # right after the manifest: the window in which a kill leaves a (harmless,
         # ignored) stale log is one system call wide
         os.unlink(os.path.join(self.cache_dir, COMMITS))
-        self._log.close()  # everything in it was synced above
-        _remove_strays(self.cache_dir, set(self._commits))  # e.g. staged files of killed workers
+        assert self._log is not None
+        self._log.close()  # everything in it was synced before
+        keep = set() if m.packed is not None else set(self._commits)
+        _remove_strays(self.cache_dir, keep)  # e.g. staged files of killed workers
         fsync_dir(self.cache_dir)
 
     def close(self) -> None:
+        if self._log is None:
+            return
         if not self._log.closed:
             try:
                 self.sync()
@@ -223,7 +284,7 @@ def dataset_identity(dataset: Any) -> str:
 
 def wipe_cache_dir(cache_dir: str) -> None:
     """Remove every file edcache owns in ``cache_dir`` (the directory stays)."""
-    for name in (MANIFEST, COMMITS, SHARD_TABLE):
+    for name in (MANIFEST, COMMITS, SHARD_TABLE, PACKED):
         try:
             os.unlink(os.path.join(cache_dir, name))
         except FileNotFoundError:
@@ -253,28 +314,37 @@ def prepare_cache_dir(
     Leftover temporary files and shards that were never committed are deleted.
     The caller must hold the cache's build lock.
     """
-    os.makedirs(os.path.join(cache_dir, SHARDS_DIR), exist_ok=True)
+    os.makedirs(cache_dir, exist_ok=True)
     if not keep_existing:
         wipe_cache_dir(cache_dir)
-        os.makedirs(os.path.join(cache_dir, SHARDS_DIR), exist_ok=True)
     try:
         old = read_manifest(cache_dir)
     except FileNotFoundError:
         old = None
     except CorruptCacheError:
         wipe_cache_dir(cache_dir)  # a damaged manifest: nothing in the directory can be trusted
-        os.makedirs(os.path.join(cache_dir, SHARDS_DIR), exist_ok=True)
         old = None
 
+    packed_path = os.path.join(cache_dir, PACKED)
     commits: dict[int, tuple[int, str]] = {}
+    packed = None  # the packing record of a finalize that was killed after packing
     if old is not None:
         _check_resumable(cache_dir, old, length, dataset, in_memory_keys, allow_pickle, parameters)
         chunk_size = old.chunk_size  # resume with the layout already on disk
-        if old.complete:
+        if old.complete and old.packed is not None:
+            if _size_or_none(packed_path) == old.packed["nbytes"]:
+                # nothing to compute: keep the cache exactly as it is
+                _remove_chunk_shards(cache_dir)
+                _remove_strays(cache_dir, set())
+                return ShardSink(cache_dir, old, {}, complete=True)
+            wipe_cache_dir(cache_dir)  # the packed file is damaged: nothing to keep
+        elif old.complete:
             table = load_shard_table(cache_dir, old, verify=False)
             commits = {c: (int(n), f"{int(h):016x}") for c, (n, h) in enumerate(table.tolist())}
         else:
-            commits = read_commits(cache_dir, old.num_chunks)
+            commits, packed = read_log(cache_dir, old.num_chunks)
+            if packed is not None and _size_or_none(packed_path) != packed["p"]["nbytes"]:
+                packed = None
     manifest = Manifest(
         length=length,
         chunk_size=chunk_size,
@@ -283,24 +353,40 @@ def prepare_cache_dir(
         allow_pickle=allow_pickle,
         parameters=parameters,
     )
-    commits = {
-        c: v for c, v in commits.items()
-        if _size_or_none(shard_path(cache_dir, c)) == v[0]
-    }
+    if packed is not None:
+        _remove_chunk_shards(cache_dir)
+        commits = {}
+        log_bytes = packed_record(packed["p"], packed["labels"])
+    else:
+        os.makedirs(os.path.join(cache_dir, SHARDS_DIR), exist_ok=True)
+        if os.path.exists(packed_path):
+            os.unlink(packed_path)  # packed by a finalize killed before its log record
+        commits = {
+            c: v for c, v in commits.items()
+            if _size_or_none(shard_path(cache_dir, c)) == v[0]
+        }
+        log_bytes = b"".join(
+            f'{{"c": {c}, "n": {n}, "h": "{h}"}}\n'.encode() for c, (n, h) in sorted(commits.items())
+        )
     _remove_strays(cache_dir, set(commits))
     # Rewrite the log so it lists exactly the commits we trust, *before* the manifest
     # says "incomplete": a complete manifest ignores the log, and an incomplete one
     # must never be on disk without the log of what is already committed.
-    log_bytes = b"".join(
-        f'{{"c": {c}, "n": {n}, "h": "{h}"}}\n'.encode() for c, (n, h) in sorted(commits.items())
-    )
     atomic_write(os.path.join(cache_dir, COMMITS), log_bytes)
     write_manifest(cache_dir, manifest)
     try:
         os.unlink(os.path.join(cache_dir, SHARD_TABLE))
     except FileNotFoundError:
         pass
-    return ShardSink(cache_dir, manifest, commits)
+    return ShardSink(cache_dir, manifest, commits, packed=packed)
+
+
+def _remove_chunk_shards(cache_dir: str) -> None:
+    """Delete the chunk shards of a packed cache (a kill midway leaves some; harmless)."""
+    shards = os.path.join(cache_dir, SHARDS_DIR)
+    if os.path.isdir(shards):
+        shutil.rmtree(shards, ignore_errors=True)
+        fsync_dir(cache_dir)
 
 
 def _size_or_none(path: str) -> int | None:
