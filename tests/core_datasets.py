@@ -71,3 +71,43 @@ class DiesOnce(Toy):
             open(self.marker, "w").close()
             os._exit(9)
         return super().get_example(i)
+
+
+class Flat(DatasetMixin):
+    """Examples whose fields are all columns (same keys and kinds in every example):
+    a finished cache of them is packed into one file. ``odd_at`` gives that one index
+    a different schema (an extra key), which keeps the chunk-shard layout."""
+
+    in_memory_keys = ["cls"]
+
+    def __init__(self, root, n=300, name="flat", log_dir=None, odd_at=None):
+        self.root = str(root)
+        self.name = name
+        self.n = n
+        self.log_dir = log_dir
+        self.odd_at = odd_at
+
+    def __len__(self):
+        return self.n
+
+    def get_example(self, i):
+        if self.log_dir is not None:
+            path = os.path.join(self.log_dir, f"{i}-{os.getpid()}-{os.urandom(4).hex()}")
+            open(path, "w").close()
+        ex = {
+            "image": np.full((3, 4), i % 251, dtype=np.uint8),
+            "cls": i % 7,
+            "weight": i / 3,
+            "ok": bool(i % 2),
+            "score": np.float32(i) / 2,
+            "name": "é" * (i % 4) + str(i),
+            "raw": bytes([i % 256]) * (i % 3),
+            "none": None,
+        }
+        if i == self.odd_at:
+            ex["extra"] = 1
+        return ex
+
+
+def flat_expected(i):
+    return Flat("/nonexistent", n=10**9)[i]

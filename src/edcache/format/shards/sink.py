@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Any
 
-from ...errors import CacheMismatchError, CodecError, CorruptCacheError, LabelError
 import time
+
+from ...errors import CacheMismatchError, CodecError, CorruptCacheError, LabelError
 
 from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
 from ..fsutil import atomic_write, fsync_dir, fsync_file, is_temp, sync_filesystem, temp_name, write_file
@@ -241,6 +243,12 @@ class ShardSink(ChunkSink):
         return values
 
     def _pack(self) -> dict[str, Any] | None:
+        """Pack the chunks (see :mod:`.pack`), or return None to keep the chunk shards:
+        when they differ in schema, or when the disk cannot hold a second copy (packing
+        needs the chunks' size again until they are deleted)."""
+        need = sum(nbytes for nbytes, _ in self._commits.values())
+        if shutil.disk_usage(self.cache_dir).free < need + (64 << 20):
+            return None
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -248,6 +256,10 @@ class ShardSink(ChunkSink):
             bar = tqdm(total=self.manifest.length, unit="ex", desc="packing", dynamic_ncols=True)
         try:
             return pack_chunks(self.cache_dir, self.manifest, self._commits, bar.update if bar else None)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return None  # the temporary file is gone again; the chunk shards serve
+            raise
         finally:
             if bar is not None:
                 bar.close()
