@@ -363,16 +363,16 @@ class ShardFile:
                 raise self._bad("string column bounds")
             # two offsets straight from the map: no per-row Python state, which matters
             # for a packed file of millions of rows read by many worker processes
-            pair, view = _U64_PAIR.unpack_from, memoryview(mm)
+            pair = _U64_PAIR.unpack_from
             if kind == STR:
                 def get_str(r: int) -> str:
                     a, b = pair(mm, offset + 8 * r)
-                    return str(view[data + a : data + b], "utf-8")
+                    return mm[data + a : data + b].decode()
                 return get_str
 
             def get_bytes(r: int) -> bytes:
                 a, b = pair(mm, offset + 8 * r)
-                return view[data + a : data + b].tobytes()
+                return mm[data + a : data + b]
             return get_bytes
         dt = np.dtype(desc["dtype"])
         if not _is_storable_dtype(dt):
