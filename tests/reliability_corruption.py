@@ -16,6 +16,10 @@ ways: default reads (``CachedDataset.from_cache`` + every example + labels),
   readers, e.g. a JSON whitespace change in the manifest);
 
 and any other exception type is a bug (the helper re-raises it).
+
+Every helper takes the dataset class (``dataset=``, default :class:`SlowDataset`, whose
+caches keep the chunk-shard layout); :class:`UniformDataset` gives caches whose complete
+state is packed into one ``packed.shard`` (script: ``--dataset uniform`` or ``all``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from edcache import CachedDataset
 from edcache.errors import EdcacheError, IncompleteCacheError
 from edcache.verify import verify_cache
 
-from reliability_datasets import SlowDataset, examples_equal, expected
+from reliability_datasets import DATASETS, SlowDataset, examples_equal
 
 NAME = "fuzz"
 LENGTH = 40
@@ -46,9 +50,9 @@ FAIL_AT = 27  # the incomplete reference: chunks 0..2 committed, the build stopp
 
 
 # -- reference caches -----------------------------------------------------------------
-def build_reference(root: str, complete: bool = True) -> str:
-    """Build the reference cache under ``root``; return the cache directory."""
-    ds = SlowDataset(root, NAME, LENGTH, fail_at=None if complete else FAIL_AT)
+def build_reference(root: str, complete: bool = True, dataset: type = SlowDataset) -> str:
+    """Build the reference cache of ``dataset`` under ``root``; return the cache directory."""
+    ds = dataset(root, NAME, LENGTH, fail_at=None if complete else FAIL_AT)
     try:
         CachedDataset(ds, chunk_size=CHUNK, num_workers=0, progress=False)
     except EdcacheError:
@@ -63,13 +67,8 @@ def committed_indices(complete: bool) -> set[int]:
     return set(range(FAIL_AT // CHUNK * CHUNK))
 
 
-def expected_labels() -> dict[str, object]:
-    exs = [expected(i) for i in range(LENGTH)]
-    return {
-        "label": np.array([e["label"] for e in exs]),
-        "split": np.array([e["split"] for e in exs]),
-        "extra": [e["extra"] for e in exs],
-    }
+def expected_labels(dataset: type = SlowDataset) -> dict[str, object]:
+    return dataset.expected_labels(LENGTH)
 
 
 def cache_files(cache_dir: str) -> list[str]:
@@ -258,7 +257,7 @@ class UnexpectedException(AssertionError):
     """A reader raised something other than an EdcacheError (a bug)."""
 
 
-def read_everything(root: str, complete: bool, verify: bool) -> str:
+def read_everything(root: str, complete: bool, verify: bool, dataset: type = SlowDataset) -> str:
     """Read every example and the labels; return ``detected``, ``wrong`` or ``same``."""
     committed = committed_indices(complete)
     errors = wrong = 0
@@ -283,7 +282,7 @@ def read_everything(root: str, complete: bool, verify: bool) -> str:
                 continue
             except Exception as exc:
                 raise UnexpectedException(f"ds[{i}] raised {type(exc).__name__}: {exc}") from exc
-            if i not in committed or not examples_equal(got, expected(i)):
+            if i not in committed or not examples_equal(got, dataset.expected(i)):
                 wrong += 1
         try:
             labels = ds.labels
@@ -298,7 +297,7 @@ def read_everything(root: str, complete: bool, verify: bool) -> str:
             if not complete:
                 wrong += 1
             else:
-                want = expected_labels()
+                want = expected_labels(dataset)
                 try:
                     if list(labels) != list(want):
                         wrong += 1
@@ -334,8 +333,10 @@ def check_with_verify_cache(cache_dir: str) -> str:
 MODES = ("default", "verify=True", "edcache verify")
 
 
-def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bool = False) -> dict[str, str] | None:
-    """Apply ``damage`` to a copy of ``reference``; the outcome of each read mode.
+def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bool = False,
+              dataset: type = SlowDataset) -> dict[str, str] | None:
+    """Apply ``damage`` to a copy of ``reference`` (a cache of ``dataset``); the outcome
+    of each read mode.
 
     Returns None if the damage changed nothing. With ``measure_memory`` the peak
     allocation of the default reads is checked against the cache's size.
@@ -350,7 +351,7 @@ def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bo
         if measure_memory:
             tracemalloc.start()
         try:
-            out["default"] = read_everything(root, complete, verify=False)
+            out["default"] = read_everything(root, complete, verify=False, dataset=dataset)
             if measure_memory:
                 _, peak = tracemalloc.get_traced_memory()
                 limit = 2 * total + (4 << 20)
@@ -359,22 +360,35 @@ def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bo
         finally:
             if measure_memory:
                 tracemalloc.stop()
-        out["verify=True"] = read_everything(root, complete, verify=True)
+        out["verify=True"] = read_everything(root, complete, verify=True, dataset=dataset)
         out["edcache verify"] = check_with_verify_cache(cache_dir)
         return out
 
 
-def run_matrix(trials: int, seed: int = 0, progress: bool = False) -> tuple[dict, list]:
-    """Run ``trials`` damages per (cache state, file kind, damage kind)."""
+def reference_states(base: str, dataset: type) -> dict[str, tuple[str, bool]]:
+    """The reference caches of ``dataset`` under ``base``: state name -> (cache dir,
+    complete). The state names of a :class:`UniformDataset` say ``packed``."""
+    prefix = "" if dataset is SlowDataset else f"{dataset.__name__} "
+    complete = "packed" if dataset is not SlowDataset else "complete"
+    return {
+        f"{prefix}{complete}": (build_reference(os.path.join(base, f"{prefix}c"), True, dataset), True),
+        f"{prefix}incomplete": (build_reference(os.path.join(base, f"{prefix}i"), False, dataset), False),
+    }
+
+
+def run_matrix(trials: int, seed: int = 0, progress: bool = False,
+               datasets: tuple[type, ...] = (SlowDataset,)) -> tuple[dict, list]:
+    """Run ``trials`` damages per (cache state, file kind, damage kind), for the
+    reference caches of each of ``datasets``."""
     rng = random.Random(seed)
     table: dict[tuple[str, str], Counter] = defaultdict(Counter)
     misses: list[tuple[str, str, str]] = []  # (state, damage, mode) that returned wrong data / went unseen
     with tempfile.TemporaryDirectory(prefix="edc-ref-") as base:
-        refs = {
-            "complete": build_reference(os.path.join(base, "c"), True),
-            "incomplete": build_reference(os.path.join(base, "i"), False),
-        }
-        for state, ref in refs.items():
+        refs = {}
+        for dataset in datasets:
+            refs.update({state: (ref, complete, dataset)
+                         for state, (ref, complete) in reference_states(base, dataset).items()})
+        for state, (ref, complete, dataset) in refs.items():
             files = cache_files(ref)
             by_kind: dict[str, list[str]] = defaultdict(list)
             for f in files:
@@ -388,7 +402,7 @@ def run_matrix(trials: int, seed: int = 0, progress: bool = False) -> tuple[dict
                     while done < trials and attempts < trials * 3:
                         attempts += 1
                         damage = random_damage(ref, rng, dkind, rng.choice(members))
-                        outcome = run_trial(ref, damage, state == "complete")
+                        outcome = run_trial(ref, damage, complete, dataset=dataset)
                         if outcome is None:
                             continue
                         done += 1
@@ -447,8 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=50, help="damages per (cache, file kind, damage kind)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--dataset", choices=["slow", "uniform", "all"], default="slow",
+                   help="slow (the default, the docs' table): chunk-shard caches; uniform: packed caches")
     args = p.parse_args(argv)
-    table, misses = run_matrix(args.trials, args.seed, args.progress)
+    datasets = tuple(DATASETS.values()) if args.dataset == "all" else (DATASETS[args.dataset],)
+    table, misses = run_matrix(args.trials, args.seed, args.progress, datasets)
     print(format_table(table))
     if misses:
         print("\nnot detected by verify=True reads or edcache verify:")

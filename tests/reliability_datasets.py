@@ -3,10 +3,16 @@
 Importable by subprocesses (``PYTHONPATH=src:tests``) so that the class identity a cache
 records is the same in every process: ``reliability_datasets.SlowDataset``.
 
+Two datasets: :class:`SlowDataset` (mixed schema: records, blobs, nested values; its
+caches keep the chunk-shard layout) and :class:`UniformDataset` (one all-column schema:
+its complete caches are packed into ``packed.shard``). Each class carries its own
+``example`` / ``expected`` / ``expected_labels`` so helpers can take the class as a
+parameter.
+
 Subprocess use::
 
     python -c "import reliability_datasets as r; r.cli()" build ROOT NAME LENGTH \
-        [--delay S] [--chunk-size N] [--workers N] [--count-dir DIR] [--legacy] ...
+        [--delay S] [--chunk-size N] [--workers N] [--count-dir DIR] [--legacy] [--uniform] ...
 """
 
 from __future__ import annotations
@@ -64,6 +70,24 @@ class SlowDataset(DatasetMixin):
 
     in_memory_keys = IN_MEMORY_KEYS
 
+    @staticmethod
+    def example(i: int) -> dict:
+        return example(i)
+
+    @staticmethod
+    def expected(i: int) -> dict:
+        return expected(i)
+
+    @staticmethod
+    def expected_labels(length: int) -> dict[str, object]:
+        """The ``labels`` a complete cache of ``length`` examples returns."""
+        exs = [expected(i) for i in range(length)]
+        return {
+            "label": np.array([e["label"] for e in exs]),
+            "split": np.array([e["split"] for e in exs]),
+            "extra": [e["extra"] for e in exs],
+        }
+
     def __init__(
         self,
         root: str,
@@ -91,11 +115,65 @@ class SlowDataset(DatasetMixin):
         if self.count_dir is not None:
             with open(os.path.join(self.count_dir, f"{i}.{os.getpid()}.{uuid.uuid4().hex[:8]}"), "x"):
                 pass
-        return example(i)
+        return self.example(i)
 
 
 class OtherDataset(SlowDataset):
     """Same examples, another class (for the "different dataset at the same name" case)."""
+
+
+UNIFORM_KEYS = ["label", "name", "raw"]
+
+
+def uniform_example(i: int) -> dict:
+    """Example ``i`` of :class:`UniformDataset`: the same keys and value kinds in every
+    example, each one a shard column (fixed-shape array, int, float, bool, numpy scalar,
+    str and bytes of varying length, None), so a complete cache is packed."""
+    rng = np.random.default_rng(10_000 + i)
+    return {
+        "image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),
+        "label": i % 7,
+        "score": i / 3 - 5.0,
+        "flag": bool(i % 3),
+        "weight": np.float32(i) * np.float32(0.25),
+        "name": f"u{i}" + "é" * (i % 4) + "x" * (i % 11),
+        "raw": bytes([i % 256, 255 - i % 256]) * (i % 6),
+        "nothing": None,
+    }
+
+
+def uniform_expected(i: int) -> dict:
+    ex = uniform_example(i)
+    ex["index_"] = i
+    return ex
+
+
+class UniformDataset(SlowDataset):
+    """:class:`SlowDataset` (same constructor, ``delay``, ``count_dir``, ``fail_at``) with
+    the examples of :func:`uniform_example`: its complete caches are packed."""
+
+    in_memory_keys = UNIFORM_KEYS
+
+    @staticmethod
+    def example(i: int) -> dict:
+        return uniform_example(i)
+
+    @staticmethod
+    def expected(i: int) -> dict:
+        return uniform_expected(i)
+
+    @staticmethod
+    def expected_labels(length: int) -> dict[str, object]:
+        exs = [uniform_example(i) for i in range(length)]
+        return {
+            "label": np.array([e["label"] for e in exs]),
+            "name": np.array([e["name"] for e in exs]),
+            "raw": [e["raw"] for e in exs],
+        }
+
+
+#: dataset classes by the name the CLI and parametrized tests use
+DATASETS = {"slow": SlowDataset, "uniform": UniformDataset}
 
 
 class BadDataset(SlowDataset):
@@ -190,9 +268,10 @@ def cli(argv: list[str] | None = None) -> None:
     b.add_argument("--force", action="store_true")
     b.add_argument("--no-keep-existing", action="store_true")
     b.add_argument("--other-class", action="store_true")
+    b.add_argument("--uniform", action="store_true", help="build a UniformDataset (packed when complete)")
     b.add_argument("--ready-file", help="touched once the dataset object exists")
     args = p.parse_args(argv)
-    cls = OtherDataset if args.other_class else SlowDataset
+    cls = OtherDataset if args.other_class else UniformDataset if args.uniform else SlowDataset
     ds = cls(args.root, args.name, args.length, args.delay, args.count_dir, args.fail_at)
     if args.ready_file:
         open(args.ready_file, "w").close()
