@@ -348,6 +348,10 @@ def prepare_cache_dir(
                 # nothing to compute: keep the cache exactly as it is
                 _remove_chunk_shards(cache_dir)
                 _remove_strays(cache_dir, set())
+                try:  # left by a kill right after the complete manifest was written
+                    os.unlink(os.path.join(cache_dir, COMMITS))
+                except FileNotFoundError:
+                    pass
                 return ShardSink(cache_dir, old, {}, complete=True)
             wipe_cache_dir(cache_dir)  # the packed file is damaged: nothing to keep
         elif old.complete:
