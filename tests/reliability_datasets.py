@@ -243,6 +243,30 @@ def assert_example_equal(got: object, want: object, where: str = "") -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
+def assert_batch_equal(batch: dict, indices, dataset: type, where: str = "") -> None:
+    """``CachedDataset.get_batch(indices)`` of an all-column cache (e.g. a packed
+    :class:`UniformDataset` cache): numbers and fixed-shape arrays stacked in arrays of
+    the stored dtype, str / bytes / None fields as lists, ``index_`` the indices."""
+    indices = [int(i) for i in indices]
+    exs = [dataset.expected(i) for i in indices]
+    assert set(batch) == set(exs[0]), f"{where}: batch keys {sorted(batch)}"
+    for key in exs[0]:
+        want = [ex[key] for ex in exs]
+        got = batch[key]
+        if isinstance(want[0], (str, bytes, type(None))):
+            assert isinstance(got, list), f"{where}/{key}: {type(got)}"
+            assert_example_equal(got, want, f"{where}/{key}")
+            continue
+        assert isinstance(got, np.ndarray), f"{where}/{key}: {type(got)}"
+        if isinstance(want[0], (np.ndarray, np.generic)):
+            stacked = np.stack(want) if isinstance(want[0], np.ndarray) else np.array(want, dtype=want[0].dtype)
+        else:  # Python bool / int / float: their int64 / float64 / bool column
+            stacked = np.array(want, dtype={bool: np.bool_, int: np.int64, float: np.float64}[type(want[0])])
+        assert got.dtype == stacked.dtype and got.shape == stacked.shape, \
+            f"{where}/{key}: {got.dtype}{got.shape} != {stacked.dtype}{stacked.shape}"
+        assert np.array_equal(got, stacked), f"{where}/{key}: values differ"
+
+
 def examples_equal(got: object, want: object) -> bool:
     try:
         assert_example_equal(got, want)
