@@ -92,7 +92,10 @@ class LazyMapDataset:
         return shape_n(self.shape, self.quick)
 
     def __getitem__(self, i: int) -> Any:
-        return self._get().read(int(i))
+        # the fields edcache's (and any edflow DatasetMixin's) examples carry: index_ too,
+        # so every map-style loader ships the same tensors per batch
+        i = int(i)
+        return {**self._get().read(i), "index_": i}
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)

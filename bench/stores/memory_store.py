@@ -38,4 +38,4 @@ class ListDataset:
         return len(self.data)
 
     def __getitem__(self, i):
-        return self.data[i]
+        return {**self.data[i], "index_": i}  # same fields as edcache's examples (see base.py)
