@@ -73,6 +73,8 @@ class DatasetMixin:
 
     def __getitem__(self, i: Any) -> Any:
         length = len(self)
+        if type(i) is int and -length <= i < length:  # the common case, checked cheaply
+            return self._indexed(i + length if i < 0 else i)
         if isinstance(i, slice):
             return [self._indexed(j) for j in range(*i.indices(length))]
         if isinstance(i, (list, tuple, np.ndarray)):

@@ -249,6 +249,41 @@ def read_footer(path: str, nbytes: int, data: bytes | None = None) -> dict:
     return _parse_footer(head + bytes(8) + footer + tail, _HEAD + flen + _TAIL, path)[0]
 
 
+def _decode_labels(mm: Any, span: Any, count: int, path: str) -> dict[str, list]:
+    if span is None:
+        return {}
+    off, ln = span
+    if not isinstance(off, int) or not isinstance(ln, int) or off < _HEAD or off + ln > len(mm):
+        raise CorruptCacheError(f"shard {path} is damaged: labels out of range")
+    values = Decoder(mm, [], where=f"shard {path}").decode(memoryview(mm)[off : off + ln], 0)
+    if not isinstance(values, dict) or not all(
+        isinstance(v, list) and len(v) == count for v in values.values()
+    ):
+        raise CorruptCacheError(f"shard {path} is damaged: labels record malformed")
+    return values
+
+
+def read_chunk_labels(path: str, nbytes: int, start: int, count: int) -> dict[str, list]:
+    """The labels record of a chunk shard, without setting up its columns (what
+    completing a build needs from every shard)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != nbytes:
+            raise CorruptCacheError(f"shard {path} has {size} bytes, the manifest says {nbytes}")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        footer = _parse_footer(mm, size, path)[0]
+        if footer.get("start") != start or footer.get("count") != count:
+            raise CorruptCacheError(f"shard {path} is damaged: footer does not describe examples "
+                                    f"{start}..{start + count - 1}")
+        return _decode_labels(mm, footer.get("labels"), count, path)
+    finally:
+        try:
+            mm.close()
+        except BufferError:
+            pass  # a decoded label array still views the map; it closes with it
+
+
 class ShardFile:
     """A memory-mapped, validated shard, opened once per process.
 
@@ -407,19 +442,7 @@ class ShardFile:
 
     def labels(self) -> dict[str, list]:
         """The chunk's ``in_memory_keys`` values, as recorded by the writer."""
-        if self._labels_span is None:
-            return {}
-        off, ln = self._labels_span
-        if not isinstance(off, int) or not isinstance(ln, int) or off < _HEAD or off + ln > len(self._mmap):
-            raise self._bad("labels out of range")
-        values = Decoder(self._mmap, [], where=f"shard {self.path}").decode(
-            memoryview(self._mmap)[off : off + ln], 0
-        )
-        if not isinstance(values, dict) or not all(
-            isinstance(v, list) and len(v) == self.count for v in values.values()
-        ):
-            raise self._bad("labels record malformed")
-        return values
+        return _decode_labels(self._mmap, self._labels_span, self.count, self.path)
 
     def getter(self, key: Any) -> Callable[[int], Any]:
         """``getter(key)(row)`` is the value of column ``key`` for the example at ``row``."""

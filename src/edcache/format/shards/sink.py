@@ -33,7 +33,7 @@ from .manifest import (
     write_manifest,
 )
 from .pack import pack_chunks
-from .shard import ShardFile, checksum, encode_shard
+from .shard import checksum, encode_shard, read_chunk_labels
 
 
 def extract_labels(task: ChunkTask, examples: list[Any], keys: list[str]) -> dict[str, list]:
@@ -235,11 +235,9 @@ class ShardSink(ChunkSink):
             for chunk in range(m.num_chunks):
                 task = m.chunk(chunk)
                 nbytes, _ = self._commits[chunk]
-                sf = ShardFile(shard_path(self.cache_dir, chunk), nbytes, task.start, task.size)
-                chunk_labels = sf.labels()
+                chunk_labels = read_chunk_labels(shard_path(self.cache_dir, chunk), nbytes, task.start, task.size)
                 for key in m.in_memory_keys:
                     values[key].extend(chunk_labels[key])
-                sf.close()
         return values
 
     def _pack(self) -> dict[str, Any] | None:
