@@ -10,7 +10,7 @@ import numpy as np
 from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
 from ..base import CacheReader, Labels
 from .labels import load_label
-from .manifest import PACKED, Manifest, load_shard_table, read_commits, read_manifest, shard_path
+from .manifest import PACKED, Manifest, load_shard_table, read_log, read_manifest, shard_path
 from .shard import ShardFile
 
 
@@ -52,9 +52,13 @@ class ShardCacheReader(CacheReader):
     #: Most shards kept open (memory-mapped) at once per process; see :meth:`shard`.
     max_open_shards = 32768
 
-    def _reset(self) -> None:
-        # A packed cache is one shard covering every example: "chunk" 0.
-        self._packed = self.manifest.complete and self.manifest.packed is not None
+    def _reset(self, packed: dict[str, Any] | None = None) -> None:
+        # A packed cache is one shard covering every example: "chunk" 0. ``packed`` is
+        # the packing record of a build that is completing (see _switch_if_packed).
+        if packed is None and self.manifest.complete:
+            packed = self.manifest.packed
+        self._packed_info = packed
+        self._packed = packed is not None
         self._chunk_size = max(self.manifest.length, 1) if self._packed else self.manifest.chunk_size
         self._length = self.manifest.length
         self._shards: dict[int, ShardFile] = {}
@@ -82,7 +86,7 @@ class ShardCacheReader(CacheReader):
     # -- shards ------------------------------------------------------------------------
     def _shard_info(self, chunk: int) -> tuple[int, str] | None:
         if self._packed:
-            return self.manifest.packed["nbytes"], self.manifest.packed["xxh3"]  # type: ignore[index]
+            return self._packed_info["nbytes"], self._packed_info["xxh3"]  # type: ignore[index]
         if self.manifest.complete:
             if self._table is None:
                 try:
@@ -99,9 +103,9 @@ class ShardCacheReader(CacheReader):
         if chunk not in self._commits:  # the build may have committed it since
             # The log first, then the manifest: a build that completes writes the complete
             # manifest before deleting the log, so one of the two has the chunk.
-            commits = read_commits(self.path, self.manifest.num_chunks)
+            commits, packed = read_log(self.path, self.manifest.num_chunks)
             self._refresh()
-            if self.manifest.complete:
+            if self.manifest.complete or self._switch_if_packed(packed):
                 return self._shard_info(chunk)
             self._commits = commits
         return self._commits.get(chunk)
@@ -114,6 +118,28 @@ class ShardCacheReader(CacheReader):
                 # the build completed and packed its chunks: switch to the packed file
                 # (arrays already read stay valid: their maps live as long as they do)
                 self._reset()
+
+    def _switch_if_packed(self, packed: dict | None = None) -> bool:
+        """Follow a build that has packed its chunks but not yet written the complete
+        manifest (its chunk shards may be deleted already): read ``packed.shard`` as
+        its packing record in ``commits.log`` describes it. Returns whether switched."""
+        if self._packed:
+            return True
+        if packed is None:
+            self._refresh()
+            if self._packed:
+                return True
+            packed = read_log(self.path, self.manifest.num_chunks)[1]
+        if packed is None:
+            return False
+        try:
+            size = os.path.getsize(os.path.join(self.path, PACKED))
+        except OSError:
+            return False
+        if size != packed["p"]["nbytes"]:
+            return False
+        self._reset(packed["p"])
+        return True
 
     def _locate(self, index: int) -> tuple[ShardFile, int]:
         """The shard holding example ``index`` and its row there (opening it if needed)."""
@@ -145,7 +171,13 @@ class ShardCacheReader(CacheReader):
             path, start, count = os.path.join(self.path, PACKED), 0, self.manifest.length
         else:
             path, start, count = shard_path(self.path, chunk), task.start, task.size
-        sf = ShardFile(path, nbytes, start, count, digest if check else None, self.allow_pickle)
+        try:
+            sf = ShardFile(path, nbytes, start, count, digest if check else None, self.allow_pickle)
+        except CorruptCacheError:
+            # a chunk shard deleted because the build packed it meanwhile?
+            if not self._packed and not os.path.exists(path) and self._switch_if_packed():
+                return self.shard(0)
+            raise
         if check:
             self._verified.add(chunk)
         if sf.schema is not None:  # one shared tuple per distinct schema: compared by identity
