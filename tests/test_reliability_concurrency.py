@@ -7,12 +7,16 @@
   holds the build lock is killed mid-build.
 * A ``torch`` DataLoader with four workers reads a cache while another process resumes
   its build.
+* A reader opened (and reading) while a :class:`UniformDataset` build runs keeps
+  returning correct examples and batches after the build packed its chunks into
+  ``packed.shard`` and deleted ``shards/``.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +30,10 @@ from edcache.verify import verify_cache
 
 from reliability_datasets import (
     CLI_CODE,
+    DATASETS,
     SlowDataset,
+    UniformDataset,
+    assert_batch_equal,
     assert_example_equal,
     computations,
     expected,
@@ -37,9 +44,11 @@ from test_reliability_crash import kill_group, tree
 CHUNK = 8
 
 
-def builder(root, name, length, *, delay, workers=2, count_dir=None, ready=None):
+def builder(root, name, length, *, delay, workers=2, count_dir=None, ready=None, uniform=False):
     args = [sys.executable, "-c", CLI_CODE, "build", root, name, str(length), "--delay", str(delay),
             "--chunk-size", str(CHUNK), "--workers", str(workers)]
+    if uniform:
+        args.append("--uniform")
     if count_dir:
         args += ["--count-dir", count_dir]
     if ready:
@@ -211,33 +220,162 @@ def test_dataloader_four_workers_while_build_resumes(tmp_path):
 
 
 # -- a reader whose manifest went stale ------------------------------------------------------
-def test_reader_opened_incomplete_reads_after_completion(tmp_path):
+@pytest.mark.parametrize("kind", ["slow", "uniform"])
+def test_reader_opened_incomplete_reads_after_completion(tmp_path, kind):
     """Opened mid-build (no chunk read yet), used after the build finished and deleted
-    commits.log: every example reads (no spurious 'not cached yet')."""
+    commits.log (and, packed, shards/): every example reads (no spurious 'not cached
+    yet'). A second reader that read committed chunks before also reads on."""
+    dataset = DATASETS[kind]
     root, name, length = str(tmp_path), "stale", 40
     with pytest.raises(Exception):
-        CachedDataset(SlowDataset(root, name, length, fail_at=20), chunk_size=CHUNK,
+        CachedDataset(dataset(root, name, length, fail_at=20), chunk_size=CHUNK,
                       num_workers=0, progress=False)
     old = CachedDataset.from_cache(root, name)
+    used = CachedDataset.from_cache(root, name)
     assert not old.complete
-    CachedDataset(SlowDataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
-    for i in range(length):
-        assert_example_equal(old[i], expected(i))
+    early = {i: used[i] for i in (0, 9, 15)}  # chunks 0 and 1 mapped before completion
+    CachedDataset(dataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
+    assert ("packed.shard" in os.listdir(old.path)) == (kind == "uniform")
+    for reader in (old, used):
+        for i in range(length):
+            assert_example_equal(reader[i], dataset.expected(i))
+    for i, ex in early.items():  # what was read before the chunk shards were deleted
+        assert_example_equal(ex, dataset.expected(i))
+    if kind == "uniform":
+        assert not os.path.exists(os.path.join(old.path, "shards"))
+        idx = [39, 0, 17, 17, 8]
+        for reader in (old, used):
+            assert_batch_equal(reader.get_batch(idx), idx, dataset)
 
 
-def test_reader_opened_complete_reads_during_forced_rebuild(tmp_path):
+@pytest.mark.parametrize("kind", ["slow", "uniform"])
+def test_reader_opened_complete_reads_during_forced_rebuild(tmp_path, kind):
     """Opened on a complete cache; another process starts force_cache=True (shards.idx is
-    removed while it runs): the old reader reads kept chunks, never reports damage."""
+    removed while it runs; a packed cache is kept as it is): the old reader reads kept
+    chunks, never reports damage."""
     from edcache.format.shards import dataset_identity, prepare_cache_dir
-    from reliability_datasets import IN_MEMORY_KEYS
 
+    dataset = DATASETS[kind]
     root, name, length = str(tmp_path), "rebuild", 40
-    ds = CachedDataset(SlowDataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
+    ds = CachedDataset(dataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
+    before = tree(ds.path)
     old = CachedDataset.from_cache(root, name)
     sink = prepare_cache_dir(ds.path, length=length, chunk_size=CHUNK,
-                             dataset=dataset_identity(SlowDataset(root, name, length)),
-                             in_memory_keys=IN_MEMORY_KEYS, allow_pickle=False, keep_existing=True)
+                             dataset=dataset_identity(dataset(root, name, length)),
+                             in_memory_keys=dataset.in_memory_keys, allow_pickle=False, keep_existing=True)
     sink.close()  # the rebuild is "running": manifest incomplete, every chunk in commits.log
     assert not os.path.exists(os.path.join(ds.path, "shards.idx"))
+    if kind == "uniform":
+        assert tree(ds.path) == before and "packed.shard" in before  # kept untouched
     for i in range(length):
-        assert_example_equal(old[i], expected(i))
+        assert_example_equal(old[i], dataset.expected(i))
+
+
+# -- a reader while a uniform build packs its chunks ----------------------------------------
+@pytest.mark.timeout(180)
+def test_reader_during_uniform_build_switches_to_packed(tmp_path):
+    """A reader opened while a UniformDataset build runs reads committed examples and
+    batches from chunk shards (only from the first half of the examples, so the chunks of
+    the second half are never mapped); after the build packed everything and deleted
+    ``shards/``, the same reader returns every example and batch correctly (those of the
+    second half can only come from packed.shard), and arrays read before stay valid."""
+    root, name, length = str(tmp_path / "r"), "uni", 480
+    half = length // 2
+    proc = builder(root, name, length, delay=0.004, uniform=True)
+    rng = random.Random(1)
+    ds = None
+    kept: list[tuple[int, dict]] = []  # examples read during the build, checked again later
+    reads = batches = incomplete = 0
+    try:
+        while proc.poll() is None:
+            if ds is None:
+                try:
+                    ds = CachedDataset.from_cache(root, name)
+                except CacheNotFoundError:
+                    time.sleep(0.01)
+                    continue
+            idx = rng.sample(range(half), 8)
+            try:
+                for i in idx:
+                    got = ds[i]
+                    assert_example_equal(got, UniformDataset.expected(i), f"example {i} during the build")
+                    reads += 1
+                    if len(kept) < 50:
+                        kept.append((i, got))
+                assert_batch_equal(ds.get_batch(idx), idx, UniformDataset, "batch during the build")
+                batches += 1
+            except IncompleteCacheError:
+                incomplete += 1
+            time.sleep(0.002)
+        finish(proc)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert ds is not None and reads > 0 and batches > 0, "no read succeeded during the build"
+    cache_dir = os.path.join(root, "cached", name)
+    assert sorted(os.listdir(cache_dir)) == ["labels", "manifest.json", "packed.shard"]
+    # first access after the build: a batch over mapped (deleted) chunk shards and
+    # unmapped chunks, which switches the reader to packed.shard in mid-batch
+    idx = [3, half + 5, 1, length - 1, half - 1]
+    assert_batch_equal(ds.get_batch(idx), idx, UniformDataset, "first batch after the build")
+    for i in list(range(half, length)) + list(range(half)):
+        assert_example_equal(ds[i], UniformDataset.expected(i), f"example {i} after the build")
+    assert ds.complete  # the reader saw the complete manifest (when it missed a chunk)
+    for i, got in kept:
+        assert_example_equal(got, UniformDataset.expected(i), f"example {i} read during the build")
+    for _ in range(5):
+        idx = rng.sample(range(length), 32) + [length - 1, 0]
+        assert_batch_equal(ds.get_batch(idx), idx, UniformDataset, "batch after the build")
+    assert_batch_equal(ds.get_batch(list(range(length))), range(length), UniformDataset, "all")
+    labels = ds.labels
+    assert np.array_equal(labels["label"], np.arange(length) % 7)
+    assert list(labels["name"]) == [UniformDataset.expected(i)["name"] for i in range(length)]
+    print(f"\nreader during a uniform (packed) build: {reads} reads and {batches} batches during the "
+          f"build, {incomplete} refused as not cached yet; all correct after the switch to packed.shard")
+
+
+def _build_killed_after_packing(root: str, name: str, length: int) -> None:
+    """Build in a forked child that is SIGKILLed right before it writes the complete
+    manifest: packing committed (log record), shards/ deleted, manifest incomplete."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            import edcache.format.shards.sink as sink
+
+            sink.ShardSink._mark_complete = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+            CachedDataset(UniformDataset(root, name, length), chunk_size=CHUNK, num_workers=0,
+                          progress=False)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_reader_in_packing_window(tmp_path):
+    """The state between deleting shards/ and writing the complete manifest (a live
+    build passes through it; a kill there leaves it until the next build) is a valid
+    cache (``edcache verify`` is clean) holding every example in packed.shard: readers
+    opened before and in it read every example and batch. (Found by this suite: the
+    reader used to look for the deleted chunk shards; fixed in 873904f.)"""
+    root, name, length = str(tmp_path), "window", 40
+    with pytest.raises(Exception):
+        CachedDataset(UniformDataset(root, name, length, fail_at=20), chunk_size=CHUNK,
+                      num_workers=0, progress=False)
+    before = CachedDataset.from_cache(root, name)  # opened while incomplete, nothing read
+    _build_killed_after_packing(root, name, length)
+    cache_dir = os.path.join(root, "cached", name)
+    assert "packed.shard" in os.listdir(cache_dir) and not os.path.exists(os.path.join(cache_dir, "shards"))
+    assert verify_cache(cache_dir).ok
+    after = CachedDataset.from_cache(root, name)
+    for reader in (after, before):
+        for i in range(length):
+            assert_example_equal(reader[i], UniformDataset.expected(i), f"example {i}")
+    fresh = CachedDataset.from_cache(root, name, verify=True)  # a batch as the first access
+    idx = [39, 2, 20, 20]
+    assert_batch_equal(fresh.get_batch(idx), idx, UniformDataset)
+    # the next build only completes the manifest: nothing computed
+    count = os.path.join(root, "count")
+    os.mkdir(count)
+    CachedDataset(UniformDataset(root, name, length, count_dir=count), chunk_size=CHUNK,
+                  num_workers=0, progress=False)
+    assert os.listdir(count) == [] and verify_cache(cache_dir).ok
