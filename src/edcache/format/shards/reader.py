@@ -274,6 +274,9 @@ class ShardCacheReader(CacheReader):
         col = sf.column(key)
         if col is not None:
             return col[indices]  # one gather: a new (writable) array
+        strings = sf.gather_strings(key, indices)
+        if strings is not None:
+            return strings
         get = sf.getter(key)
         return [get(r) for r in indices.tolist()]
 

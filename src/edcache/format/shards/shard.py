@@ -355,6 +355,7 @@ class ShardFile:
                 raise self._bad("record out of range")
 
         self._arrays: dict[Any, np.ndarray] = {}  # key -> gatherable column
+        self._strings: dict[Any, tuple[np.ndarray, int, bool]] = {}  # key -> (offsets, data, is str)
         self._getters: list[Callable[[int], Any]] = []
         self._keys: list[Any] = []
         for desc in footer["columns"]:
@@ -398,6 +399,7 @@ class ShardFile:
                 raise self._bad("string column bounds")
             # two offsets straight from the map: no per-row Python state, which matters
             # for a packed file of millions of rows read by many worker processes
+            self._strings[desc["key"]] = (bounds, data, kind == STR)
             pair = _U64_PAIR.unpack_from
             if kind == STR:
                 def get_str(r: int) -> str:
@@ -448,6 +450,23 @@ class ShardFile:
         """``getter(key)(row)`` is the value of column ``key`` for the example at ``row``."""
         return self._getters[self._keys.index(key)]
 
+    def gather_strings(self, key: Any, rows: np.ndarray) -> list | None:
+        """The values of str or bytes column ``key`` at ``rows`` (offsets gathered at
+        once), or None if ``key`` is not such a column."""
+        entry = self._strings.get(key)
+        if entry is None:
+            return None
+        bounds, data, is_str = entry
+        mm = self._mmap
+        starts = (bounds[rows] + data).tolist()
+        stops = (bounds[rows + 1] + data).tolist()
+        try:
+            if is_str:
+                return [mm[a:b].decode() for a, b in zip(starts, stops)]
+            return [mm[a:b] for a, b in zip(starts, stops)]
+        except UnicodeDecodeError as exc:
+            raise self._bad(f"column {key!r}: invalid UTF-8 ({exc})") from exc
+
     def column(self, key: Any) -> np.ndarray | None:
         """The column array of top-level ``key`` (arrays stacked, numbers, bools, numpy
         scalars), or None if the key is not stored as such a column."""
@@ -455,7 +474,7 @@ class ShardFile:
 
     def close(self) -> None:
         self._decoder = None  # type: ignore[assignment]
-        self._arrays, self._getters, self._row = {}, [], None
+        self._arrays, self._getters, self._row, self._strings = {}, [], None, {}
         try:
             self._mmap.close()
         except BufferError:
