@@ -348,7 +348,11 @@ class CachedDataset(DatasetMixin):
                 reader = self._reader
                 if reader is None or self._generation != _fork_generation:
                     reader = self.store
-                return self._finish(reader.read(j), j)
+                example = reader.read(j)
+                if type(example) is dict and not self._append_labels:
+                    example["index_"] = j  # _finish, inlined for the per-example call
+                    return example
+                return self._finish(example, j)
         return super().__getitem__(i)
 
     def get_example(self, i: int) -> dict:
