@@ -69,6 +69,8 @@ class SlowDataset(DatasetMixin):
     """
 
     in_memory_keys = IN_MEMORY_KEYS
+    #: every example one all-column schema (batches compare with assert_batch_equal)
+    columnar = False
 
     @staticmethod
     def example(i: int) -> dict:
@@ -153,6 +155,7 @@ class UniformDataset(SlowDataset):
     the examples of :func:`uniform_example`: its complete caches are packed."""
 
     in_memory_keys = UNIFORM_KEYS
+    columnar = True
 
     @staticmethod
     def example(i: int) -> dict:
