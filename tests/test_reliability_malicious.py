@@ -1,7 +1,9 @@
 """Malicious files (issue 6, suite 3): a new-format cache whose files are replaced, one at a
 time, by pickles whose ``__reduce__`` would create a marker file. Opening, reading,
-labels, ``verify``, ``info`` and ``convert`` never execute them. (The edflow zip side is
-covered by tests/test_legacy_*.)
+labels, ``verify``, ``info`` and ``convert`` never execute them. Also for a packed cache
+(:class:`UniformDataset`: ``packed.shard``), including a well-formed packed.shard full of
+pickled records whose size and checksum the manifest was rewritten to match. (The
+edflow zip side is covered by tests/test_legacy_*.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from edcache.errors import EdcacheError, UnsafePickleError
 from edcache.format.shards.manifest import read_manifest, write_manifest
 from edcache.verify import verify_cache
 
-from reliability_datasets import SlowDataset
+from reliability_datasets import DATASETS, SlowDataset, UniformDataset, uniform_example
 
 NAME = "evil"
 
@@ -50,8 +52,12 @@ def payloads(marker: str) -> dict[str, bytes]:
     return out
 
 
-def _build(root: str, complete: bool) -> str:
-    ds = SlowDataset(root, NAME, 24, fail_at=None if complete else 20)
+#: reference state -> (complete, dataset kind)
+STATES = {"complete": (True, "slow"), "incomplete": (False, "slow"), "packed": (True, "uniform")}
+
+
+def _build(root: str, complete: bool, dataset: type = SlowDataset) -> str:
+    ds = dataset(root, NAME, 24, fail_at=None if complete else 20)
     try:
         CachedDataset(ds, chunk_size=8, num_workers=0, progress=False)
     except EdcacheError:
@@ -65,7 +71,7 @@ def _cache_files(cache_dir: str) -> list[str]:
     )
 
 
-def _every_operation(root: str, cache_dir: str, marker: str) -> int:
+def _every_operation(root: str, cache_dir: str, marker: str, dataset: type = SlowDataset) -> int:
     """Run every reading operation; return how many raised an EdcacheError."""
     refused = 0
 
@@ -95,8 +101,9 @@ def _every_operation(root: str, cache_dir: str, marker: str) -> int:
 
     def construct_with_dataset():
         # a complete cache opens, an incomplete one is resumed: never unpickling anything
-        ds = CachedDataset(SlowDataset(root, NAME, 24), chunk_size=8, num_workers=0, progress=False)
+        ds = CachedDataset(dataset(root, NAME, 24), chunk_size=8, num_workers=0, progress=False)
         ds[0]
+        ds.get_batch([5, 0, 23])
         ds.labels
 
     def verify():
@@ -127,13 +134,17 @@ def _every_operation(root: str, cache_dir: str, marker: str) -> int:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     base = tmp_path_factory.mktemp("evil-ref")
-    return {"complete": _build(str(base / "c"), True), "incomplete": _build(str(base / "i"), False)}
+    refs = {state: _build(str(base / state), complete, DATASETS[kind])
+            for state, (complete, kind) in STATES.items()}
+    assert "packed.shard" in os.listdir(refs["packed"]) and "shards" not in os.listdir(refs["packed"])
+    return refs
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("state", ["complete", "incomplete"])
+@pytest.mark.parametrize("state", ["complete", "incomplete", "packed"])
 def test_no_payload_ever_runs(references, tmp_path, state):
     ref = references[state]
+    dataset = DATASETS[STATES[state][1]]
     marker = str(tmp_path / "PWNED")
     tried = 0
     for rel in _cache_files(ref):
@@ -143,11 +154,11 @@ def test_no_payload_ever_runs(references, tmp_path, state):
             shutil.copytree(ref, cache_dir)
             with open(os.path.join(cache_dir, rel), "wb") as f:
                 f.write(data)
-            refused = _every_operation(root, cache_dir, marker)
+            refused = _every_operation(root, cache_dir, marker, dataset)
             assert refused >= 1, f"{rel} replaced by {kind} went unnoticed"
             # the dataset's own build repairs it (or refuses), still without running it
             try:
-                CachedDataset(SlowDataset(root, NAME, 24), chunk_size=8, num_workers=0, progress=False,
+                CachedDataset(dataset(root, NAME, 24), chunk_size=8, num_workers=0, progress=False,
                               force_cache=True)
             except EdcacheError:
                 pass
@@ -183,4 +194,44 @@ def test_pickled_value_in_shard_needs_opt_in(tmp_path):
     with pytest.raises(UnsafePickleError, match="holds a pickled value"):
         ds[3]
     assert verify_cache(path, deep=True).ok  # bytes intact; decoding refused, nothing run
+    assert not os.path.exists(marker)
+
+
+def test_pickled_records_in_packed_shard_never_run(references, tmp_path):
+    """packed.shard replaced by a well-formed shard of 24 records holding pickled values
+    (ext 6), and the manifest rewritten (checksummed) to record its size and checksum:
+    every read refuses the pickles (the manifest says allow_pickle=False), nothing runs,
+    and a forced rebuild does not run them either."""
+    from edcache.format.shards.shard import checksum, encode_shard
+
+    marker = str(tmp_path / "PWNED")
+    root = str(tmp_path / "r")
+    cache_dir = os.path.join(root, "cached", NAME)
+    shutil.copytree(references["packed"], cache_dir)
+    examples = []
+    for i in range(24):
+        ex = uniform_example(i)
+        ex["trap"] = Payload(marker) if i % 2 else ShellPayload(marker)
+        examples.append(ex)
+    data = encode_shard(examples, 0, None, allow_pickle=True)  # pickling runs nothing
+    with open(os.path.join(cache_dir, "packed.shard"), "wb") as f:
+        f.write(data)
+    m = read_manifest(cache_dir)
+    m.packed = {"nbytes": len(data), "xxh3": checksum(data)}
+    write_manifest(cache_dir, m)  # a manifest that vouches for the planted file
+    assert not os.path.exists(marker)
+    refused = _every_operation(root, cache_dir, marker, UniformDataset)
+    assert refused >= 4, "reads of pickled records were not refused"
+    for verify in (False, True):
+        ds = CachedDataset.from_cache(root, NAME, verify=verify)
+        for i in (0, 1, 23):
+            with pytest.raises(UnsafePickleError, match="holds a pickled value"):
+                ds[i]
+        with pytest.raises(UnsafePickleError):
+            ds.get_batch([0, 1])
+    try:
+        CachedDataset(UniformDataset(root, NAME, 24), chunk_size=8, num_workers=0, progress=False,
+                      force_cache=True)
+    except EdcacheError:
+        pass
     assert not os.path.exists(marker)
