@@ -81,13 +81,16 @@ def assert_packed(files: dict[str, bytes], packed: bool, what: str = "reference"
 
 
 def start_builder(root: str, length: int, chunk: int, *, delay: float, workers: int = 2,
-                  count_dir: str | None = None, legacy: bool = False) -> subprocess.Popen:
+                  count_dir: str | None = None, legacy: bool = False,
+                  uniform: bool = False) -> subprocess.Popen:
     args = [sys.executable, "-c", CLI_CODE, "build", root, NAME, str(length), "--delay", str(delay),
             "--chunk-size", str(chunk), "--workers", str(workers)]
     if count_dir:
         args += ["--count-dir", count_dir]
     if legacy:
         args.append("--legacy")
+    if uniform:
+        args.append("--uniform")
     return subprocess.Popen(args, env=subprocess_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -145,7 +148,7 @@ def committed_chunks(cache_dir: str) -> set[int] | None:
     return set(read_commits(cache_dir, m.num_chunks))
 
 
-def check_intermediate_state(root: str, length: int) -> None:
+def check_intermediate_state(root: str, length: int, dataset: type = SlowDataset) -> None:
     """A killed build leaves a valid cache: verify is clean, reads return only truth."""
     cache_dir = os.path.join(root, "cached", NAME)
     if not os.path.exists(os.path.join(cache_dir, "manifest.json")):
@@ -161,11 +164,11 @@ def check_intermediate_state(root: str, length: int) -> None:
             got = ds[i]
         except IncompleteCacheError:
             continue
-        assert_example_equal(got, expected(i), f"example {i}")
+        assert_example_equal(got, dataset.expected(i), f"example {i}")
 
 
 def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float,
-                     seed: int) -> tuple[str, str, int]:
+                     seed: int, dataset: type = SlowDataset) -> tuple[str, str, int]:
     """Kill builds at random moments until ``kills`` landed; then finish without kill."""
     rng = random.Random(seed)
     root = str(tmp_path / "crashed")
@@ -175,7 +178,8 @@ def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float
     landed = 0
     previous: set[int] = set()
     while landed < kills:
-        proc = start_builder(root, length, chunk, delay=delay, count_dir=str(count_dir))
+        proc = start_builder(root, length, chunk, delay=delay, count_dir=str(count_dir),
+                             uniform=dataset is not SlowDataset)
         wait_for_kill_moment(proc, str(count_dir), rng, length)
         if proc.poll() is not None:  # finished (or failed) before the kill
             out, err = proc.communicate()
@@ -187,10 +191,11 @@ def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float
         if now is not None:
             assert previous <= now, f"committed chunks lost by kill {landed}: {sorted(previous - now)}"
             previous = now
-        check_intermediate_state(root, length)
+        check_intermediate_state(root, length, dataset)
     # the final, uninterrupted resume recomputes no committed chunk
     before = dict(computations(str(count_dir)))
-    proc = start_builder(root, length, chunk, delay=0, count_dir=str(count_dir))
+    proc = start_builder(root, length, chunk, delay=0, count_dir=str(count_dir),
+                         uniform=dataset is not SlowDataset)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     after = computations(str(count_dir))
@@ -201,31 +206,38 @@ def random_kill_loop(tmp_path, kills: int, length: int, chunk: int, delay: float
 
 
 # -- new format: random kills ----------------------------------------------------------
-def _random_kills(tmp_path, kills, length, seed):
+def _random_kills(tmp_path, kills, length, seed, kind="slow"):
     chunk = 8
-    ref = reference_cache(str(tmp_path / "ref"), length, chunk)
-    root, cache_dir, landed = random_kill_loop(tmp_path, kills, length, chunk, 0.004, seed)
+    dataset = DATASETS[kind]
+    ref = reference_cache(str(tmp_path / "ref"), length, chunk, dataset=dataset)
+    root, cache_dir, landed = random_kill_loop(tmp_path, kills, length, chunk, 0.004, seed, dataset)
     assert landed == kills, f"only {landed} of {kills} kills landed before the build finished"
+    assert_packed(tree(ref), packed=kind == "uniform")
     assert tree(cache_dir) == tree(ref), "resumed cache differs from an uninterrupted build"
     assert temp_files(root) == []
     ds = CachedDataset.from_cache(root, NAME, verify=True)
     for i in range(length):
-        assert_example_equal(ds[i], expected(i), f"example {i}")
+        assert_example_equal(ds[i], dataset.expected(i), f"example {i}")
+    if kind == "uniform":
+        idx = list(range(length - 1, -1, -7))
+        assert_batch_equal(ds.get_batch(idx), idx, dataset)
     assert verify_cache(cache_dir).ok
-    print(f"\ncrash: {landed}/{kills} kills survived (length {length}, chunk {chunk})")
+    print(f"\ncrash ({kind}): {landed}/{kills} kills survived (length {length}, chunk {chunk})")
 
 
 @pytest.mark.timeout(180)
-def test_random_sigkill_resume_byte_identical(tmp_path):
-    _random_kills(tmp_path, kills=3, length=480, seed=1)
+@pytest.mark.parametrize("kind", ["slow", "uniform"])
+def test_random_sigkill_resume_byte_identical(tmp_path, kind):
+    _random_kills(tmp_path, kills=3, length=480, seed=1, kind=kind)
 
 
 @pytest.mark.long
 @pytest.mark.timeout(1800)
-def test_random_sigkill_resume_byte_identical_long(tmp_path):
+@pytest.mark.parametrize("kind", ["slow", "uniform"])
+def test_random_sigkill_resume_byte_identical_long(tmp_path, kind):
     seed = int(time.time())
     print(f"\nseed {seed}")
-    _random_kills(tmp_path, kills=20, length=1600, seed=seed)
+    _random_kills(tmp_path, kills=20, length=1600, seed=seed, kind=kind)
 
 
 # -- new format: every crash point ------------------------------------------------------
