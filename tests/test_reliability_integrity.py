@@ -24,7 +24,7 @@ from edcache.errors import CacheNotFoundError, CorruptCacheError, EdcacheError
 from edcache.verify import main_verify, verify_cache
 
 import reliability_corruption as rc
-from reliability_datasets import SlowDataset, UniformDataset, assert_batch_equal, assert_example_equal, expected
+from reliability_datasets import SlowDataset, UniformDataset, assert_example_equal, expected
 
 FUZZ = settings(
     max_examples=120,
