@@ -53,14 +53,6 @@ def refs(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_known_bugs():
-    """Print how often the reads met a known (reported, not yet fixed) bug."""
-    yield
-    if rc.KNOWN_BUGS:
-        print(f"\nintegrity: known bugs met by the reads (classified as detected): {dict(rc.KNOWN_BUGS)}")
-
-
 def _copy(ref: str, tmp_path) -> tuple[str, str]:
     root = str(tmp_path / "root")
     cache = os.path.join(root, "cached", rc.NAME)
@@ -195,13 +187,7 @@ def test_verify_packed_names_damaged_file_and_repair(refs, tmp_path, capsys):
             assert a.read() == b.read(), rel
 
 
-@pytest.mark.parametrize("state", [
-    "packed",
-    pytest.param("uniform-incomplete", marks=pytest.mark.xfail(
-        raises=UnicodeDecodeError, strict=True,
-        reason="shard.py ShardFile.getter (str), used by reader.read_batch for chunk shards, lets "
-               "UnicodeDecodeError through; ShardFile.read turns it into CorruptCacheError")),
-])
+@pytest.mark.parametrize("state", ["packed", "uniform-incomplete"])
 def test_get_batch_invalid_utf8_is_corrupt_cache_error(refs, tmp_path, state):
     """A damaged byte in a str column (invalid UTF-8): ds[i] and get_batch both raise a
     CorruptCacheError, never a bare UnicodeDecodeError. (Found by the fuzzing above.)"""

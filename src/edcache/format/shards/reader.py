@@ -81,6 +81,8 @@ class ShardCacheReader(CacheReader):
 
     @property
     def complete(self) -> bool:
+        if not self.manifest.complete:
+            self._refresh()  # the build may have completed since
         return self.manifest.complete
 
     # -- shards ------------------------------------------------------------------------
@@ -263,9 +265,12 @@ class ShardCacheReader(CacheReader):
             else:
                 values: list[Any] = [None] * n
                 for sf, a, b in zip(shards, starts, ends):
-                    get = sf.getter(key)
-                    for p, r in zip(positions[a:b], rows_list[a:b]):
-                        values[p] = get(r)
+                    got = sf.gather_strings(key, rows[a:b])
+                    if got is None:  # a None column
+                        get = sf.getter(key)
+                        got = [get(r) for r in rows_list[a:b]]
+                    for p, v in zip(positions[a:b], got):
+                        values[p] = v
                 batch[key] = values
         return batch
 
