@@ -34,10 +34,12 @@ def describe(path: str) -> str:
     if manifest is not None:
         from ..format.shards.manifest import read_commits
 
-        lines.append("format:      edcache v1 (shards)")
+        packed = manifest.complete and manifest.packed is not None
+        layout = "packed: one column-wise file" if packed else "one shard per chunk"
+        lines.append(f"format:      edcache v1 ({layout})")
         lines.append(f"dataset:     {manifest.dataset or '?'}")
         lines.append(f"examples:    {manifest.length}")
-        lines.append(f"chunk size:  {manifest.chunk_size} ({manifest.num_chunks} shards)")
+        lines.append(f"chunk size:  {manifest.chunk_size} ({manifest.num_chunks} chunks)")
         if manifest.complete:
             lines.append("complete:    yes")
         else:
