@@ -150,3 +150,33 @@ def test_reader_opened_during_the_build_switches_to_the_packed_file(tmp_path):
     assert reader.read(20)["name"] == flat_expected(20)["name"]
     assert reader.read_batch(np.array([30, 1]))["cls"].tolist() == [30 % 7, 1]
     assert [e["cls"] for e in reader.read_many([31, 0])] == [31 % 7, 0]
+
+
+class _Plain:
+    """A map-style dataset that is not a DatasetMixin: its examples have no index_."""
+
+    def __init__(self, root, n=40):
+        self.root, self.name, self.n = str(root), "plain", n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return {"a": i * 2, "s": str(i)}
+
+
+def test_index_is_set_in_place_of_the_stored_one_with_key_order_kept(tmp_path):
+    ds = CachedDataset(Flat(tmp_path, n=40), chunk_size=8, num_workers=0, progress=False)
+    for i in (0, 17, 39, -1):
+        j = i % 40
+        got, want = ds[i], flat_expected(j)
+        assert list(got) == list(want) and got["index_"] == j
+        assert_same(got, want)
+    ds.append_labels = True
+    assert ds[5]["labels_"] == {"cls": 5} and ds[5]["index_"] == 5
+    plain = CachedDataset(_Plain(tmp_path), chunk_size=8, num_workers=0, progress=False)
+    assert "packed.shard" in os.listdir(plain._path)
+    assert plain[7] == {"a": 14, "s": "7", "index_": 7} and list(plain[7]) == ["a", "s", "index_"]
+    assert "index_" not in plain.store.read(7)

@@ -348,11 +348,11 @@ class CachedDataset(DatasetMixin):
                 reader = self._reader
                 if reader is None or self._generation != _fork_generation:
                     reader = self.store
-                example = reader.read(j)
-                if type(example) is dict and not self._append_labels:
-                    example["index_"] = j  # _finish, inlined for the per-example call
-                    return example
-                return self._finish(example, j)
+                if not self._append_labels:
+                    example = reader.read_indexed(j)  # sets index_ (as _finish would)
+                    if type(example) is dict:
+                        return example
+                return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
     def get_example(self, i: int) -> dict:

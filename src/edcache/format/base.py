@@ -32,6 +32,14 @@ class CacheReader(ABC):
     def read(self, index: int) -> dict:
         """Return example ``index`` as stored; raises ``IncompleteCacheError`` if absent."""
 
+    def read_indexed(self, index: int) -> Any:
+        """Example ``index`` with its ``index_`` set to ``index`` (what a dataset
+        returns for ``ds[index]``); a stored ``index_`` keeps its position."""
+        example = self.read(index)
+        if type(example) is dict:
+            example["index_"] = index
+        return example
+
     def read_many(self, indices: Sequence[int]) -> list[dict]:
         """Return several examples; formats may reorder reads internally."""
         return [self.read(int(i)) for i in indices]

@@ -210,6 +210,15 @@ class ShardCacheReader(CacheReader):
             sf, row = self._locate(index)
         return sf.read(row)
 
+    def read_indexed(self, index: int) -> dict:
+        if not 0 <= index < self._length:
+            raise self._out_of_range(index)
+        chunk, row = divmod(index, self._chunk_size)
+        sf = self._shards.get(chunk)
+        if sf is None:
+            sf, row = self._locate(index)
+        return sf.read_indexed(row, index)
+
     def read_many(self, indices: Sequence[int]) -> list[dict]:
         """Read several examples, visiting each shard once, in shard order."""
         idx = np.asarray(indices, dtype=np.int64)
@@ -278,7 +287,7 @@ class ShardCacheReader(CacheReader):
     def _gather(sf: ShardFile, key: Any, indices: np.ndarray) -> Any:
         col = sf.column(key)
         if col is not None:
-            return col[indices]  # one gather: a new (writable) array
+            return col.take(indices, axis=0)  # one gather: a new (writable) array
         strings = sf.gather_strings(key, indices)
         if strings is not None:
             return strings

@@ -191,29 +191,41 @@ def encode_shard(
 _U64_PAIR = struct.Struct("<QQ")
 
 
-def _row_builder(keys: list[Any], getters: list[Callable[[int], Any]]) -> Callable[[int], dict]:
-    """A function ``row -> {key: getter(row), ...}`` for one all-column schema.
+def _row_builder(keys: list[Any], getters: list[Callable[[int], Any]], given: Any = None) -> Callable[..., dict]:
+    """A function ``row -> {key: getter(row), ...}`` for one all-column schema; with
+    ``given`` (a key), ``(row, value) -> {...}`` where field ``given`` is ``value``
+    instead of read (in its stored position, else last).
 
-    Generated once per shard as a single dict display, which is about 30% faster than
-    a dict comprehension over (key, getter) pairs. Only generated names (``k0``, ``g0``,
-    ...) appear in the source; keys and getters are bound as values, so nothing read
-    from a cache file is ever compiled.
+    Generated once per field count as a single dict display, which is about 30% faster
+    than a dict comprehension over (key, getter) pairs. Only generated names (``k0``,
+    ``g0``, ...) appear in the source; keys and getters are bound as values, so nothing
+    read from a cache file is ever compiled.
     """
+    if given is not None:
+        if given not in keys:
+            keys, getters = [*keys, given], [*getters, None]  # type: ignore[list-item]
+        at = keys.index(given)
+    else:
+        at = -1
     if len(keys) > 200:
         pairs = list(zip(keys, getters))
-        return lambda r: {key: get(r) for key, get in pairs}
-    make = _ROW_MAKERS.get(len(keys))
+        if given is None:
+            return lambda r: {key: get(r) for key, get in pairs}
+        return lambda r, j: {key: (j if n == at else get(r)) for n, (key, get) in enumerate(pairs)}
+    make = _ROW_MAKERS.get((len(keys), at))
     if make is None:
         names = range(len(keys))
         params = ", ".join(f"k{i}, g{i}" for i in names)
-        body = ", ".join(f"k{i}: g{i}(r)" for i in names)
-        make = eval(f"lambda {params}: lambda r: {{{body}}}", {"__builtins__": {}})
-        _ROW_MAKERS[len(keys)] = make
+        body = ", ".join(f"k{i}: j" if i == at else f"k{i}: g{i}(r)" for i in names)
+        args = "r, j" if given is not None else "r"
+        make = eval(f"lambda {params}: lambda {args}: {{{body}}}", {"__builtins__": {}})
+        _ROW_MAKERS[(len(keys), at)] = make
     return make(*(x for pair in zip(keys, getters) for x in pair))
 
 
-#: compiled row-builder factories by number of fields (compiling costs ~150 µs)
-_ROW_MAKERS: dict[int, Callable[..., Callable[[int], dict]]] = {}
+#: compiled row-builder factories by (field count, position of the given field or -1);
+#: compiling costs ~150 µs
+_ROW_MAKERS: dict[tuple[int, int], Callable[..., Callable[..., dict]]] = {}
 
 
 def _parse_footer(buf: Any, size: int, path: str) -> tuple[dict, int]:
@@ -365,6 +377,8 @@ class ShardFile:
         if keys is None and self._spans is None:
             raise self._bad("neither records nor a full column set")
         self._row = _row_builder(self._keys, self._getters) if keys is not None else None
+        # the same with index_ given, not read: what CachedDataset returns for ds[i]
+        self._row_indexed = _row_builder(self._keys, self._getters, "index_") if keys is not None else None
         #: ((key, kind, dtype, shape), ...) when every field is a column, else None
         self.schema = (
             tuple(
@@ -432,6 +446,15 @@ class ShardFile:
             return col.__getitem__
         raise self._bad(f"unknown column kind {kind!r}")
 
+    def read_indexed(self, row: int, index: int) -> Any:
+        """:meth:`read` with ``index_`` set to ``index`` (a stored ``index_`` is not read)."""
+        if self._row_indexed is not None:
+            return self._row_indexed(row, index)
+        example = self.read(row)
+        if type(example) is dict:
+            example["index_"] = index
+        return example
+
     def read(self, row: int) -> Any:
         """Decode the example at position ``row`` of this shard."""
         try:
@@ -475,6 +498,7 @@ class ShardFile:
     def close(self) -> None:
         self._decoder = None  # type: ignore[assignment]
         self._arrays, self._getters, self._row, self._strings = {}, [], None, {}
+        self._row_indexed = None
         try:
             self._mmap.close()
         except BufferError:
