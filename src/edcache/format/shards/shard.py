@@ -449,7 +449,10 @@ class ShardFile:
     def read_indexed(self, row: int, index: int) -> Any:
         """:meth:`read` with ``index_`` set to ``index`` (a stored ``index_`` is not read)."""
         if self._row_indexed is not None:
-            return self._row_indexed(row, index)
+            try:
+                return self._row_indexed(row, index)
+            except UnicodeDecodeError as exc:
+                raise self._bad(f"example {self.start + row}: invalid UTF-8 ({exc})") from exc
         example = self.read(row)
         if type(example) is dict:
             example["index_"] = index
