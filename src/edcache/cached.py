@@ -364,8 +364,16 @@ class CachedDataset(DatasetMixin):
         return [self._finish(ex, j) for ex, j in zip(examples, indices)]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        """Batched fetch (what PyTorch's DataLoader calls): reads grouped per shard."""
-        return self[list(indices)]
+        """Batched fetch (what PyTorch's DataLoader calls): the examples of ``indices``.
+
+        A packed cache is read example by example through the int fast path (there is
+        nothing to group); chunk shards are visited once each, in shard order.
+        """
+        indices = list(indices)
+        if getattr(self.store, "packed", False) and all(type(i) is int for i in indices):
+            get = self.__getitem__
+            return [get(i) for i in indices]
+        return self[indices]
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
         """A collated batch of ``indices``: a dict of arrays and lists.

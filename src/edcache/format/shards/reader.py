@@ -80,6 +80,11 @@ class ShardCacheReader(CacheReader):
         return self.manifest.length
 
     @property
+    def packed(self) -> bool:
+        """Whether the examples are read from one packed file (see ``docs/format.md``)."""
+        return self._packed
+
+    @property
     def complete(self) -> bool:
         if not self.manifest.complete:
             self._refresh()  # the build may have completed since
