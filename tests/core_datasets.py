@@ -9,6 +9,13 @@ import numpy as np
 from edcache import DatasetMixin
 
 
+def record_computation(log_dir, i):
+    """Record one computation of example ``i`` as a new empty file in ``log_dir``."""
+    if log_dir is not None:
+        path = os.path.join(log_dir, f"{i}-{os.getpid()}-{os.urandom(4).hex()}")
+        open(path, "w").close()
+
+
 class Toy(DatasetMixin):
     """Examples with an image, scalars, a string, nested values and two label keys.
 
@@ -30,9 +37,7 @@ class Toy(DatasetMixin):
         return self.n
 
     def get_example(self, i):
-        if self.log_dir is not None:
-            path = os.path.join(self.log_dir, f"{i}-{os.getpid()}-{os.urandom(4).hex()}")
-            open(path, "w").close()
+        record_computation(self.log_dir, i)
         if self.fail_at is not None and i == self.fail_at:
             raise ValueError(f"broken example {i}")
         if self.delay:
@@ -91,9 +96,7 @@ class Flat(DatasetMixin):
         return self.n
 
     def get_example(self, i):
-        if self.log_dir is not None:
-            path = os.path.join(self.log_dir, f"{i}-{os.getpid()}-{os.urandom(4).hex()}")
-            open(path, "w").close()
+        record_computation(self.log_dir, i)
         ex = {
             "image": np.full((3, 4), i % 251, dtype=np.uint8),
             "cls": i % 7,
