@@ -49,14 +49,17 @@ class DemoImages(DatasetMixin):
         Number of images.
     size : int
         Side of the square output images.
+    progress : bool
+        Show a progress bar while the JPEGs are written (the first time only).
     """
 
     in_memory_keys = ["label", "split"]
 
-    def __init__(self, root: str = DEFAULT_ROOT, n: int = 2000, size: int = 64) -> None:
+    def __init__(self, root: str = DEFAULT_ROOT, n: int = 2000, size: int = 64, progress: bool = True) -> None:
         self.root = root
         self.n = n
         self.size = size
+        self.progress = progress
         self.name = f"demo-{n}-{size}"
         self.image_dir = os.path.join(root, "images")
         self._ensure_images()
@@ -73,7 +76,7 @@ class DemoImages(DatasetMixin):
         os.makedirs(self.image_dir, exist_ok=True)
         from tqdm.auto import tqdm
 
-        for i in tqdm(missing, desc="writing demo JPEGs", unit="img"):
+        for i in tqdm(missing, desc="writing demo JPEGs", unit="img", disable=not self.progress):
             rng = np.random.default_rng(i)
             tmp = self._path(i) + ".part"
             Image.fromarray(_synthetic_photo(i, rng)).save(tmp, format="JPEG", quality=92)

@@ -9,7 +9,7 @@ def run_demo(root: str | None, n: int, workers: int | None, progress: bool = Tru
     from ..cached import CachedDataset
     from ..demo import DEFAULT_ROOT, DemoImages, read_throughput
 
-    raw = DemoImages(root or DEFAULT_ROOT, n=n)
+    raw = DemoImages(root or DEFAULT_ROOT, n=n, progress=progress)
     start = time.perf_counter()
     cached = CachedDataset(raw, num_workers=workers, progress=progress)
     took = time.perf_counter() - start
