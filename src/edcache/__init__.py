@@ -21,6 +21,7 @@ _LAZY = {
     "make_client_manager": "edcache.compat",
     "pickle_and_queue": "edcache.compat",
     "convert": "edcache.convert",
+    "CachedSubset": "edcache.subset",
 }
 
 
@@ -38,6 +39,7 @@ __all__ = [
     "CachedDataset",
     "PathCachedDataset",
     "cachable",
+    "CachedSubset",
     "DatasetMixin",
     # edflow compatibility
     "ExamplesFolder",

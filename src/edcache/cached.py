@@ -16,13 +16,16 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from .dataset import DatasetMixin, check_cachable, checked_length, normalize_index, normalize_indices
 from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError, DatasetInterfaceError
 from .format import cache_paths, find_cache, open_reader
+
+if TYPE_CHECKING:
+    from .subset import CachedSubset
 from .format.base import CacheReader
 
 # Incremented in every child right after a fork: a reader opened before the fork is
@@ -374,6 +377,19 @@ class CachedDataset(DatasetMixin):
             get = self.__getitem__
             return [get(i) for i in indices]
         return self[indices]
+
+    def subset(self, selection: Any) -> "CachedSubset":
+        """A view of some examples: ``selection`` is indices (negatives count from the
+        end) or a boolean mask over the whole cache, e.g.
+        ``ds.subset(ds.labels["split"] == "train")``.
+
+        The view's ``labels`` are this cache's columns at those indices, its ``index_``
+        is the position in the view (``view.indices`` maps back); it is picklable and
+        reads through this dataset's per-process reader. See :class:`CachedSubset`.
+        """
+        from .subset import CachedSubset, _as_indices
+
+        return CachedSubset(self, _as_indices(selection, self._length))
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
         """A collated batch of ``indices``: a dict of arrays and lists.
