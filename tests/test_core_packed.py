@@ -97,7 +97,8 @@ def test_forced_rerun_over_a_packed_cache_computes_nothing(tmp_path):
     assert len(os.listdir(log)) == 64 and tree_bytes(ref._path) == before
 
 
-def test_damaged_chunk_is_caught_while_packing_and_rebuilt(tmp_path):
+@pytest.mark.parametrize("where", [40, -30], ids=["column data", "footer"])
+def test_damaged_chunk_is_caught_while_packing_and_rebuilt(tmp_path, where):
     """A chunk shard damaged between its commit and packing is not packed: it is deleted
     and the next run computes that chunk again."""
     from edcache.errors import CorruptCacheError
@@ -108,9 +109,10 @@ def test_damaged_chunk_is_caught_while_packing_and_rebuilt(tmp_path):
     def damage_then_pack(self):
         path = os.path.join(self.cache_dir, "shards", "00000001.shard")
         with open(path, "r+b") as f:
-            f.seek(40)
+            f.seek(where, os.SEEK_SET if where >= 0 else os.SEEK_END)
+            at = f.tell()
             byte = f.read(1)
-            f.seek(40)
+            f.seek(at)
             f.write(bytes([byte[0] ^ 0xFF]))
         return original(self)
 

@@ -10,8 +10,9 @@ that covers examples ``0 .. length-1``, whose columns are the chunks' columns
 concatenated. Reading an example is then one row lookup per field in one memory map,
 and a batch is one gather per field.
 
-The merge is a sequential copy (each chunk shard is read once and checked against its
-committed checksum); chunks whose schemas differ keep the chunk-shard layout.
+The merge is a sequential copy: a first pass checks every chunk shard against its
+committed checksum and reads its footer (chunks whose schemas differ keep the
+chunk-shard layout), a second copies its rows into place.
 """
 
 from __future__ import annotations
@@ -70,13 +71,22 @@ def pack_chunks(
     schema = None
     var_sizes: list[list[int]] = []  # per chunk: data bytes of each str/bytes column
     for chunk in chunks:
+        data = _read_verified(cache_dir, chunk, commits[chunk], manifest)
         path = shard_path(cache_dir, chunk)
-        footer = read_footer(path, commits[chunk][0])
-        this = _schema(footer)
+        try:
+            footer = read_footer(path, len(data), data)
+            this = _schema(footer)
+            sizes = [
+                int.from_bytes(data[c["offset"] + 8 * footer["count"] : c["offset"] + 8 * footer["count"] + 8], "little")
+                for c in footer["columns"] if c["kind"] in (STR, BYTES)
+            ]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            # its checksum matched what the worker wrote: a footer we cannot use is a bug
+            raise CorruptCacheError(f"shard {path} has a footer packing cannot use ({exc})") from exc
         if this is None or (schema is not None and this != schema):
             return None
         schema = this
-        var_sizes.append([_var_size(path, c, footer["count"]) for c in footer["columns"] if c["kind"] in (STR, BYTES)])
+        var_sizes.append(sizes)
     assert schema is not None
 
     # 2. the layout: fixed-size columns, then the offsets of each str/bytes column,
@@ -138,12 +148,8 @@ def pack_chunks(
     return {"nbytes": size, "xxh3": digest}
 
 
-def _var_size(path: str, desc: dict, count: int) -> int:
-    with open(path, "rb") as f:
-        return int.from_bytes(os.pread(f.fileno(), 8, desc["offset"] + 8 * count), "little")
-
-
-def _copy_chunk(cache_dir, chunk, commit, manifest, columns, row_bytes, var_columns, var_base, fd) -> None:
+def _read_verified(cache_dir: str, chunk: int, commit: tuple[int, str], manifest: Manifest) -> bytes:
+    """The bytes of a chunk shard, checked against its commit (deleted if damaged)."""
     path = shard_path(cache_dir, chunk)
     nbytes, digest = commit
     with open(path, "rb") as f:
@@ -155,6 +161,14 @@ def _copy_chunk(cache_dir, chunk, commit, manifest, columns, row_bytes, var_colu
             f"shard {path} (examples {task.start}..{task.stop - 1}) was damaged after it was "
             "committed; it was deleted. Run the build again to compute that chunk anew."
         )
+    return data
+
+
+def _copy_chunk(cache_dir, chunk, commit, manifest, columns, row_bytes, var_columns, var_base, fd) -> None:
+    path = shard_path(cache_dir, chunk)
+    nbytes = commit[0]
+    with open(path, "rb") as f:  # checked in the first pass; the build lock keeps it as it was
+        data = f.read()
     footer = read_footer(path, nbytes, data)
     start, count = footer["start"], footer["count"]
     view = memoryview(data)
