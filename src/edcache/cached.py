@@ -180,7 +180,7 @@ class CachedDataset(DatasetMixin):
                 f"{self._length}: the dataset changed since the cache was built. {hint}"
             )
         if manifest is not None:
-            from .format.shards import dataset_identity
+            from .format.columnar import dataset_identity
 
             ident = dataset_identity(self.base_dataset)
             if manifest.dataset and manifest.dataset != ident:
@@ -283,7 +283,7 @@ class CachedDataset(DatasetMixin):
                 allow_pickle=self.allow_pickle,
             )
         else:
-            from .format.shards import dataset_identity, prepare_cache_dir
+            from .format.columnar import dataset_identity, prepare_cache_dir
 
             sink = prepare_cache_dir(
                 self._path,
@@ -352,9 +352,8 @@ class CachedDataset(DatasetMixin):
                 if reader is None or self._generation != _fork_generation:
                     reader = self.store
                 if not self._append_labels:
-                    example = reader.read_indexed(j)  # sets index_ (as _finish would)
-                    if type(example) is dict:
-                        return example
+                    # sets index_ in dict examples (as _finish would); tuples come back as stored
+                    return reader.read_indexed(j)
                 return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
@@ -373,7 +372,7 @@ class CachedDataset(DatasetMixin):
         nothing to group); chunk shards are visited once each, in shard order.
         """
         indices = list(indices)
-        if getattr(self.store, "packed", False) and all(type(i) is int for i in indices):
+        if all(type(i) is int for i in indices):
             get = self.__getitem__
             return [get(i) for i in indices]
         return self[indices]

@@ -57,6 +57,10 @@ def fetch_example(dataset: Any, index: int) -> Any:
 
 
 def compute_chunk(dataset: Any, encoder: ChunkEncoder, task: ChunkTask) -> ChunkResult:
-    """Compute ``dataset[i]`` for every index of ``task`` and encode the chunk."""
-    examples = [fetch_example(dataset, i) for i in range(task.start, task.stop)]
+    """Compute ``dataset[i]`` for every index of ``task`` and encode the chunk.
+
+    The encoder pulls the examples one at a time and takes each apart before the next
+    is computed: a dataset that reuses its output buffer is still cached correctly.
+    """
+    examples = (fetch_example(dataset, i) for i in range(task.start, task.stop))
     return encoder.encode(task, examples)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -75,8 +75,9 @@ class ChunkTask:
 class ChunkResult:
     """What a worker sends back to the coordinator for one finished chunk.
 
-    Exactly one of ``data`` (the encoded chunk travels back) and ``staged_path`` (the
-    worker wrote it next to the cache, under a name unique to this attempt) is set.
+    Formats set what they need: ``payload`` (the encoded chunk as an object, which
+    travels back pickled), ``data`` (encoded bytes) or ``staged_path`` (the worker
+    wrote them next to the cache, under a name unique to this attempt).
     """
 
     chunk_id: int
@@ -87,6 +88,7 @@ class ChunkResult:
     data: bytes | None = None
     staged_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    payload: Any = None
 
 
 class ChunkEncoder(ABC):
@@ -96,8 +98,12 @@ class ChunkEncoder(ABC):
     """
 
     @abstractmethod
-    def encode(self, task: ChunkTask, examples: list[dict]) -> ChunkResult:
-        """Encode ``examples`` (``examples[k]`` is index ``task.start + k``)."""
+    def encode(self, task: ChunkTask, examples: Iterable[Any]) -> ChunkResult:
+        """Encode ``examples`` (the k-th is index ``task.start + k``).
+
+        ``examples`` is an iterable that computes each example on demand: take each
+        apart (copy or encode it) before asking for the next, since a dataset may
+        reuse its output buffers."""
 
 
 class ChunkSink(ABC):

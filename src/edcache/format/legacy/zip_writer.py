@@ -20,6 +20,7 @@ appends ``labels.p``, writes the central directory, fsyncs and renames ``.partia
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 import zipfile
@@ -76,6 +77,9 @@ def _zip_members(path: str) -> Iterator[tuple[str, bytes]]:
                 raise CorruptCacheError(f"{path}:{info.filename} is damaged ({exc})") from exc
 
 
+_IMMUTABLE = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 @dataclass(frozen=True)
 class LegacyZipEncoder(ChunkEncoder):
     """Pickles a chunk's examples in the worker (protocol 4, numpy 1.x names).
@@ -89,17 +93,21 @@ class LegacyZipEncoder(ChunkEncoder):
     stage_path: str | None = None  # the cache path staged files are named after
     protocol: int = PROTOCOL
 
-    def encode(self, task: ChunkTask, examples: list[dict]) -> ChunkResult:
+    def encode(self, task: ChunkTask, examples: Iterable[dict]) -> ChunkResult:
         labels: dict[str, list] = {k: [] for k in self.in_memory_keys}
+        blobs = []
+        # one pass, each example pickled as soon as it is computed (as edflow did): a
+        # dataset that reuses its output buffer is cached correctly
         for offset, example in enumerate(examples):
             for key in self.in_memory_keys:
                 try:
-                    labels[key].append(example[key])
+                    value = example[key]
                 except (KeyError, TypeError, IndexError):
                     raise LabelError(
                         f"example {task.start + offset} has no key {key!r}, which is in in_memory_keys"
                     ) from None
-        blobs = [legacy_dumps(example, self.protocol) for example in examples]
+                labels[key].append(value if type(value) in _IMMUTABLE else copy.deepcopy(value))
+            blobs.append(legacy_dumps(example, self.protocol))
         data = b"".join(blobs)
         result = ChunkResult(
             chunk_id=task.chunk_id, start=task.start, stop=task.stop,

@@ -1,0 +1,210 @@
+"""``manifest.json`` of a format-v2 cache: the one place it is encoded and parsed.
+
+A complete manifest describes everything a reader needs (columns, layouts, file
+sizes, labels); an incomplete one only the build's parameters (the schema of a build
+in progress is in ``commits.log``, see :mod:`.log`). See ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from ...errors import CorruptCacheError
+from ..base import ChunkTask
+from ..fsutil import atomic_write
+from .schema import ColumnSpec, Layout
+
+FORMAT = "edcache"
+VERSION = 2
+MANIFEST = "manifest.json"
+COMMITS = "commits.log"
+TABLE = "checksums.npy"
+COLUMNS_DIR = "columns"
+LABELS_DIR = "labels"
+#: A manifest larger than this is not one edcache wrote.
+MAX_MANIFEST_BYTES = 1 << 26
+
+
+def checksum(data: Any) -> str:
+    """xxh3-64 of ``data`` as 16 hex digits (what the manifest records)."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+@dataclass
+class Schema:
+    """The columns and layouts of a cache (fixed once complete)."""
+
+    columns: list[ColumnSpec] = field(default_factory=list)
+    layouts: list[Layout] = field(default_factory=list)
+    #: column holding each row's layout number (u32), or None: every row has layout 0
+    layout_column: int | None = None
+
+    def files(self) -> list[str]:
+        """Every column file, in the order of checksum tables and commit records."""
+        return [f for c in self.columns for f in c.files()]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "columns": [c.to_json() for c in self.columns],
+            "layouts": [lay.to_json() for lay in self.layouts],
+            "layout_column": self.layout_column,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> "Schema":
+        if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list) or not isinstance(
+            doc.get("layouts"), list
+        ):
+            raise CorruptCacheError(f"{where}: malformed schema")
+        columns = [ColumnSpec.from_json(c, where) for c in doc["columns"]]
+        layouts = [Layout.from_json(lay, len(columns), where) for lay in doc["layouts"]]
+        lc = doc.get("layout_column")
+        if lc is not None and not (type(lc) is int and 0 <= lc < len(columns)
+                                   and columns[lc].kind == "fixed" and columns[lc].dtype == "<u4"):
+            raise CorruptCacheError(f"{where}: malformed layout column {lc!r}")
+        stems = [c.stem for c in columns if c.files()]
+        if len(set(stems)) != len(stems):
+            raise CorruptCacheError(f"{where}: two columns share files")
+        return cls(columns, layouts, lc)
+
+
+@dataclass
+class Manifest:
+    """What ``manifest.json`` holds. See ``docs/format.md`` for every field."""
+
+    length: int
+    chunk_size: int
+    dataset: str = ""
+    fingerprint: str | None = None
+    in_memory_keys: list[Any] = field(default_factory=list)
+    allow_pickle: bool = False
+    parameters: str | None = None
+    complete: bool = False
+    schema: Schema = field(default_factory=Schema)
+    #: (relative path, size in bytes) of every column file, in schema order
+    files: list[tuple[str, int]] = field(default_factory=list)
+    #: {"nbytes", "xxh3"} of ``checksums.npy``
+    table: dict[str, Any] | None = None
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    version = VERSION
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.length // self.chunk_size) if self.length else 0
+
+    def chunk(self, chunk_id: int) -> ChunkTask:
+        start = chunk_id * self.chunk_size
+        return ChunkTask(chunk_id, start, min(start + self.chunk_size, self.length))
+
+    def build_params(self) -> dict[str, Any]:
+        """The fields that identify a build (also the commit log's header)."""
+        return {
+            "length": self.length, "chunk_size": self.chunk_size, "dataset": self.dataset,
+            "fingerprint": self.fingerprint, "in_memory_keys": list(self.in_memory_keys),
+            "allow_pickle": self.allow_pickle, "parameters": self.parameters,
+        }
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {"format": FORMAT, "version": VERSION, **self.build_params(),
+                               "complete": self.complete}
+        if self.complete:
+            doc.update(schema=self.schema.to_json(), files=[list(f) for f in self.files],
+                       table=self.table, labels=self.labels)
+        doc["xxh3"] = checksum(_canonical(doc))  # of the text without this key
+        return _canonical(doc)
+
+    @classmethod
+    def from_doc(cls, doc: dict, where: str) -> "Manifest":
+        """Build from the parameters of ``doc`` (a manifest or a log header)."""
+        try:
+            m = cls(
+                length=doc["length"], chunk_size=doc["chunk_size"], dataset=doc.get("dataset") or "",
+                fingerprint=doc.get("fingerprint"), in_memory_keys=list(doc.get("in_memory_keys") or []),
+                allow_pickle=doc.get("allow_pickle", False), parameters=doc.get("parameters"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptCacheError(f"{where}: manifest field missing or wrong ({exc})") from exc
+        if not (
+            type(m.length) is int and 0 <= m.length < 2**48
+            and type(m.chunk_size) is int and 0 < m.chunk_size < 2**32
+            and isinstance(m.dataset, str)
+            and (m.fingerprint is None or isinstance(m.fingerprint, str))
+            and (m.parameters is None or isinstance(m.parameters, str))
+            and type(m.allow_pickle) is bool
+            and all(type(k) in (str, int) for k in m.in_memory_keys)
+        ):
+            raise CorruptCacheError(f"{where}: manifest values out of range")
+        return m
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptCacheError(f"{where}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise CorruptCacheError(f"{where}: not an edcache manifest")
+        if doc.get("version") != VERSION:
+            raise CorruptCacheError(f"{where}: format version {doc.get('version')!r}; expected {VERSION}")
+        digest = doc.pop("xxh3", None)
+        if digest != checksum(_canonical(doc)):
+            raise CorruptCacheError(f"{where}: fails its checksum: the file is damaged or was edited by hand")
+        m = cls.from_doc(doc, where)
+        m.complete = doc.get("complete") is True
+        if m.complete:
+            m.schema = Schema.from_json(doc.get("schema"), where)
+            files, table, labels = doc.get("files"), doc.get("table"), doc.get("labels")
+            expected = m.schema.files()
+            if (
+                not isinstance(files, list)
+                or [f[0] if isinstance(f, list) and len(f) == 2 else None for f in files] != expected
+                or not all(type(f[1]) is int and f[1] >= 0 for f in files)
+                or not (isinstance(table, dict) and type(table.get("nbytes")) is int
+                        and isinstance(table.get("xxh3"), str))
+                or not isinstance(labels, dict)
+                or set(labels) != {str(k) for k in m.in_memory_keys}
+                or not all(isinstance(v, dict) for v in labels.values())
+            ):
+                raise CorruptCacheError(f"{where}: complete manifest is malformed (files, table or labels)")
+            m.files = [(f[0], f[1]) for f in files]
+            m.table, m.labels = table, labels
+        return m
+
+
+def _canonical(doc: dict) -> bytes:
+    """The manifest text edcache writes for ``doc`` (keys sorted, one-space indent)."""
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def peek_version(cache_dir: str) -> int | None:
+    """The format version a manifest declares (None if absent or unreadable)."""
+    try:
+        with open(os.path.join(cache_dir, MANIFEST), "rb") as f:
+            doc = json.loads(f.read(MAX_MANIFEST_BYTES))
+        version = doc.get("version") if isinstance(doc, dict) else None
+        return version if type(version) is int else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def read_manifest(cache_dir: str) -> Manifest:
+    """Read ``manifest.json`` of ``cache_dir`` (``FileNotFoundError`` if absent)."""
+    from .files import open_regular
+
+    path = os.path.join(cache_dir, MANIFEST)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCacheError(f"{path}: {size} bytes is too large for a manifest")
+        data = f.read(size + 1)
+    return Manifest.from_bytes(data, path)
+
+
+def write_manifest(cache_dir: str, manifest: Manifest) -> None:
+    atomic_write(os.path.join(cache_dir, MANIFEST), manifest.to_bytes())

@@ -1,0 +1,241 @@
+"""Column kinds of format v2, their files, and how a chunk's column merges into the cache's.
+
+Every top-level field of the examples (a dict key, or a position of a tuple/list
+example) is one column. A column has one *kind* for the whole cache:
+
+========== =================================================== =============================
+kind       holds (every present row)                           files
+========== =================================================== =============================
+fixed      arrays of one dtype and shape, or Python int/float/  ``data``: row ``r`` at
+           bool, or numpy scalars of one dtype (``py`` says     ``r * row_bytes``
+           which, so they read back with their type)
+ragged     arrays of one dtype whose shapes differ only in the  ``data`` (rows concatenated
+           first axis (boxes ``(k, 4)``, token ids ``(k,)``)    along axis 0), ``index``:
+                                                                ``n + 1`` u64 item offsets
+varshape   arrays of one dtype and ndim, any shapes              ``data``, ``index``: per row
+                                                                u64 byte offset + ``ndim`` dims
+str/bytes  str (UTF-8) / bytes                                   ``data``, ``index``: ``n + 1``
+                                                                u64 byte offsets
+record     anything else the safe codec stores (nested          ``data`` (16-byte aligned
+           containers, mixed kinds, 0-d arrays, ...)            rows), ``index``: ``n + 1``
+                                                                u64 byte offsets
+none       only ``None``                                         (none)
+========== =================================================== =============================
+
+The cache's kind of a column is decided by the examples in index order: chunk 0
+decides, and a later chunk whose values do not fit *promotes* the column with
+:func:`merge` (fixed -> ragged -> varshape, anything -> record). Since chunks are
+appended in index order, the result does not depend on workers or timing.
+
+:class:`ColumnSpec` is the one place a column description is turned into JSON and
+back (manifest and commit log both use :meth:`ColumnSpec.to_json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ...errors import CorruptCacheError
+from ..shards.codec import _is_storable_dtype
+
+FIXED, RAGGED, VARSHAPE, STR, BYTES, RECORD, NONE = (
+    "fixed", "ragged", "varshape", "str", "bytes", "record", "none",
+)
+#: a chunk in which no example has the field: fits any column kind
+ABSENT = "absent"
+KINDS = frozenset({FIXED, RAGGED, VARSHAPE, STR, BYTES, RECORD, NONE})
+#: how a fixed column's rows read back
+PY_KINDS = frozenset({"array", "int", "float", "bool", "scalar"})
+#: kinds with an index file
+INDEXED = frozenset({RAGGED, VARSHAPE, STR, BYTES, RECORD})
+
+#: Top-level container of an example, per layout.
+CONTAINERS = frozenset({"dict", "tuple", "list", "whole"})
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """What one column holds and where.
+
+    Attributes
+    ----------
+    key : str, int or None
+        The dict key (str) or tuple/list position (int); None for internal columns
+        (the per-row layout column, the whole-example column).
+    kind : str
+        One of :data:`KINDS` (or :data:`ABSENT` in a chunk).
+    dtype : str or None
+        numpy dtype string of fixed, ragged and varshape columns.
+    shape : tuple of int
+        fixed: the shape of one row; ragged: the shape of one item along axis 0.
+    ndim : int
+        varshape: the number of dimensions of every row.
+    py : str
+        fixed: how a row reads back (``array``, ``int``, ``float``, ``bool``, ``scalar``).
+    stem : str
+        File name stem in the cache (set by the coordinator; empty in a chunk).
+    """
+
+    key: Any
+    kind: str
+    dtype: str | None = None
+    shape: tuple = ()
+    ndim: int = 0
+    py: str = "array"
+    stem: str = ""
+
+    # -- files -----------------------------------------------------------------------
+    def files(self) -> list[str]:
+        """Relative paths of this column's files, data first."""
+        if self.kind == NONE or self.kind == ABSENT:
+            return []
+        data = f"columns/{self.stem}.data"
+        if self.kind in INDEXED:
+            return [data, f"columns/{self.stem}.index"]
+        return [data]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of a fixed column (one item along axis 0 of a ragged one)."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
+
+    @property
+    def index_row_items(self) -> int:
+        """u64 entries per row in the index file (varshape: offset + dims; else 1)."""
+        return 1 + self.ndim if self.kind == VARSHAPE else 1
+
+    def same_kind(self, other: "ColumnSpec") -> bool:
+        """Whether ``other`` holds the same kind of values (ignoring key and files)."""
+        return (self.kind, self.dtype, tuple(self.shape), self.ndim, self.py) == (
+            other.kind, other.dtype, tuple(other.shape), other.ndim, other.py
+        )
+
+    # -- JSON ------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"key": self.key, "kind": self.kind, "stem": self.stem}
+        if self.kind in (FIXED, RAGGED, VARSHAPE):
+            doc["dtype"] = self.dtype
+        if self.kind in (FIXED, RAGGED):
+            doc["shape"] = list(self.shape)
+        if self.kind == VARSHAPE:
+            doc["ndim"] = self.ndim
+        if self.kind == FIXED:
+            doc["py"] = self.py
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> "ColumnSpec":
+        """Parse and validate a column description (``CorruptCacheError`` if malformed)."""
+        def bad(what: str) -> CorruptCacheError:
+            return CorruptCacheError(f"{where}: malformed column description ({what}): {doc!r:.200}")
+
+        if not isinstance(doc, dict):
+            raise bad("not a map")
+        key, kind, stem = doc.get("key"), doc.get("kind"), doc.get("stem")
+        if not (key is None or type(key) in (str, int)):
+            raise bad("key")
+        if kind not in KINDS:
+            raise bad("kind")
+        if not isinstance(stem, str) or not stem.replace("-", "").replace(".", "").isalnum():
+            raise bad("stem")
+        spec = cls(key=key, kind=kind, stem=stem)
+        if kind in (FIXED, RAGGED, VARSHAPE):
+            dtype = doc.get("dtype")
+            try:
+                dt = np.dtype(dtype) if isinstance(dtype, str) else None
+            except (TypeError, ValueError):
+                dt = None
+            if dt is None or not _is_storable_dtype(dt):
+                raise bad("dtype")
+            spec = replace(spec, dtype=dt.str)
+        if kind in (FIXED, RAGGED):
+            shape = doc.get("shape")
+            if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
+                raise bad("shape")
+            spec = replace(spec, shape=tuple(shape))
+        if kind == VARSHAPE:
+            ndim = doc.get("ndim")
+            if type(ndim) is not int or not 1 <= ndim <= 32:
+                raise bad("ndim")
+            spec = replace(spec, ndim=ndim)
+        if kind == FIXED:
+            py = doc.get("py")
+            if py not in PY_KINDS:
+                raise bad("py")
+            spec = replace(spec, py=py)
+            if py in ("int", "float", "bool") and (spec.shape or spec.dtype != _PY_DTYPES[py].str):
+                raise bad("py dtype")
+        return spec
+
+
+_PY_DTYPES = {"int": np.dtype("<i8"), "float": np.dtype("<f8"), "bool": np.dtype("|b1")}
+
+
+def merge(cache: ColumnSpec, chunk: ColumnSpec) -> ColumnSpec:
+    merged = _merge(cache, chunk)
+    return cache if merged.same_kind(cache) else merged
+
+
+def _merge(cache: ColumnSpec, chunk: ColumnSpec) -> ColumnSpec:
+    """The kind a column must have to hold the rows of both ``cache`` and ``chunk``.
+
+    Returns ``cache`` itself when the chunk fits as it is. The order of promotion:
+    fixed arrays -> ragged (first axis varies) -> varshape (any axis varies) ->
+    record (kinds differ).
+    """
+    if chunk.kind == ABSENT or cache.same_kind(chunk):
+        return cache
+    if cache.kind == ABSENT:
+        return replace(chunk, key=cache.key, stem=cache.stem)
+    a, b = _as_array_kind(cache), _as_array_kind(chunk)
+    if a is not None and b is not None and a[0] == b[0]:
+        (dtype, ndim_a, trail_a), (_, ndim_b, trail_b) = a, b
+        if ndim_a == ndim_b and ndim_a >= 1:
+            if trail_a == trail_b and trail_a is not None:
+                return ColumnSpec(cache.key, RAGGED, dtype, trail_a, stem=cache.stem)
+            return ColumnSpec(cache.key, VARSHAPE, dtype, ndim=ndim_a, stem=cache.stem)
+    return ColumnSpec(cache.key, RECORD, stem=cache.stem)
+
+
+def _as_array_kind(spec: ColumnSpec) -> tuple[str, int, tuple | None] | None:
+    """(dtype, ndim, trailing shape or None) of an array column, else None."""
+    if spec.kind == FIXED and spec.py == "array" and spec.shape:
+        return spec.dtype, len(spec.shape), tuple(spec.shape[1:])  # type: ignore[return-value]
+    if spec.kind == RAGGED:
+        return spec.dtype, len(spec.shape) + 1, tuple(spec.shape)  # type: ignore[return-value]
+    if spec.kind == VARSHAPE:
+        return spec.dtype, spec.ndim, None  # type: ignore[return-value]
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the columns make up an example: its container and the columns in order.
+
+    ``container`` is ``dict`` (keys are the columns' keys), ``tuple`` or ``list``
+    (columns are the positions), or ``whole`` (one record column holds the example).
+    """
+
+    container: str
+    columns: tuple[int, ...]
+
+    def to_json(self) -> list:
+        return [self.container, list(self.columns)]
+
+    @classmethod
+    def from_json(cls, doc: Any, num_columns: int, where: str) -> "Layout":
+        if (
+            not isinstance(doc, list) or len(doc) != 2 or doc[0] not in CONTAINERS
+            or not isinstance(doc[1], list)
+            or not all(type(c) is int and 0 <= c < num_columns for c in doc[1])
+            or (doc[0] == "whole" and len(doc[1]) != 1)
+        ):
+            raise CorruptCacheError(f"{where}: malformed layout {doc!r:.200}")
+        return cls(doc[0], tuple(doc[1]))

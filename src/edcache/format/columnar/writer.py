@@ -1,0 +1,618 @@
+"""Writing a format-v2 cache: chunks are appended to the column files in index order.
+
+Workers turn chunks into column parts (:mod:`.chunk`); the coordinator, the only
+writer, appends each chunk to the column files once its predecessors are in (results
+that arrive early wait in a bounded reorder buffer, spilled to a temporary file past
+:attr:`ColumnarSink.max_pending_bytes`), then appends its commit record to
+``commits.log``. Each byte is written once, in place: no second copy, no packing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import xxhash
+
+from ...errors import CacheMismatchError, CorruptCacheError, LabelError
+from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
+from ..fsutil import atomic_write, fsync_dir, is_temp, sync_filesystem, temp_name
+from ..shards.codec import Encoder, raw_bytes
+from .chunk import ChunkColumns, build_chunk, column_parts
+from .files import check_no_links, open_fd
+from .log import CommitLog, LogState, chunk_record, read_log, schema_record
+from .manifest import (
+    COLUMNS_DIR, COMMITS, LABELS_DIR, MANIFEST, TABLE, Manifest, Schema, peek_version, read_manifest,
+    write_manifest,
+)
+from .records import encode_row
+from .schema import ABSENT, FIXED, INDEXED, RAGGED, VARSHAPE, ColumnSpec, Layout, merge
+
+#: kinds whose index file starts with one extra u64 0 (``n + 1`` offsets)
+_LEADING = frozenset({RAGGED, "str", "bytes", "record"})
+
+
+class ColumnarEncoder(ChunkEncoder):
+    """Runs in the workers: one chunk of examples -> :class:`.chunk.ChunkColumns`."""
+
+    def __init__(self, in_memory_keys: list[Any], allow_pickle: bool) -> None:
+        self.in_memory_keys = list(in_memory_keys)
+        self.allow_pickle = allow_pickle
+
+    def encode(self, task: ChunkTask, examples: Iterable[Any]) -> ChunkResult:
+        columns = build_chunk(task.start, task.size, self._checked(task, examples), self.allow_pickle)
+        return ChunkResult(task.chunk_id, task.start, task.stop, "", columns.nbytes, payload=columns)
+
+    def _checked(self, task: ChunkTask, examples: Iterable[Any]) -> Iterable[Any]:
+        keys = self.in_memory_keys
+        for k, example in enumerate(examples):
+            for key in keys:
+                try:
+                    example[key]
+                except (KeyError, TypeError, IndexError):
+                    seen = list(example) if isinstance(example, dict) else type(example).__name__
+                    raise LabelError(
+                        f"example {task.start + k} has no in_memory_key {key!r} (it has {seen})"
+                    ) from None
+            yield example
+
+
+class ColumnarSink(ChunkSink):
+    """The coordinator's side of a format-v2 build (create with :func:`prepare_cache_dir`).
+
+    Commits are made durable in groups: column data, then the log, at most every
+    ``sync_interval`` seconds and always before completion; after a power loss the
+    last second of chunks is computed again (their data fails the size check).
+    """
+
+    #: results that arrived before their predecessors kept in memory, at most
+    max_pending_bytes = 256 << 20
+
+    def __init__(self, cache_dir: str, manifest: Manifest, state: LogState | None,
+                 *, complete: bool = False, sync_interval: float = 1.0) -> None:
+        self.cache_dir = cache_dir
+        self.manifest = manifest
+        self.chunk_size = manifest.chunk_size
+        self.progress = False
+        self.sync_interval = sync_interval
+        self._complete = complete
+        self._log: CommitLog | None = None
+        self._fds: dict[str, int] = {}
+        self._pending: dict[int, ChunkColumns] = {}
+        self._spilled: dict[int, str] = {}
+        self._pending_bytes = 0
+        self._encoder = Encoder(allow_pickle=manifest.allow_pickle)
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        if complete:
+            self.committed_chunks = manifest.num_chunks
+            return
+        assert state is not None
+        self.schema = state.schema
+        self.segments = {f: list(s) for f, s in state.segments.items()}
+        self.committed_chunks = state.committed
+        self._log = CommitLog(cache_dir)
+        self._key_col = {c.key: i for i, c in enumerate(self.schema.columns) if c.key is not None}
+        self._whole = next((lay.columns[0] for lay in self.schema.layouts if lay.container == "whole"), None)
+        self._layout_ids = {lay: i for i, lay in enumerate(self.schema.layouts)}
+        self._tails: dict[int, int] = {}
+        for i, spec in enumerate(self.schema.columns):
+            for f in spec.files():
+                self._fds[f] = open_fd(os.path.join(cache_dir, f), os.O_RDWR)
+            if spec.kind in _LEADING:
+                idx = spec.files()[1]
+                end = self._end(idx)
+                self._tails[i] = int.from_bytes(os.pread(self._fds[idx], 8, end - 8), "little") if end else 0
+
+    # -- ChunkSink ---------------------------------------------------------------------
+    def committed(self) -> set[int]:
+        return set(range(self.committed_chunks))
+
+    def encoder(self, *, staged: bool) -> ColumnarEncoder:
+        return ColumnarEncoder(self.manifest.in_memory_keys, self.manifest.allow_pickle)
+
+    def commit(self, result: ChunkResult) -> bool:
+        chunk = result.chunk_id
+        if chunk < self.committed_chunks or chunk in self._pending or chunk in self._spilled:
+            return False
+        task = self.manifest.chunk(chunk)
+        columns = result.payload
+        if not isinstance(columns, ChunkColumns) or (columns.start, columns.count) != (task.start, task.size):
+            raise CorruptCacheError(f"result for chunk {chunk} does not hold examples {task.start}..{task.stop - 1}")
+        if chunk != self.committed_chunks:
+            self._hold(chunk, columns)
+            return True
+        self._append(columns)
+        while self.committed_chunks in self._pending or self.committed_chunks in self._spilled:
+            self._append(self._take(self.committed_chunks))
+        if time.monotonic() - self._last_sync >= self.sync_interval:
+            self.sync()
+        return True
+
+    # -- the reorder buffer --------------------------------------------------------------
+    def _hold(self, chunk: int, columns: ChunkColumns) -> None:
+        if self._pending_bytes + columns.nbytes <= self.max_pending_bytes:
+            self._pending[chunk] = columns
+            self._pending_bytes += columns.nbytes
+            return
+        path = temp_name(os.path.join(self.cache_dir, f"pending-{chunk}"))
+        with open(path, "wb") as f:
+            pickle.dump(columns, f, protocol=pickle.HIGHEST_PROTOCOL)
+        self._spilled[chunk] = path
+
+    def _take(self, chunk: int) -> ChunkColumns:
+        if chunk in self._pending:
+            columns = self._pending.pop(chunk)
+            self._pending_bytes -= columns.nbytes
+            return columns
+        path = self._spilled.pop(chunk)
+        with open(path, "rb") as f:
+            columns = pickle.load(f)  # written by this process a moment ago
+        os.unlink(path)
+        return columns
+
+    # -- appending one chunk -------------------------------------------------------------
+    def _end(self, f: str) -> int:
+        segs = self.segments.get(f)
+        return segs[-1][0] if segs else 0
+
+    def _append(self, cc: ChunkColumns) -> None:
+        chunk = self.committed_chunks
+        created: dict[str, list[tuple[int, int]]] = {}
+        changed = False
+        by_key = {col.spec.key: col for col in cc.columns}
+        # 1. layouts: which cache column holds each field of each local layout
+        local_to_global = []
+        for container, keys in cc.layouts:
+            if container == "whole":
+                if self._whole is None:
+                    self._whole = self._new_column(None)
+                lay = Layout("whole", (self._whole,))
+            else:
+                lay = Layout(container, tuple(self._key_col.get(k) if k in self._key_col
+                                              else self._add_key(k) for k in keys))
+            lid = self._layout_ids.get(lay)
+            if lid is None:
+                lid = self._layout_ids[lay] = len(self.schema.layouts)
+                self.schema.layouts.append(lay)
+                changed = True
+            local_to_global.append(lid)
+        mapping = np.asarray(local_to_global, dtype="<u4")
+        rows_layout = mapping[cc.row_layout] if cc.row_layout is not None else np.full(cc.count, mapping[0], "<u4")
+        if self.schema.layout_column is None and rows_layout.any():
+            self.schema.layout_column = self._new_column(None)
+            self._promote(self.schema.layout_column, ColumnSpec(None, FIXED, "<u4", (), py="scalar"), created)
+            changed = True
+        # 2. kinds: promote cache columns that cannot hold this chunk's values
+        chunk_spec: dict[int, ColumnSpec] = {}
+        for col in cc.columns:
+            gid = self._whole if col.spec.key is None else self._key_col[col.spec.key]
+            chunk_spec[gid] = col.spec
+            cache = self.schema.columns[gid]
+            new = merge(cache, col.spec)
+            if new is not cache:
+                self._promote(gid, new, created)
+                changed = True
+        if changed:
+            self._log.append(schema_record(self.schema, created))  # type: ignore[union-attr]
+        # 3. append every column's rows of this chunk
+        ends: list[int] = []
+        hashes: list[int] = []
+        for gid, spec in enumerate(self.schema.columns):
+            if gid == self.schema.layout_column:
+                parts = [rows_layout]
+            else:
+                key = None if gid == self._whole else spec.key
+                col = by_key.get(key) if (key is not None or gid == self._whole) else None
+                parts = self._parts_for(spec, col, cc.count, _rows_with(cc, key) if col is not None else [])
+            e, h = self._write(gid, spec, parts)
+            ends += e
+            hashes += h
+        self._log.append(chunk_record(chunk, ends, hashes))  # type: ignore[union-attr]
+        for f, e, h in zip(self.schema.files(), ends, hashes):
+            self.segments[f].append((e, h))
+        self.committed_chunks += 1
+        self._dirty = True
+
+    def _add_key(self, key: Any) -> int:
+        gid = self._new_column(key)
+        self._key_col[key] = gid
+        return gid
+
+    def _new_column(self, key: Any) -> int:
+        gid = len(self.schema.columns)
+        self.schema.columns.append(ColumnSpec(key, ABSENT, stem=f"{gid:04d}"))
+        return gid
+
+    def _parts_for(self, spec: ColumnSpec, col: Any, count: int, rows: list[int]) -> list[Any]:
+        """This chunk's parts of a column in the cache's kind ``spec`` (``rows``: the
+        rows of the chunk that hold the field)."""
+        if col is None or col.spec.kind == ABSENT:  # no example of the chunk has the field
+            return column_parts(spec, [], [], count, self._encoder)
+        if col.spec.same_kind(spec):
+            return col.parts
+        values = _present_values(col.spec, col.parts, count, rows, self.manifest.allow_pickle)
+        return column_parts(spec, rows, values, count, self._encoder)
+
+    def _write(self, gid: int, spec: ColumnSpec, parts: list[Any]) -> tuple[list[int], list[int]]:
+        files = spec.files()
+        if not files:
+            return [], []
+        data_file = files[0]
+        data = parts[0]
+        bufs: list[list[Any]] = [[raw_bytes(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data]]
+        if len(files) > 1:
+            index = parts[1]
+            lead = [bytes(8)] if spec.kind in _LEADING and self._end(files[1]) == 0 else []
+            if spec.kind in _LEADING:
+                base = self._tails.get(gid, 0)
+                shifted = (index + np.uint64(base)).astype("<u8") if base else index.astype("<u8", copy=False)
+                if len(shifted):
+                    self._tails[gid] = int(shifted[-1])
+            else:  # varshape: byte offsets in column 0
+                shifted = index.astype("<u8", copy=True)
+                shifted[:, 0] += np.uint64(self._end(data_file))
+            bufs.append(lead + [raw_bytes(np.ascontiguousarray(shifted))])
+        ends, hashes = [], []
+        for f, pieces in zip(files, bufs):
+            fd, pos = self._fds[f], self._end(f)
+            h = xxhash.xxh3_64()
+            for piece in pieces:
+                view = memoryview(piece).cast("B") if not isinstance(piece, bytes) else piece
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(fd, view[written:], pos + written)
+                pos += len(view)
+                h.update(view)
+            ends.append(pos)
+            hashes.append(h.intdigest())
+        return ends, hashes
+
+    # -- schema changes ------------------------------------------------------------------
+    def _promote(self, gid: int, new: ColumnSpec, created: dict[str, list[tuple[int, int]]]) -> None:
+        """Give column ``gid`` the kind ``new``: new files holding its rows so far
+        (zeros and empty rows for a column new in this chunk, else its rows converted)."""
+        old = self.schema.columns[gid]
+        if old.kind != ABSENT and old.files():
+            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py,
+                             stem=_next_stem(old.stem))
+        else:
+            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py, stem=old.stem)
+        n_chunks, cs = self.committed_chunks, self.chunk_size
+        views = None
+        if old.kind != ABSENT and n_chunks:
+            views = _open_views(self.cache_dir, self.schema, self.segments, n_chunks * cs,
+                                self.manifest.allow_pickle, only=[gid, self.schema.layout_column])
+        for f in new.files():
+            path = os.path.join(self.cache_dir, f)
+            fd = open_fd(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            self._fds[f] = fd
+            created[f] = []
+            self.segments[f] = created[f]
+        self.schema.columns[gid] = new
+        self._tails.pop(gid, None)
+        for chunk in range(n_chunks):
+            rows = range(chunk * cs, (chunk + 1) * cs)
+            if views is None:
+                parts = column_parts(new, [], [], cs, self._encoder)
+            else:
+                present = _present_rows(self.schema, gid, views, rows)
+                get = views[gid].get
+                parts = column_parts(new, [r - rows.start for r in present], [get(r) for r in present],
+                                     cs, self._encoder)
+            for f, (e, h) in zip(new.files(), zip(*self._write(gid, new, parts))):
+                created[f].append((e, h))
+                # (segments[f] is created[f]: _end sees what was just written)
+        for f in old.files():
+            if f not in new.files():
+                os.close(self._fds.pop(f))
+                self.segments.pop(f, None)
+                _unlink(os.path.join(self.cache_dir, f))
+
+    # -- durability and completion -------------------------------------------------------
+    def sync(self) -> None:
+        """Make every commit so far durable: column data first, then the log."""
+        if self._dirty and not sync_filesystem(self.cache_dir):
+            for fd in self._fds.values():
+                os.fsync(fd)
+        if self._log is not None and not self._log.closed:
+            self._log.sync()
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def finalize(self) -> None:
+        """Write the labels, the checksum table and the complete manifest."""
+        if self._complete:
+            return
+        m = self.manifest
+        if self.committed_chunks != m.num_chunks:
+            raise CorruptCacheError(
+                f"cannot finalize {self.cache_dir}: {m.num_chunks - self.committed_chunks} chunks missing"
+            )
+        self.sync()
+        files = self.schema.files()
+        m.labels = self._write_labels()
+        table = np.zeros((m.num_chunks, len(files), 2), dtype="<u8")
+        for j, f in enumerate(files):
+            if m.num_chunks:
+                table[:, j] = np.asarray(self.segments[f], dtype=np.uint64).reshape(-1, 2)
+        buf = io.BytesIO()
+        np.save(buf, table, allow_pickle=False)
+        atomic_write(os.path.join(self.cache_dir, TABLE), buf.getvalue())
+        m.schema = self.schema
+        m.files = [(f, self._end(f)) for f in files]
+        m.table = {"nbytes": len(buf.getvalue()), "xxh3": xxhash.xxh3_64_hexdigest(buf.getvalue())}
+        m.complete = True
+        write_manifest(self.cache_dir, m)
+        _unlink(os.path.join(self.cache_dir, COMMITS))  # right after: a stale log is ignored
+        self.close()
+        remove_strays(self.cache_dir, m.schema, m.labels)
+        fsync_dir(self.cache_dir)
+        self._complete = True
+
+    def _write_labels(self) -> dict[str, dict[str, Any]]:
+        from ..shards.labels import to_column
+
+        m = self.manifest
+        out: dict[str, dict[str, Any]] = {}
+        if not m.in_memory_keys:
+            return out
+        views = _open_views(self.cache_dir, self.schema, self.segments, m.length, m.allow_pickle)
+        os.makedirs(os.path.join(self.cache_dir, LABELS_DIR), exist_ok=True)
+        for n, key in enumerate(m.in_memory_keys):
+            gid = self._key_col.get(key)
+            present = _present_rows(self.schema, gid, views, range(m.length)) if gid is not None else []
+            if len(present) != m.length:
+                missing = sorted(set(range(m.length)) - set(present))[0]
+                raise LabelError(f"example {missing} has no in_memory_key {key!r}")
+            spec = self.schema.columns[gid]  # type: ignore[index]
+            if spec.kind == FIXED:
+                out[str(key)] = {"column": gid}
+                continue
+            get = views[gid].get  # type: ignore[index]
+            column = to_column(key, [get(r) for r in range(m.length)])
+            if isinstance(column, np.ndarray):
+                buf = io.BytesIO()
+                np.save(buf, column, allow_pickle=False)
+                data, rel, kind = buf.getvalue(), f"{LABELS_DIR}/{n}.npy", "array"
+                extra = {"dtype": column.dtype.str, "shape": list(column.shape)}
+            else:
+                data, rel, kind, extra = encode_row(column, self._encoder), f"{LABELS_DIR}/{n}.list", "list", {}
+            atomic_write(os.path.join(self.cache_dir, rel), data)
+            out[str(key)] = {"file": rel, "kind": kind, "nbytes": len(data),
+                             "xxh3": xxhash.xxh3_64_hexdigest(data), **extra}
+        return out
+
+    def close(self) -> None:
+        if self._log is not None and not self._log.closed:
+            try:
+                self.sync()
+            except OSError:
+                pass  # closing after a failure: what was committed stays valid
+            self._log.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        for path in self._spilled.values():
+            _unlink(path)
+        self._spilled = {}
+
+
+def dataset_identity(dataset: Any) -> str:
+    """What the manifest records as the dataset's identity: its class."""
+    cls = type(dataset)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _rows_with(cc: ChunkColumns, key: Any) -> list[int]:
+    """Rows of a chunk whose layout has field ``key`` (None: the whole-example column)."""
+    has = [(container == "whole") if key is None else (container != "whole" and key in keys)
+           for container, keys in cc.layouts]
+    if cc.row_layout is None:
+        return list(range(cc.count)) if has[0] else []
+    return np.flatnonzero(np.asarray(has, dtype=bool)[cc.row_layout]).tolist()
+
+
+def _next_stem(stem: str) -> str:
+    base, _, gen = stem.partition(".")
+    return f"{base}.{int(gen or 0) + 1}"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[int],
+                    allow_pickle: bool) -> list[Any]:
+    """The values at ``rows`` of one chunk column (to re-encode them in another kind)."""
+    from .columns import ColumnView
+
+    data = parts[0] if parts else b""
+    data = raw_bytes(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+    index = None
+    if spec.kind in INDEXED:
+        idx = parts[1]
+        if spec.kind in _LEADING:
+            idx = np.concatenate([np.zeros(1, "<u8"), idx.astype("<u8")])
+        index = raw_bytes(np.ascontiguousarray(idx))
+    get = ColumnView(spec, data, index, count, allow_pickle=allow_pickle, where="chunk").get
+    return [get(r) for r in rows]
+
+
+def _open_views(cache_dir: str, schema: Schema, segments: dict, rows: int, allow_pickle: bool,
+                only: list[int | None] | None = None) -> dict[int, Any]:
+    """Column views over the committed part of each (or only some) column."""
+    from .reader import map_columns
+
+    wanted = [g for g in (only if only is not None else range(len(schema.columns))) if g is not None]
+    ends = {f: (s[-1][0] if s else 0) for f, s in segments.items()}
+    return map_columns(cache_dir, schema, ends, rows, allow_pickle, wanted)[0]
+
+
+def _present_rows(schema: Schema, gid: int | None, views: dict, rows: range) -> list[int]:
+    """The rows of ``rows`` whose layout includes column ``gid``."""
+    if gid is None:
+        return []
+    has = [gid in lay.columns for lay in schema.layouts]
+    if schema.layout_column is None:
+        return list(rows) if has and has[0] else []
+    lc = views[schema.layout_column].array
+    ids = np.asarray(lc[rows.start:rows.stop])
+    ok = np.asarray(has, dtype=bool)
+    if ids.size and int(ids.max()) >= len(has):
+        raise CorruptCacheError("layout column names a layout that does not exist")
+    return (np.flatnonzero(ok[ids]) + rows.start).tolist()
+
+
+# -- preparing a directory ----------------------------------------------------------------
+def remove_strays(cache_dir: str, schema: Schema, labels: dict | None = None) -> None:
+    """Delete every file of ``cache_dir`` the cache does not use (temporary files,
+    files of rewritten columns, a format-v1 build's leftovers)."""
+    keep = set(schema.files()) | {MANIFEST, COMMITS, TABLE}
+    keep |= {e["file"] for e in (labels or {}).values() if isinstance(e.get("file"), str)}
+    for folder in ("", COLUMNS_DIR, LABELS_DIR, "shards"):
+        path = os.path.join(cache_dir, folder) if folder else cache_dir
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        for entry in os.scandir(path):
+            rel = f"{folder}/{entry.name}" if folder else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            if rel not in keep or is_temp(entry.name):
+                _unlink(entry.path)
+    for folder in ("shards",):  # an old v1 layout's folder
+        try:
+            os.rmdir(os.path.join(cache_dir, folder))
+        except OSError:
+            pass
+    for name in ("packed.shard", "shards.idx"):
+        _unlink(os.path.join(cache_dir, name))
+
+
+def prepare_cache_dir(
+    cache_dir: str,
+    *,
+    length: int,
+    chunk_size: int,
+    dataset: str,
+    in_memory_keys: list[Any],
+    allow_pickle: bool,
+    keep_existing: bool,
+    parameters: str | None = None,
+    fingerprint: str | None = None,
+) -> ColumnarSink:
+    """Get ``cache_dir`` ready for a (resumed) build and return its sink.
+
+    With ``keep_existing`` the committed chunks of an earlier run are kept (files are
+    truncated to what the log committed); otherwise the cache is started over. The
+    caller must hold the cache's build lock.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    check_no_links(cache_dir)
+    fresh = Manifest(length=length, chunk_size=chunk_size, dataset=dataset, fingerprint=fingerprint,
+                     in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle, parameters=parameters)
+    if not keep_existing or peek_version(cache_dir) == 1:
+        return _start_over(cache_dir, fresh)
+    try:
+        old: Manifest | None = read_manifest(cache_dir)
+    except FileNotFoundError:
+        old = None
+    except CorruptCacheError as exc:
+        state = read_log(cache_dir)
+        if state is None:
+            if not _has_data(cache_dir):
+                return _start_over(cache_dir, fresh)
+            raise CorruptCacheError(
+                f"{exc}. The cache's columns are kept untouched; run `edcache verify {cache_dir}` "
+                "to see what is damaged, then rebuild with force_cache=True, keep_existing=False "
+                "(CLI: --force --no-keep-existing), which deletes it."
+            ) from exc
+        old = Manifest.from_doc(state.params, os.path.join(cache_dir, COMMITS))
+        check_resumable(cache_dir, old, fresh)
+        write_manifest(cache_dir, old)  # recovered from the log's header: resume
+    if old is None:
+        return _start_over(cache_dir, fresh)
+    check_resumable(cache_dir, old, fresh)
+    if old.complete:
+        _unlink(os.path.join(cache_dir, COMMITS))  # a stale log of a kill right after completion
+        remove_strays(cache_dir, old.schema, old.labels)
+        return ColumnarSink(cache_dir, old, None, complete=True)
+    state = read_log(cache_dir)
+    if state is None:
+        return _start_over(cache_dir, fresh)
+    ends = state.ends()
+    for f, end in ends.items():
+        path = os.path.join(cache_dir, f)
+        try:
+            fd = open_fd(path, os.O_RDWR)
+        except FileNotFoundError:
+            fd = -1
+        size = os.fstat(fd).st_size if fd >= 0 else -1
+        if size < end:  # committed data lost (a power loss before the group fsync): start over
+            if fd >= 0:
+                os.close(fd)
+            return _start_over(cache_dir, fresh)
+        os.ftruncate(fd, end)
+        os.close(fd)
+    remove_strays(cache_dir, state.schema)
+    return ColumnarSink(cache_dir, old, state)
+
+
+def _has_data(cache_dir: str) -> bool:
+    path = os.path.join(cache_dir, COLUMNS_DIR)
+    return os.path.isdir(path) and any(not is_temp(n) for n in os.listdir(path))
+
+
+def _start_over(cache_dir: str, manifest: Manifest) -> ColumnarSink:
+    """A new, empty build. The order keeps a valid cache at every instant: the new log,
+    then the incomplete manifest (from here on the old files are strays), then the
+    old files are deleted (unlinked, never truncated: readers of the old build keep
+    reading it)."""
+    build = CommitLog.create(cache_dir, manifest)
+    write_manifest(cache_dir, manifest)
+    os.makedirs(os.path.join(cache_dir, COLUMNS_DIR), exist_ok=True)
+    remove_strays(cache_dir, Schema())
+    for folder in (LABELS_DIR,):
+        try:
+            os.rmdir(os.path.join(cache_dir, folder))
+        except OSError:
+            pass
+    fsync_dir(cache_dir)
+    state = LogState(build, manifest.build_params())
+    return ColumnarSink(cache_dir, manifest, state)
+
+
+def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
+    """Refuse to mix committed work of another dataset, length or parameters."""
+    hint = "Rebuild it with force_cache=True, keep_existing=False (CLI: --force --no-keep-existing)."
+    if old.length != new.length or (old.dataset and old.dataset != new.dataset):
+        raise CacheMismatchError(
+            f"the cache at {cache_dir} was built from {old.dataset or 'a dataset'} of length "
+            f"{old.length}; this dataset is {new.dataset} of length {new.length}. {hint}"
+        )
+    if list(old.in_memory_keys) != list(new.in_memory_keys):
+        raise CacheMismatchError(
+            f"the cache at {cache_dir} was built with in_memory_keys {old.in_memory_keys}; "
+            f"this dataset has {list(new.in_memory_keys)}. {hint}"
+        )
+    if new.parameters is not None and old.parameters is not None and old.parameters != new.parameters:
+        raise CacheMismatchError(
+            f"the cache at {cache_dir} was built for the arguments {old.parameters}, not "
+            f"{new.parameters}. Use another path per set of arguments, or delete it."
+        )
+    if new.fingerprint is not None and old.fingerprint is not None and old.fingerprint != new.fingerprint:
+        raise CacheMismatchError(
+            f"the cache at {cache_dir} was built from a dataset configured as {old.fingerprint}; "
+            f"this one is configured as {new.fingerprint}. {hint}"
+        )
+    if old.allow_pickle != new.allow_pickle:
+        raise CacheMismatchError(f"the cache at {cache_dir} was built with allow_pickle={old.allow_pickle}. {hint}")
+    if old.chunk_size != new.chunk_size and not old.complete:
+        new.chunk_size = old.chunk_size  # resume with the layout already on disk
