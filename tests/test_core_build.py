@@ -95,11 +95,12 @@ def test_force_cache_semantics(tmp_path):
     log = tmp_path / "log"
     log.mkdir()
     CachedDataset(Toy(tmp_path, n=100), num_workers=0, progress=False)
-    labels_file = tmp_path / "cached" / "toy" / "labels" / "0.npy"
+    # "cls" (ints) is read from its column; "split" (str) has a label file
+    labels_file = tmp_path / "cached" / "toy" / "labels" / "1.npy"
     os.unlink(labels_file)
     ds = CachedDataset(Toy(tmp_path, n=100, log_dir=str(log)), force_cache=True, num_workers=0, progress=False)
     assert computed(log) == []  # keep_existing: nothing recomputed, labels rewritten
-    assert labels_file.exists() and len(ds.labels["cls"]) == 100
+    assert labels_file.exists() and len(ds.labels["split"]) == 100 and len(ds.labels["cls"]) == 100
     CachedDataset(Toy(tmp_path, n=100, log_dir=str(log)), force_cache=True, keep_existing=False,
                   num_workers=0, progress=False)
     assert computed(log) == list(range(100))

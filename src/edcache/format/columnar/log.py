@@ -146,7 +146,7 @@ def _apply(state: LogState, line: bytes, where: str) -> bool:
         if any(f not in new and f not in state.segments for f in files):
             return False
         state.schema = schema
-        state.segments = {f: new.get(f) or state.segments[f] for f in files}
+        state.segments = {f: (new[f] if f in new else state.segments[f]) for f in files}
         return True
     chunk, ends, hashes = rec.get("c"), rec.get("e"), rec.get("h")
     files = state.schema.files()

@@ -264,10 +264,10 @@ class ColumnarReader(CacheReader):
         """Example ``index``, not committed when this reader last looked: look again."""
         self._follow()
         if index >= self._rows:
-            chunk = index // self.manifest.chunk_size
+            task = self.manifest.chunk(index // self.manifest.chunk_size)
             raise IncompleteCacheError(
-                f"example {index} (chunk {chunk}) of the cache at {self.path} is not cached yet: "
-                "the build is incomplete"
+                f"examples {task.start}..{task.stop - 1} (chunk {task.chunk_id}) of the cache at "
+                f"{self.path} are not cached yet: the build is incomplete"
             )
         return self.read_indexed(index) if indexed else self.read(index)
 
@@ -429,9 +429,18 @@ class ColumnarReader(CacheReader):
                 for c in range(m.num_chunks):
                     if c not in self._checked:
                         self.check_chunk(c)
-            return self._views[gid].array  # type: ignore[index,return-value]
+            return self._column_memmap(gid)
         return load_label_file(self.path, key, entry, self._fds.get(entry.get("file", "")), m.length,
                                self.verify)
+
+    def _column_memmap(self, gid: int) -> np.ndarray:
+        """A fixed column as a read-only ``np.memmap`` of the file this reader holds."""
+        spec, f = self._schema.columns[gid], self._schema.columns[gid].files()[0]
+        shape = (self._length, *spec.shape)
+        if not self._length or not spec.row_bytes:
+            return self._views[gid].array  # type: ignore[index,return-value]
+        with os.fdopen(os.dup(self._fds[f]), "rb") as fh:
+            return np.memmap(fh, dtype=spec.np_dtype, mode="r", shape=shape)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _close_maps(self) -> None:

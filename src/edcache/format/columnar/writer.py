@@ -90,6 +90,9 @@ class ColumnarSink(ChunkSink):
         self._last_sync = time.monotonic()
         if complete:
             self.committed_chunks = manifest.num_chunks
+            self.schema = manifest.schema
+            self._key_col = {c.key: i for i, c in enumerate(self.schema.columns) if c.key is not None}
+            self._ends = dict(manifest.files)
             return
         assert state is not None
         self.schema = state.schema
@@ -285,7 +288,8 @@ class ColumnarSink(ChunkSink):
         n_chunks, cs = self.committed_chunks, self.chunk_size
         views = None
         if old.kind != ABSENT and n_chunks:
-            views = _open_views(self.cache_dir, self.schema, self.segments, n_chunks * cs,
+            views = _open_views(self.cache_dir, self.schema, {f: self._end(f) for f in self.schema.files()},
+                                n_chunks * cs,
                                 self.manifest.allow_pickle, only=[gid, self.schema.layout_column])
         for f in new.files():
             path = os.path.join(self.cache_dir, f)
@@ -325,8 +329,10 @@ class ColumnarSink(ChunkSink):
         self._last_sync = time.monotonic()
 
     def finalize(self) -> None:
-        """Write the labels, the checksum table and the complete manifest."""
+        """Write the labels, the checksum table and the complete manifest. (Over a
+        complete cache: rewrite label files that are missing or damaged.)"""
         if self._complete:
+            self._repair_labels()
             return
         m = self.manifest
         if self.committed_chunks != m.num_chunks:
@@ -354,16 +360,43 @@ class ColumnarSink(ChunkSink):
         fsync_dir(self.cache_dir)
         self._complete = True
 
-    def _write_labels(self) -> dict[str, dict[str, Any]]:
+    def _repair_labels(self) -> None:
+        m = self.manifest
+        broken = []
+        for n, key in enumerate(m.in_memory_keys):
+            entry = m.labels.get(str(key), {})
+            if "file" not in entry:
+                continue
+            try:
+                with open(os.path.join(self.cache_dir, entry["file"]), "rb") as f:
+                    ok = xxhash.xxh3_64_hexdigest(f.read()) == entry.get("xxh3")
+            except OSError:
+                ok = False
+            if not ok:
+                broken.append(n)
+        if broken:
+            labels = self._write_labels(self._ends, only=broken)
+            if any(labels[str(m.in_memory_keys[n])] != m.labels[str(m.in_memory_keys[n])] for n in broken):
+                raise CorruptCacheError(
+                    f"the labels of {self.cache_dir} computed from its columns differ from its manifest: "
+                    "rebuild it with force_cache=True, keep_existing=False"
+                )
+
+    def _write_labels(self, ends: dict[str, int] | None = None,
+                      only: list[int] | None = None) -> dict[str, dict[str, Any]]:
         from ..shards.labels import to_column
 
         m = self.manifest
         out: dict[str, dict[str, Any]] = {}
         if not m.in_memory_keys:
             return out
-        views = _open_views(self.cache_dir, self.schema, self.segments, m.length, m.allow_pickle)
+        if ends is None:
+            ends = {f: self._end(f) for f in self.schema.files()}
+        views = _open_views(self.cache_dir, self.schema, ends, m.length, m.allow_pickle)
         os.makedirs(os.path.join(self.cache_dir, LABELS_DIR), exist_ok=True)
         for n, key in enumerate(m.in_memory_keys):
+            if only is not None and n not in only:
+                continue
             gid = self._key_col.get(key)
             present = _present_rows(self.schema, gid, views, range(m.length)) if gid is not None else []
             if len(present) != m.length:
@@ -446,13 +479,13 @@ def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[i
     return [get(r) for r in rows]
 
 
-def _open_views(cache_dir: str, schema: Schema, segments: dict, rows: int, allow_pickle: bool,
+def _open_views(cache_dir: str, schema: Schema, ends: dict[str, int], rows: int, allow_pickle: bool,
                 only: list[int | None] | None = None) -> dict[int, Any]:
-    """Column views over the committed part of each (or only some) column."""
+    """Column views of rows ``0 .. rows-1`` of each (or only some) column (files
+    mapped up to ``ends``)."""
     from .reader import map_columns
 
     wanted = [g for g in (only if only is not None else range(len(schema.columns))) if g is not None]
-    ends = {f: (s[-1][0] if s else 0) for f, s in segments.items()}
     return map_columns(cache_dir, schema, ends, rows, allow_pickle, wanted)[0]
 
 
