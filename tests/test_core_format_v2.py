@@ -392,3 +392,54 @@ def test_committed_chunks_are_a_prefix_in_the_log(tmp_path):
         CachedDataset(Ragged(tmp_path, n=64, fail_at=33), chunk_size=8, num_workers=2, progress=False)
     state = read_log(str(tmp_path / "cached" / "ragged"))
     assert state is not None and 0 < state.committed <= 4
+
+
+def _paths(doc, prefix=()):
+    """Every (path, value) in a JSON document."""
+    yield prefix, doc
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for n, v in enumerate(doc):
+            yield from _paths(v, prefix + (n,))
+
+
+def _set(doc, path, value):
+    for p in path[:-1]:
+        doc = doc[p]
+    doc[path[-1]] = value
+
+
+def test_type_confusion_in_a_vouched_for_manifest_is_always_a_corrupt_cache_error(tmp_path):
+    """Valid JSON of the wrong shape, with a correct checksum (anyone can recompute it):
+    opening, reading, labels, batches and verify raise CorruptCacheError, nothing else."""
+    import json
+
+    from edcache.errors import EdcacheError
+    from edcache.format.columnar.manifest import _canonical, checksum
+
+    ds = CachedDataset(Ragged(tmp_path, n=24, vary=True), chunk_size=8, num_workers=0, progress=False)
+    path = os.path.join(ds.path, "manifest.json")
+    original = json.loads(open(path, "rb").read())
+    confusions = [None, -1, 2**70, "x", [1, "a"], {"a": 1}, 1.5]
+    tried = 0
+    for where, _ in list(_paths(original)):
+        if not where or where == ("xxh3",):
+            continue
+        for bad in confusions:
+            doc = json.loads(json.dumps(original))
+            _set(doc, where, bad)
+            doc.pop("xxh3")
+            doc["xxh3"] = checksum(_canonical(doc))
+            with open(path, "wb") as f:
+                f.write(_canonical(doc))
+            tried += 1
+            for attempt in (lambda: ColumnarReader(ds.path).read(5), lambda: ColumnarReader(ds.path).labels,
+                            lambda: ColumnarReader(ds.path).read_batch(np.arange(24)),
+                            lambda: verify_cache(ds.path, deep=True)):
+                try:
+                    attempt()
+                except EdcacheError:
+                    pass
+    assert tried > 150
