@@ -443,3 +443,29 @@ def test_type_confusion_in_a_vouched_for_manifest_is_always_a_corrupt_cache_erro
                 except EdcacheError:
                     pass
     assert tried > 150
+
+
+def test_a_fifo_in_an_edflow_folder_cache_is_an_error_not_a_hang(tmp_path):
+    import pickle
+
+    from edcache.format import open_reader
+
+    folder = tmp_path / "cached" / "old"
+    folder.mkdir(parents=True)
+    (folder / "example_0.p").write_bytes(pickle.dumps({"a": 1}))
+    os.mkfifo(folder / "example_1.p")
+    result: list = []
+
+    def attempt():
+        reader = open_reader(str(folder))
+        result.append(reader.read(0))
+        try:
+            reader.read(1)
+        except CorruptCacheError as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "a FIFO blocked the reader"
+    assert result[0]["a"] == 1 and "not a regular file" in str(result[1])

@@ -57,6 +57,16 @@ class Schema:
 
     @classmethod
     def from_json(cls, doc: Any, where: str) -> "Schema":
+        """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
+        try:
+            return cls._from_json(doc, where)
+        except CorruptCacheError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
+            raise CorruptCacheError(f"{where}: malformed schema ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_json(cls, doc: Any, where: str) -> "Schema":
         if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list) or not isinstance(
             doc.get("layouts"), list
         ):
