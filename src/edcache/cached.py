@@ -351,7 +351,7 @@ class CachedDataset(DatasetMixin):
                 reader = self._reader
                 if reader is None or self._generation != _fork_generation:
                     reader = self.store
-                if not self._append_labels:
+                if not (self._append_labels or self._expand):
                     example = reader.read_indexed(j)  # sets index_ (as _finish would)
                     if type(example) is dict:
                         return example
