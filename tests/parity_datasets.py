@@ -1,0 +1,42 @@
+"""Datasets for the parity tests; a module of its own so subprocesses can import it."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+
+from core_datasets import record_computation
+
+
+class Versioned:
+    """``{"i", "v", "noise"}`` where ``v`` is the dataset's ``version`` and ``noise`` is new
+    at every computation (a random augmentation). No ``root``/``name`` unless given.
+
+    ``kill_at`` SIGKILLs the process when that index is computed; ``log_dir`` records
+    every computed index (see :func:`record_computation`).
+    """
+
+    in_memory_keys = ["v", "noise"]
+
+    def __init__(self, n=20, version=0, kill_at=None, log_dir=None, root=None, name=None):
+        self.n, self.version, self.kill_at, self.log_dir = n, version, kill_at, log_dir
+        if root is not None:
+            self.root = root
+        if name is not None:
+            self.name = name
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        record_computation(self.log_dir, i)
+        return {"i": i, "v": self.version, "noise": float(np.random.random())}
+
+
+def computed(log_dir) -> list[int]:
+    """Indices recorded by :func:`record_computation` in ``log_dir`` (with repeats)."""
+    return sorted(int(name.split("-")[0]) for name in os.listdir(log_dir))
