@@ -40,3 +40,19 @@ class Versioned:
 def computed(log_dir) -> list[int]:
     """Indices recorded by :func:`record_computation` in ``log_dir`` (with repeats)."""
     return sorted(int(name.split("-")[0]) for name in os.listdir(log_dir))
+
+
+class Images:
+    """Fixed-shape arrays and numbers only: what torch's default collate stacks."""
+
+    in_memory_keys = ["label"]
+
+    def __init__(self, root, n=40, name="images"):
+        self.root, self.n, self.name = root, n, name
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"image": np.full((4, 5, 3), i, dtype=np.uint8), "label": i % 3,
+                "weight": np.float32(i) / 2}
