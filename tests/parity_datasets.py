@@ -56,3 +56,13 @@ class Images:
     def __getitem__(self, i):
         return {"image": np.full((4, 5, 3), i, dtype=np.uint8), "label": i % 3,
                 "weight": np.float32(i) / 2}
+
+
+def recording_write_photo(job):
+    """``edcache.demo._write_photo`` that also records which process wrote the photo."""
+    from edcache import demo
+
+    path, i = job
+    with open(os.path.join(os.path.dirname(os.path.dirname(path)), f"pid-{os.getpid()}"), "a") as f:
+        f.write(f"{i}\n")
+    demo._ORIGINAL_WRITE_PHOTO(job)
