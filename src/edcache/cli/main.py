@@ -95,8 +95,10 @@ def _import_from_cwd() -> None:
 
 def _hint(exc: Exception) -> str:
     """What to do about ``exc``, when the message does not say it already."""
-    from ..errors import DatasetInterfaceError, UnsafePickleError
+    from ..errors import CacheNotFoundError, DatasetInterfaceError, UnsafePickleError
 
+    if isinstance(exc, CacheNotFoundError):
+        return " (give a cache directory, <root>/cached/<name>, or an edflow .zip)"
     if isinstance(exc, UnsafePickleError) or "allow_pickle=True" in str(exc):
         return f" ({PICKLE_HINT})"
     if isinstance(exc, DatasetInterfaceError) and "cannot import module" in str(exc):
@@ -230,7 +232,7 @@ def _verify(argv: list[str]) -> int:
     try:
         report = verify_cache(args.path, deep=args.deep, allow_pickle=args.allow_pickle)
     except CacheNotFoundError as exc:
-        print(f"edcache: error: {exc}", file=sys.stderr)
+        print(f"edcache: error: {exc}{_hint(exc)}", file=sys.stderr)
         return 2
     lines = str(report).splitlines()
     if report.format == "edcache":
