@@ -16,7 +16,7 @@ import pytest
 from filelock import FileLock
 
 from edcache import CachedDataset, PathCachedDataset, cachable
-from edcache.errors import CacheMismatchError, ExampleError, IncompleteCacheError
+from edcache.errors import CacheMismatchError, DatasetInterfaceError, ExampleError, IncompleteCacheError
 
 from core_datasets import Toy
 from legacy_writer import EdflowLikeDataset, edflow_run
@@ -268,3 +268,12 @@ def test_cachable_zip_rebuild_interrupted(tmp_path):
     assert _values(make(2)) == [2] * 20
     assert os.path.exists(path + ".p")
     assert sorted(os.listdir(tmp_path)) == [".c.zip.lock", "c.zip", "c.zip.p", "c.zipparameters.p"]
+
+
+def test_cache_dataset_of_an_incomplete_cache_opened_without_its_dataset(tmp_path):
+    with pytest.raises(ExampleError):
+        CachedDataset(Toy(tmp_path, n=10, name="half", fail_at=7), chunk_size=4, **QUIET)
+    ds = CachedDataset.from_cache(str(tmp_path), "half")
+    assert ds[1]["index_"] == 1  # committed examples read fine
+    with pytest.raises(DatasetInterfaceError, match="without its dataset"):
+        ds.cache_dataset()
