@@ -37,10 +37,6 @@ class Versioned:
         return {"i": i, "v": self.version, "noise": float(np.random.random())}
 
 
-def computed(log_dir) -> list[int]:
-    """Indices recorded by :func:`record_computation` in ``log_dir`` (with repeats)."""
-    return sorted(int(name.split("-")[0]) for name in os.listdir(log_dir))
-
 
 class Images:
     """Fixed-shape arrays and numbers only: what torch's default collate stacks."""

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import zipfile
 
-import numpy as np
 import pytest
 from filelock import FileLock
 
@@ -20,7 +19,7 @@ from edcache.errors import CacheMismatchError, DatasetInterfaceError, ExampleErr
 
 from core_datasets import Toy
 from legacy_writer import EdflowLikeDataset, edflow_run
-from parity_datasets import Versioned, computed
+from parity_datasets import Versioned
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 QUIET = dict(num_workers=0, progress=False)
