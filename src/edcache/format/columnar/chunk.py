@@ -54,7 +54,7 @@ class ChunkColumns:
 
     @property
     def nbytes(self) -> int:
-        return sum(memoryview(p).nbytes for c in self.columns for p in c.parts)
+        return sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for c in self.columns for p in c.parts)
 
 
 def layout_key(example: Any) -> LayoutKey:
