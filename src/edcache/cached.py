@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .dataset import DatasetMixin, check_cachable, checked_length, normalize_index, normalize_indices
+from .dataset import DatasetMixin, check_cachable, checked_length, normalize_indices
 from .errors import (
     CacheMismatchError,
     CacheNotFoundError,
@@ -380,25 +380,17 @@ class CachedDataset(DatasetMixin):
         else:
             from .format.columnar import dataset_identity, prepare_cache_dir
 
-            def prepare(keep_existing: bool) -> Any:
-                return prepare_cache_dir(
-                    self._path,
-                    length=self._length,
-                    chunk_size=self.chunk_size,
-                    dataset=dataset_identity(self.base_dataset),
-                    in_memory_keys=self.in_memory_keys,
-                    allow_pickle=self.allow_pickle,
-                    keep_existing=keep_existing,
-                    parameters=self._parameters,
-                )
-
-            try:
-                sink = prepare(self.keep_existing)
-            except CacheMismatchError:
-                # a build that committed nothing has no work to protect: start it afresh
-                if not _nothing_committed(self._path):
-                    raise
-                sink = prepare(False)
+            # (a build that committed nothing starts afresh, whatever it was built from)
+            sink = prepare_cache_dir(
+                self._path,
+                length=self._length,
+                chunk_size=self.chunk_size,
+                dataset=dataset_identity(self.base_dataset),
+                in_memory_keys=self.in_memory_keys,
+                allow_pickle=self.allow_pickle,
+                keep_existing=self.keep_existing,
+                parameters=self._parameters,
+            )
         num_workers = default_num_workers() if self.num_workers is None else self.num_workers
         executor = self._executor(num_workers)
         chunk_size = getattr(sink, "chunk_size", None) or sink.manifest.chunk_size
@@ -458,7 +450,7 @@ class CachedDataset(DatasetMixin):
                     reader = self.store
                 if not (self._append_labels or self._expand):
                     # sets index_ in dict examples (as _finish would); tuples come back as stored
-                    return reader.read_indexed(j)
+                    return reader.row_indexed(j)
                 return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
@@ -557,20 +549,6 @@ def _rebuild_pending(path: str) -> bool:
     from .format.legacy.zip_writer import rebuild_pending
 
     return rebuild_pending(path)
-
-
-def _nothing_committed(path: str) -> bool:
-    """Whether the directory cache at ``path`` is an incomplete build without one committed chunk."""
-    from .format.shards.manifest import read_log, read_manifest
-
-    try:
-        manifest = read_manifest(path)
-        if manifest.complete:
-            return False
-        commits, packed = read_log(path, manifest.num_chunks)
-    except (OSError, EdcacheError):
-        return False
-    return not commits and packed is None
 
 
 def _collate(examples: list[dict]) -> dict[str, Any]:

@@ -173,8 +173,8 @@ class ColumnarReader(CacheReader):
         self._labels: Labels | None = None
         self._checked: set[int] = set()
         self._table: np.ndarray | None = None
-        self.__dict__.pop("read", None)  # back to the class's methods, which set up first
-        self.__dict__.pop("read_indexed", None)
+        for name in ("read", "read_indexed", "row_indexed"):  # back to the class's methods,
+            self.__dict__.pop(name, None)  # which set up first
 
     def _setup(self) -> None:
         """Map the columns and bind the read functions."""
@@ -225,6 +225,8 @@ class ColumnarReader(CacheReader):
             return read_one
         self.read = bounded(read)  # type: ignore[method-assign]
         self.read_indexed = bounded(read_indexed)  # type: ignore[method-assign]
+        # every row present: callers that checked the index skip the wrapper
+        self.row_indexed = read_indexed if rows == self._length else self.read_indexed  # type: ignore[method-assign]
 
     def _builder(self, lay: Layout, views: dict[int, ColumnView], indexed: bool) -> Callable[[int], Any]:
         cols = [self._schema.columns[g] for g in lay.columns]
@@ -261,6 +263,10 @@ class ColumnarReader(CacheReader):
         """Example ``index`` with ``index_`` set (dict examples)."""
         self._setup()
         return self.read_indexed(index)
+
+    def row_indexed(self, index: int) -> Any:
+        self._setup()
+        return self.row_indexed(index)
 
     def _out_of_range(self, index: int) -> IndexError:
         return IndexError(f"index {index} is out of range for a cache of {self._length} examples")
@@ -490,8 +496,8 @@ class ColumnarReader(CacheReader):
                 pass
         self._fds = {}
         self._reopen = True
-        self.__dict__.pop("read", None)
-        self.__dict__.pop("read_indexed", None)
+        for name in ("read", "read_indexed", "row_indexed"):
+            self.__dict__.pop(name, None)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "verify": self.verify, "allow_pickle": self.allow_pickle}

@@ -572,14 +572,15 @@ def prepare_cache_dir(
         write_manifest(cache_dir, old)  # recovered from the log's header: resume
     if old is None:
         return _start_over(cache_dir, fresh)
+    state = None if old.complete else read_log(cache_dir)
+    if not old.complete and (state is None or state.committed == 0):
+        return _start_over(cache_dir, fresh)  # nothing committed: no work to protect
     check_resumable(cache_dir, old, fresh)
     if old.complete:
         _unlink(os.path.join(cache_dir, COMMITS))  # a stale log of a kill right after completion
         remove_strays(cache_dir, old.schema, old.labels)
         return ColumnarSink(cache_dir, old, None, complete=True)
-    state = read_log(cache_dir)
-    if state is None:
-        return _start_over(cache_dir, fresh)
+    assert state is not None
     ends = state.ends()
     for f, end in ends.items():
         path = os.path.join(cache_dir, f)
