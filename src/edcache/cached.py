@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .dataset import DatasetMixin, check_cachable, checked_length, normalize_indices
+from .dataset import NUMPY_INTS, DatasetMixin, check_cachable, checked_length, int_array, int_list, normalize_indices
 from .errors import (
     CacheMismatchError,
     CacheNotFoundError,
@@ -441,17 +441,21 @@ class CachedDataset(DatasetMixin):
         return self._length
 
     def __getitem__(self, i: Any) -> Any:
-        # fast path for the common case: one int index (the DataLoader's per-example call)
-        if type(i) is int:
-            j = i + self._length if i < 0 else i
-            if 0 <= j < self._length:
-                reader = self._reader
-                if reader is None or self._generation != _fork_generation:
-                    reader = self.store
-                if not (self._append_labels or self._expand):
-                    # sets index_ in dict examples (as _finish would); tuples come back as stored
-                    return reader.row_indexed(j)
-                return self._finish(reader.read(j), j)
+        # fast path for the common case: one int index (the DataLoader's per-example call),
+        # a Python int or a numpy integer (an element of an index array)
+        if type(i) is not int:
+            if type(i) not in NUMPY_INTS:
+                return super().__getitem__(i)
+            i = int(i)
+        j = i + self._length if i < 0 else i
+        if 0 <= j < self._length:
+            reader = self._reader
+            if reader is None or self._generation != _fork_generation:
+                reader = self.store
+            if not (self._append_labels or self._expand):
+                # sets index_ in dict examples (as _finish would); tuples come back as stored
+                return reader.row_indexed(j)
+            return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
     def get_example(self, i: int) -> dict:
@@ -468,11 +472,11 @@ class CachedDataset(DatasetMixin):
         A packed cache is read example by example through the int fast path (there is
         nothing to group); chunk shards are visited once each, in shard order.
         """
-        indices = list(indices)
-        if all(type(i) is int for i in indices):
+        ints = int_list(indices)
+        if ints is not None:
             get = self.__getitem__
-            return [get(i) for i in indices]
-        return self[indices]
+            return [get(i) for i in ints]
+        return self[list(indices)]
 
     def subset(self, selection: Any) -> "CachedSubset":
         """A view of some examples: ``selection`` is indices (negatives count from the
@@ -495,8 +499,7 @@ class CachedDataset(DatasetMixin):
         lists. ``index_`` holds the indices.
         """
         length = self._length
-        if not isinstance(indices, np.ndarray) and all(type(i) is int for i in indices):
-            indices = np.array(indices, dtype=np.int64)  # one conversion, checked vectorized
+        indices = int_array(indices)  # one conversion, checked vectorized
         idx = normalize_indices(indices, length)
         reader = self.store
         fast = getattr(reader, "read_batch", None)
@@ -505,6 +508,23 @@ class CachedDataset(DatasetMixin):
             batch = _collate(reader.read_many(idx.tolist()))
         batch["index_"] = idx
         return batch
+
+    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+               num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
+               **dataloader_kwargs: Any) -> Any:
+        """Batches for a training loop: a :class:`~edcache.loader.CacheLoader` (needs torch).
+
+        Built on ``torch.utils.data.DataLoader``: workers read whole batches (one gather
+        per column) and send them as numpy arrays; the order depends only on ``seed``,
+        the epoch and ``rank``/``world_size``; ``state_dict()``/``load_state_dict()``
+        resume mid-epoch exactly, at any world size. ``dataloader_kwargs`` go to the
+        DataLoader (``pin_memory``, ``persistent_workers``, ...). See
+        :class:`~edcache.loader.CacheLoader` for the parameters.
+        """
+        from .loader import make_loader
+
+        return make_loader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                           num_workers=num_workers, rank=rank, world_size=world_size, **dataloader_kwargs)
 
     @property
     def labels(self) -> dict:
