@@ -131,7 +131,7 @@ def _to_tensor(v: Any) -> Any:
             return torch.from_numpy(v)
         except TypeError:  # a dtype torch lacks
             return v
-    if isinstance(v, list):
+    if isinstance(v, list) and any(isinstance(x, (np.ndarray, list)) for x in v):  # ragged arrays
         return [_to_tensor(x) for x in v]
     return v
 
