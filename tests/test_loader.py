@@ -176,6 +176,15 @@ def test_load_state_dict_refuses_another_order(ds):
         ds.loader(8, shuffle=True, seed=1).load_state_dict({**state, "examples_consumed": N + 1})
     with pytest.raises(TypeError, match="batch_size"):
         ds.loader(8, sampler=[0])
+    with pytest.raises(TypeError, match="in_order"):
+        ds.loader(8, in_order=False)  # batches out of order would break the resume count
+
+
+def test_an_unused_iterator_moves_nothing(ds):
+    loader = ds.loader(50, shuffle=True)
+    iter(loader), iter(loader)
+    assert loader.epoch == 0 and [b["label"].tolist() for b in loader] == [
+        b["label"].tolist() for b in _at_epoch(ds.loader(50, shuffle=True), 0)]
 
 
 def _ranks(ds, world, batch, **kw):

@@ -38,7 +38,7 @@ import numpy as np
 #: version of :meth:`CacheLoader.state_dict`
 STATE_VERSION = 1
 
-_RESERVED = ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last")
+_RESERVED = ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last", "in_order")
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -196,6 +196,9 @@ class BatchReader:
         if plain:
             read_columns = getattr(reader, "read_columns", None)
             found = read_columns(rows) if read_columns is not None and len(rows) else None
+            if read_columns is None and len(rows) and hasattr(reader, "read_batch"):  # format v1
+                cols = reader.read_batch(rows)
+                found = ("dict", cols) if cols is not None else None
             if found is not None:
                 container, cols = found
                 if container == "dict":
@@ -368,13 +371,16 @@ class CacheLoader:
         return self._dataloader
 
     def __iter__(self) -> Iterator[Any]:
-        if not self._fresh:  # the previous pass was left mid-epoch: a new pass is a new epoch
-            self._epoch, self._progress = self._epoch + 1, 0
-        self._fresh = False
         self._pass += 1
-        return self._run(self._pass, self._epoch, self._progress)
+        return self._run(self._pass)
 
-    def _run(self, pass_id: int, epoch: int, progress: int) -> Iterator[Any]:
+    def _run(self, pass_id: int) -> Iterator[Any]:
+        # runs at the first next(): an iterator made but never used moves nothing
+        if self._pass == pass_id:
+            if not self._fresh:  # the previous pass was left mid-epoch: a new pass is a new epoch
+                self._epoch, self._progress = self._epoch + 1, 0
+            self._fresh = False
+        epoch, progress = self._epoch, self._progress
         batches, afters = self._batches(epoch, progress)
         if not batches:
             if self._pass == pass_id:
