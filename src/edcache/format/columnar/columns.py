@@ -56,6 +56,10 @@ class ColumnView:
         spec, n, kind = self.spec, self.rows, self.spec.kind
         if kind == NONE:
             return lambda r: None
+        if n == 0 and kind != FIXED:  # nothing committed yet: the files may still be empty
+            def get_nothing(r: int) -> Any:
+                raise self._bad(f"row {r} of 0")
+            return get_nothing
         if kind == FIXED:
             dt = spec.np_dtype
             self._need(self.data, n * spec.row_bytes, "data file")

@@ -378,13 +378,21 @@ class ColumnarReader(CacheReader):
         return table
 
     def check_chunk(self, chunk: int) -> None:
-        """Compare every file's bytes of ``chunk`` with their checksums."""
-        for f in self._schema.files():
-            segs = self._segments(f)
-            if chunk >= len(segs):
-                continue
-            start = segs[chunk - 1][0] if chunk else 0
-            end, digest = segs[chunk]
+        """Compare every file's bytes of ``chunk`` with their checksums (for offsets
+        files also the chunk before: its last entry is where this chunk's first row
+        starts)."""
+        for spec in self._schema.columns:
+            for n, f in enumerate(spec.files()):
+                previous = n == 1 and spec.kind != "varshape" and chunk > 0
+                for c in (chunk - 1, chunk) if previous else (chunk,):
+                    self._check_segment(f, c, chunk)
+        self._checked.add(chunk)
+
+    def _check_segment(self, f: str, c: int, chunk: int) -> None:
+        segs = self._segments(f)
+        if c < len(segs):
+            start = segs[c - 1][0] if c else 0
+            end, digest = segs[c]
             data = os.pread(self._fds[f], end - start, start) if end > start else b""
             if len(data) != end - start or xxhash.xxh3_64_intdigest(data) != digest:
                 task = self.manifest.chunk(chunk)
@@ -393,7 +401,6 @@ class ColumnarReader(CacheReader):
                     f"(chunk {chunk}) fail their checksum: the file is damaged. Run "
                     f"`edcache verify {self.path}` for a full report."
                 )
-        self._checked.add(chunk)
 
     def _checking(self, fn: Callable[[int], Any]) -> Callable[[int], Any]:
         cs, checked = self.manifest.chunk_size, self._checked

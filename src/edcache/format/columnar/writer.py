@@ -88,6 +88,7 @@ class ColumnarSink(ChunkSink):
         self._encoder = Encoder(allow_pickle=manifest.allow_pickle)
         self._dirty = False
         self._last_sync = time.monotonic()
+        self._obsolete: list[str] = []
         if complete:
             self.committed_chunks = manifest.num_chunks
             self.schema = manifest.schema
@@ -202,6 +203,9 @@ class ColumnarSink(ChunkSink):
                 changed = True
         if changed:
             self._log.append(schema_record(self.schema, created))  # type: ignore[union-attr]
+            for path in self._obsolete:
+                _unlink(path)
+            self._obsolete = []
         # 3. append every column's rows of this chunk
         ends: list[int] = []
         hashes: list[int] = []
@@ -315,7 +319,8 @@ class ColumnarSink(ChunkSink):
             if f not in new.files():
                 os.close(self._fds.pop(f))
                 self.segments.pop(f, None)
-                _unlink(os.path.join(self.cache_dir, f))
+                # deleted once the schema record naming the new files is in the log
+                self._obsolete.append(os.path.join(self.cache_dir, f))
 
     # -- durability and completion -------------------------------------------------------
     def sync(self) -> None:
