@@ -112,7 +112,7 @@ def _table_segments(path: str, m: Manifest, report: Report) -> dict[str, list[tu
         return None
     try:
         table = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 (any malformed npy)
+    except Exception as exc:
         report.add(TABLE, f"is not a valid table ({exc})")
         return None
     if table.dtype != np.dtype("<u8") or table.shape != (m.num_chunks, len(m.files), 2):

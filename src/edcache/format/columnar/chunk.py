@@ -13,8 +13,9 @@ touches the disk, and is only ever unpickled by the coordinator that asked for i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def layout_key(example: Any) -> LayoutKey:
 class _Values:
     """The values of one key in one chunk, owned by the chunk (copied on arrival)."""
 
-    __slots__ = ("key", "rows", "values", "buf", "nbuf", "shape")
+    __slots__ = ("buf", "key", "nbuf", "rows", "shape", "values")
 
     def __init__(self, key: Any) -> None:
         self.key = key

@@ -9,7 +9,8 @@ against the data before it is used, so a damaged index raises
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -56,7 +56,7 @@ class Schema:
         }
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> "Schema":
+    def from_json(cls, doc: Any, where: str) -> Schema:
         """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
         try:
             return cls._from_json(doc, where)
@@ -66,7 +66,7 @@ class Schema:
             raise CorruptCacheError(f"{where}: malformed schema ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
-    def _from_json(cls, doc: Any, where: str) -> "Schema":
+    def _from_json(cls, doc: Any, where: str) -> Schema:
         if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list) or not isinstance(
             doc.get("layouts"), list
         ):
@@ -130,7 +130,7 @@ class Manifest:
         return _canonical(doc)
 
     @classmethod
-    def from_doc(cls, doc: dict, where: str) -> "Manifest":
+    def from_doc(cls, doc: dict, where: str) -> Manifest:
         """Build from the parameters of ``doc`` (a manifest or a log header)."""
         try:
             m = cls(
@@ -153,7 +153,7 @@ class Manifest:
         return m
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
         """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
         try:
             return cls._from_bytes(data, where)
@@ -163,7 +163,7 @@ class Manifest:
             raise CorruptCacheError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
-    def _from_bytes(cls, data: bytes, where: str) -> "Manifest":
+    def _from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:

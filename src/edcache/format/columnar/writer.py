@@ -13,7 +13,8 @@ import io
 import os
 import pickle
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -26,7 +27,15 @@ from .chunk import ChunkColumns, build_chunk, column_parts
 from .files import check_no_links, open_fd
 from .log import CommitLog, LogState, chunk_record, read_log, schema_record
 from .manifest import (
-    COLUMNS_DIR, COMMITS, LABELS_DIR, MANIFEST, TABLE, Manifest, Schema, peek_version, read_manifest,
+    COLUMNS_DIR,
+    COMMITS,
+    LABELS_DIR,
+    MANIFEST,
+    TABLE,
+    Manifest,
+    Schema,
+    peek_version,
+    read_manifest,
     write_manifest,
 )
 from .records import encode_row
