@@ -8,13 +8,45 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CacheNotFoundError
+from ..errors import CacheNotFoundError, DatasetInterfaceError
 from .base import CacheReader
 
 
+def check_cache_name(name: object) -> str:
+    """Return ``name`` if it can name a cache under ``<root>/cached``, else raise.
+
+    A name must be one plain path component: not empty, not ``.`` or ``..`` (the cache
+    would be written into ``<root>`` itself or above it, and a rebuild would delete
+    what is there), without a path separator or a NUL.
+
+    Raises
+    ------
+    DatasetInterfaceError
+        If the name is not such a string.
+    """
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(sep in name for sep in seps)
+        or "\x00" in name
+    ):
+        raise DatasetInterfaceError(
+            f"the dataset's name {name!r} cannot name a cache: the cache goes to "
+            "<root>/cached/<name>, so name must be a non-empty string that is not '.' or '..' "
+            "and contains no path separator ('/') or NUL. Choose another name (e.g. "
+            "'faces-256'), or give an explicit path with PathCachedDataset(dataset, path)."
+        )
+    return name
+
+
 def cache_paths(root: str, name: str) -> tuple[str, str]:
-    """The new-format directory and the legacy zip path of cache ``name`` under ``root``."""
-    base = os.path.join(root, "cached", name)
+    """The new-format directory and the legacy zip path of cache ``name`` under ``root``.
+
+    Raises :class:`~edcache.errors.DatasetInterfaceError` for a name that is not one
+    plain path component (see :func:`check_cache_name`).
+    """
+    base = os.path.join(root, "cached", check_cache_name(name))
     return base, base + ".zip"
 
 

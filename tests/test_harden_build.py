@@ -1,0 +1,61 @@
+"""Issue 16 hardening: build-side failures (names, empty directories, misleading errors)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from edcache import CachedDataset, DatasetMixin
+from edcache.errors import DatasetInterfaceError
+
+
+class Plain(DatasetMixin):
+    in_memory_keys: list = []
+
+    def __init__(self, root, name="plain", n=12, make=None, keys=None):
+        self.root = str(root)
+        self.name = name
+        self.n = n
+        self.make = make
+        if keys is not None:
+            self.in_memory_keys = keys
+
+    def __len__(self):
+        return self.n
+
+    def get_example(self, i):
+        if self.make is not None:
+            return self.make(i)
+        return {"x": np.full(3, i, dtype=np.int16), "i": i}
+
+
+def build(ds, workers=0, **kw):
+    return CachedDataset(ds, chunk_size=4, num_workers=workers, progress=False, **kw)
+
+
+# -- item 7: names that are not one path component ---------------------------------------
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../x", "x\x00y"])
+def test_name_that_is_not_a_plain_component_is_refused(tmp_path, name):
+    root = tmp_path / "root"
+    (root / "shards").mkdir(parents=True)
+    (root / "shards" / "precious.txt").write_text("keep me")
+    (root / "precious.txt").write_text("keep me too")
+    with pytest.raises(DatasetInterfaceError, match="cannot name a cache|name must be"):
+        build(Plain(root, name=name))
+    assert (root / "shards" / "precious.txt").read_text() == "keep me"
+    assert (root / "precious.txt").read_text() == "keep me too"
+    assert sorted(os.listdir(root)) == ["precious.txt", "shards"]
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_from_cache_refuses_dot_names(tmp_path, name):
+    with pytest.raises(DatasetInterfaceError, match="cannot name a cache"):
+        CachedDataset.from_cache(str(tmp_path), name)
+
+
+def test_ordinary_names_with_dots_still_work(tmp_path):
+    ds = build(Plain(tmp_path, name="faces.v2..256"))
+    assert ds.path == os.path.join(str(tmp_path), "cached", "faces.v2..256")
+    assert int(ds[3]["i"]) == 3
