@@ -59,3 +59,27 @@ def test_ordinary_names_with_dots_still_work(tmp_path):
     ds = build(Plain(tmp_path, name="faces.v2..256"))
     assert ds.path == os.path.join(str(tmp_path), "cached", "faces.v2..256")
     assert int(ds[3]["i"]) == 3
+
+
+# -- item 8: str labels ending in NUL ------------------------------------------------------
+@pytest.mark.parametrize("odd", [False, True], ids=["packed", "chunk-shards"])
+def test_str_label_with_trailing_nul_round_trips(tmp_path, odd):
+    values = ["a\x00", "b", "\x00", "", "c\x00\x00", "d\x00e"] * 2
+
+    def make(i):
+        ex = {"s": values[i], "i": i}
+        if odd and i == 5:
+            ex["extra"] = 1
+        return ex
+
+    ds = build(Plain(tmp_path, make=make, keys=["s"]))
+    assert list(ds.labels["s"]) == values
+    assert [ds[i]["s"] for i in range(len(ds))] == values
+    again = CachedDataset.from_cache(str(tmp_path), "plain")
+    assert list(again.labels["s"]) == values
+    assert list(again.subset([0, 4]).labels["s"]) == [values[0], values[4]]
+
+
+def test_str_labels_without_nul_stay_a_numpy_column(tmp_path):
+    ds = build(Plain(tmp_path, make=lambda i: {"s": f"v{i}"}, keys=["s"]))
+    assert isinstance(ds.labels["s"], np.ndarray) and ds.labels["s"].dtype.kind == "U"

@@ -2,7 +2,8 @@
 
 A key whose values form a regular numpy array (numbers, bools, strings, arrays of one
 shape) is stored as ``labels/<n>.npy`` and memory-mapped on read. Values that cannot
-(ragged arrays, ``None`` mixed in, bytes, nested containers) are stored as
+(ragged arrays, ``None`` mixed in, bytes, nested containers, strings ending in NUL,
+which numpy's ``U`` dtype would strip) are stored as
 ``labels/<n>.list``, a one-record shard, and come back as a Python list.
 """
 
@@ -70,6 +71,10 @@ def to_column(key: str, values: list) -> np.ndarray | list:
             return list(values)
         column = np.stack(values)
     elif cat == "str":
+        if any(v.endswith("\x00") for v in values):
+            # numpy's U dtype pads with NULs and strips trailing ones on read: keep the
+            # values exactly, as a list
+            return list(values)
         column = np.array(values, dtype=str)
     else:
         column = np.asarray(values)
