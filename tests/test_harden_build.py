@@ -83,3 +83,44 @@ def test_str_label_with_trailing_nul_round_trips(tmp_path, odd):
 def test_str_labels_without_nul_stay_a_numpy_column(tmp_path):
     ds = build(Plain(tmp_path, make=lambda i: {"s": f"v{i}"}, keys=["s"]))
     assert isinstance(ds.labels["s"], np.ndarray) and ds.labels["s"].dtype.kind == "U"
+
+
+# -- item 22: a build that fails before committing anything leaves no cache directory -------
+def _always_fails(i):
+    raise ValueError(f"broken {i}")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_failed_build_without_commits_leaves_no_directory(tmp_path, workers):
+    from edcache.errors import ExampleError
+
+    with pytest.raises(ExampleError):
+        build(Plain(tmp_path, make=_always_fails), workers=workers)
+    cached = tmp_path / "cached"
+    assert not (cached / "plain").exists()
+    assert [p.name for p in cached.iterdir()] == [".plain.lock"]
+    # fixed under the same name: builds afresh
+    ds = build(Plain(tmp_path))
+    assert int(ds[11]["i"]) == 11
+
+
+def test_failed_build_with_commits_keeps_them(tmp_path):
+    from edcache.errors import ExampleError
+
+    def make(i):
+        if i == 9:
+            raise ValueError("broken 9")
+        return {"i": i}
+
+    with pytest.raises(ExampleError):
+        build(Plain(tmp_path, make=make))
+    assert sorted(os.listdir(tmp_path / "cached" / "plain" / "shards")) == ["00000000.shard", "00000001.shard"]
+
+
+def test_failed_build_in_an_existing_directory_leaves_it(tmp_path):
+    from edcache.errors import ExampleError
+
+    (tmp_path / "cached" / "plain").mkdir(parents=True)
+    with pytest.raises(ExampleError):
+        build(Plain(tmp_path, make=_always_fails))
+    assert (tmp_path / "cached" / "plain").is_dir()

@@ -256,19 +256,32 @@ class CachedDataset(DatasetMixin):
                 self._reader = None
             if not self.force_cache and self._open_complete():
                 return  # another process finished it while we waited
+            created = not os.path.lexists(self._path)
             try:
                 self._build()
             except OSError as exc:  # disk full or failing: say so, and that work is kept
                 from .build.coordinator import storage_error
 
+                self._remove_if_unused(created)
                 new = storage_error(exc, self._path)
                 if new is exc:
                     raise
                 raise new from exc
+            except BaseException:
+                self._remove_if_unused(created)
+                raise
             if not self._open_complete():
                 raise CacheNotFoundError(f"the cache at {self._path} is not complete after building")
         finally:
             lock.release()
+
+    def _remove_if_unused(self, created: bool) -> None:
+        """After a failed build that created the cache directory: remove it again if
+        nothing was committed (a later run starts afresh, no empty cache is left)."""
+        if created and not self._legacy:
+            from .format import remove_unused_cache_dir
+
+            remove_unused_cache_dir(self._path)
 
     def _build(self) -> None:
         from .build.coordinator import default_num_workers, run_build
