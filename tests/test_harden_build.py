@@ -124,3 +124,46 @@ def test_failed_build_in_an_existing_directory_leaves_it(tmp_path):
     with pytest.raises(ExampleError):
         build(Plain(tmp_path, make=_always_fails))
     assert (tmp_path / "cached" / "plain").is_dir()
+
+
+# -- item 15: duplicate in_memory_keys, labels of mixed kinds --------------------------------
+def test_in_memory_key_listed_twice_is_refused_before_any_work(tmp_path):
+    with pytest.raises(DatasetInterfaceError, match=r"in_memory_keys lists 'i' more than once"):
+        build(Plain(tmp_path, keys=["i", "x", "i"]))
+    assert not (tmp_path / "cached").exists()
+
+
+def test_labels_mixing_kinds_within_a_chunk_fail_before_commit(tmp_path):
+    from edcache.errors import LabelError
+    from edcache.format.shards.manifest import read_commits, read_manifest
+
+    def make(i):
+        return {"i": "seven" if i == 6 else i}
+
+    with pytest.raises(LabelError) as err:
+        build(Plain(tmp_path, make=make, keys=["i"]), workers=2)
+    msg = str(err.value)
+    assert msg.startswith(
+        "in_memory_key 'i' has values of inconsistent types: number (index 4: 4) and str (index 6: 'seven')."
+    )
+    assert "force_cache=True, keep_existing=False" in msg
+    cache_dir = str(tmp_path / "cached" / "plain")
+    assert 1 not in read_commits(cache_dir, read_manifest(cache_dir).num_chunks)
+
+
+def test_labels_mixing_kinds_across_chunks_say_how_to_recover(tmp_path):
+    """Chunk 0 holds numbers, chunk 1 str: found when the labels are written; the advice
+    (rebuild with force_cache=True, keep_existing=False) recovers once the dataset is fixed."""
+    from edcache.errors import LabelError
+
+    with pytest.raises(LabelError) as err:
+        build(Plain(tmp_path, make=lambda i: {"i": i if i < 4 else str(i)}, keys=["i"]))
+    assert str(err.value).startswith(
+        "in_memory_key 'i' has values of inconsistent types: number (index 0: 0) and str (index 4: '4')."
+    )
+    assert "rebuild with force_cache=True, keep_existing=False" in str(err.value)
+    fixed = Plain(tmp_path, make=lambda i: {"i": str(i)}, keys=["i"])
+    with pytest.raises(LabelError):  # the committed chunk 0 still holds numbers
+        build(fixed)
+    ds = build(fixed, force_cache=True, keep_existing=False)
+    assert list(ds.labels["i"]) == [str(i) for i in range(12)]

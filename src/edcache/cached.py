@@ -115,6 +115,12 @@ class CachedDataset(DatasetMixin):
         self._root = os.fspath(dataset.root)
         self.name = dataset.name
         self.in_memory_keys = list(getattr(dataset, "in_memory_keys", []))
+        twice = sorted({k for k in self.in_memory_keys if self.in_memory_keys.count(k) > 1})
+        if twice:
+            raise DatasetInterfaceError(
+                f"{type(dataset).__name__}.in_memory_keys lists {', '.join(map(repr, twice))} more "
+                f"than once ({self.in_memory_keys}); list each key once"
+            )
         self.force_cache = force_cache
         self.keep_existing = keep_existing
         self.chunk_size = chunk_size

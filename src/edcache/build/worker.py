@@ -59,4 +59,24 @@ def fetch_example(dataset: Any, index: int) -> Any:
 def compute_chunk(dataset: Any, encoder: ChunkEncoder, task: ChunkTask) -> ChunkResult:
     """Compute ``dataset[i]`` for every index of ``task`` and encode the chunk."""
     examples = [fetch_example(dataset, i) for i in range(task.start, task.stop)]
+    check_chunk_labels(encoder, task, examples)
     return encoder.encode(task, examples)
+
+
+def check_chunk_labels(encoder: ChunkEncoder, task: ChunkTask, examples: list) -> None:
+    """Refuse a chunk whose label values mix kinds that cannot share a column (say int
+    and str) before it is committed; mixes across chunks are found when the labels are
+    written. Only for the directory format (edflow's zips store any labels)."""
+    from ..format.shards.sink import ShardEncoder
+
+    if not isinstance(encoder, ShardEncoder) or not encoder.in_memory_keys:
+        return
+    from ..format.shards.labels import check_label_kinds
+
+    for key in encoder.in_memory_keys:
+        values = []
+        for example in examples:
+            if not isinstance(example, dict) or key not in example:
+                return  # the encoder names what is wrong with it
+            values.append(example[key])
+        check_label_kinds(key, values, task.start)

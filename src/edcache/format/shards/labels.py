@@ -41,6 +41,39 @@ def _category(value: Any) -> str:
     return "other"
 
 
+#: What a label error says about recovering.
+LABEL_ADVICE = (
+    "A label column holds one kind of value (numbers, bools, str or numpy arrays; None or "
+    "other values among them make it a list). Fix the dataset, then rebuild with "
+    "force_cache=True, keep_existing=False (CLI: --force --no-keep-existing): chunks already "
+    "cached keep the values they were computed with."
+)
+
+
+def _kinds(values: list) -> dict[str, int]:
+    """{kind: position of its first value}."""
+    first_at: dict[str, int] = {}
+    for i, v in enumerate(values):
+        first_at.setdefault(_category(v), i)
+    return first_at
+
+
+def check_label_kinds(key: str, values: list, start: int = 0) -> set[str]:
+    """Raise :class:`LabelError` if ``values`` (of examples ``start, start + 1, ...``)
+    mix kinds that cannot share a column (say str and int). Values that make the
+    column a list (``None``, containers) are never an error."""
+    first_at = _kinds(values)
+    cats = set(first_at)
+    if len(cats) > 1 and not cats & {"none", "other"}:
+        (a, ia), (b, ib) = sorted(first_at.items(), key=lambda kv: kv[1])[:2]
+        raise LabelError(
+            f"in_memory_key {key!r} has values of inconsistent types: "
+            f"{_CATEGORY_NAMES[a]} (index {start + ia}: {values[ia]!r}) and "
+            f"{_CATEGORY_NAMES[b]} (index {start + ib}: {values[ib]!r}). {LABEL_ADVICE}"
+        )
+    return cats
+
+
 def to_column(key: str, values: list) -> np.ndarray | list:
     """Turn the values of one key into a numpy array if they form one, else a list.
 
@@ -49,21 +82,11 @@ def to_column(key: str, values: list) -> np.ndarray | list:
     LabelError
         If values mix scalar types that cannot share a column (say str and int).
     """
-    first_at: dict[str, int] = {}
-    for i, v in enumerate(values):
-        first_at.setdefault(_category(v), i)
-    cats = set(first_at)
     if not values:
         return np.empty(0)
+    cats = check_label_kinds(key, values)
     if cats & {"none", "other"}:
         return list(values)
-    if len(cats) > 1:
-        (a, ia), (b, ib) = sorted(first_at.items(), key=lambda kv: kv[1])[:2]
-        raise LabelError(
-            f"in_memory_key {key!r} has values of inconsistent types: "
-            f"{_CATEGORY_NAMES[a]} (index {ia}: {values[ia]!r}) and "
-            f"{_CATEGORY_NAMES[b]} (index {ib}: {values[ib]!r})"
-        )
     (cat,) = cats
     if cat == "array":
         shape = values[0].shape
