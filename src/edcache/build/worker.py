@@ -56,9 +56,23 @@ def fetch_example(dataset: Any, index: int) -> Any:
         ) from exc
 
 
-def compute_chunk(dataset: Any, encoder: ChunkEncoder, task: ChunkTask) -> ChunkResult:
-    """Compute ``dataset[i]`` for every index of ``task`` and encode the chunk."""
-    examples = [fetch_example(dataset, i) for i in range(task.start, task.stop)]
+def compute_chunk(
+    dataset: Any, encoder: ChunkEncoder, task: ChunkTask, on_index: Callable[[int], None] | None = None
+) -> ChunkResult:
+    """Compute ``dataset[i]`` for every index of ``task`` and encode the chunk.
+
+    ``on_index(i)`` is called before example ``i`` is computed, and with ``-1`` before
+    the chunk is encoded (the local pool uses it to name the example a worker process
+    died on).
+    """
+    if on_index is None:
+        examples = [fetch_example(dataset, i) for i in range(task.start, task.stop)]
+    else:
+        examples = []
+        for i in range(task.start, task.stop):
+            on_index(i)
+            examples.append(fetch_example(dataset, i))
+        on_index(-1)
     check_chunk_labels(encoder, task, examples)
     return encoder.encode(task, examples)
 

@@ -35,6 +35,12 @@ class InlineExecutor(Executor):
 # -- worker-process side -------------------------------------------------------------
 _WORKER_STATE: tuple[Any, ChunkEncoder] | None = None
 _INHERITED: tuple[DatasetSource, ChunkEncoder] | None = None  # set before a fork start
+# What each worker process is doing, in memory shared with the coordinator: per slot
+# (pid, chunk, example index), -1 when idle. When a worker dies abruptly the
+# coordinator reads here which chunk and example killed it.
+_BOARD: Any = None
+_SLOT = 0
+_FIELDS = 3
 
 
 def _exit_with_parent(parent: int, interval: float = 0.1) -> None:
@@ -54,10 +60,17 @@ def _exit_with_parent(parent: int, interval: float = 0.1) -> None:
     threading.Thread(target=watch, name="edcache-exit-with-parent", daemon=True).start()
 
 
-def _init_worker(payload: bytes | None) -> None:
-    global _WORKER_STATE
+def _init_worker(payload: bytes | None, board: Any = None, counter: Any = None) -> None:
+    global _WORKER_STATE, _BOARD, _SLOT
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     _exit_with_parent(os.getppid())
+    if board is not None and counter is not None:
+        with counter.get_lock():
+            _SLOT = counter.value % (len(board) // _FIELDS)
+            counter.value += 1
+        _BOARD = board
+        base = _SLOT * _FIELDS
+        board[base], board[base + 1], board[base + 2] = os.getpid(), -1, -1
     source, encoder = pickle.loads(payload) if payload is not None else _INHERITED  # type: ignore[misc]
     _WORKER_STATE = (source.load(), encoder)
 
@@ -65,7 +78,19 @@ def _init_worker(payload: bytes | None) -> None:
 def _run_task(task: ChunkTask) -> ChunkResult:
     assert _WORKER_STATE is not None
     dataset, encoder = _WORKER_STATE
-    return compute_chunk(dataset, encoder, task)
+    board = _BOARD
+    if board is None:
+        return compute_chunk(dataset, encoder, task)
+    base = _SLOT * _FIELDS
+    board[base + 1] = task.chunk_id
+
+    def on_index(i: int) -> None:
+        board[base + 2] = i
+
+    try:
+        return compute_chunk(dataset, encoder, task, on_index)
+    finally:
+        board[base + 1] = board[base + 2] = -1
 
 
 # -- coordinator side ----------------------------------------------------------------
@@ -110,6 +135,9 @@ class LocalPoolExecutor(Executor):
     def _pool(self, source: DatasetSource, encoder: ChunkEncoder) -> ProcessPoolExecutor:
         global _INHERITED
         method = self._start_method()
+        context = mp.get_context(method)
+        self._board = context.RawArray("q", [-1] * (_FIELDS * self.num_workers))
+        counter = context.Value("i", 0)
         payload: bytes | None = None
         if method == "fork":
             _INHERITED = (source, encoder)  # the children inherit it: nothing is pickled
@@ -123,10 +151,36 @@ class LocalPoolExecutor(Executor):
                 ) from exc
         return ProcessPoolExecutor(
             max_workers=self.num_workers,
-            mp_context=mp.get_context(method),
+            mp_context=context,
             initializer=_init_worker,
-            initargs=(payload,),
+            initargs=(payload, self._board, counter),
         )
+
+    def _who_died(self, pool: ProcessPoolExecutor) -> list[tuple[int, int, int | None]]:
+        """``(chunk, example index or -1, exit code)`` of each worker process of a broken
+        ``pool`` that died on its own while computing a chunk.
+
+        The pool terminates (SIGTERM) its other processes once one dies; those are
+        not counted. Call before :func:`_terminate`.
+        """
+        processes = dict(getattr(pool, "_processes", None) or {})
+        for process in processes.values():
+            try:
+                process.join(timeout=2)
+            except (AssertionError, ValueError):
+                pass
+        board = self._board
+        found = []
+        for slot in range(len(board) // _FIELDS):
+            pid, chunk, index = board[slot * _FIELDS : slot * _FIELDS + _FIELDS]
+            process = processes.get(pid)
+            if chunk < 0 or process is None:
+                continue
+            code = process.exitcode
+            if code is None or code == -signal.SIGTERM:
+                continue
+            found.append((int(chunk), int(index), code))
+        return found
 
     def run(
         self,
@@ -139,6 +193,7 @@ class LocalPoolExecutor(Executor):
         finished = 0
         inflight: dict[Future, ChunkTask] = {}
         crashes: Counter[int] = Counter()
+        last_death: dict[int, tuple[int, int | None]] = {}  # chunk -> (index, exit code)
         window = 2 * self.num_workers
         pool = self._pool(source, encoder)
         try:
@@ -164,8 +219,14 @@ class LocalPoolExecutor(Executor):
                 if lost:  # a worker died: every chunk in flight is lost with the pool
                     lost.extend(inflight.values())
                     inflight.clear()
-                    for task in lost:
-                        crashes[task.chunk_id] += 1
+                    died = self._who_died(pool)
+                    if died:  # count the chunks whose process died, not the bystanders
+                        for chunk, index, code in died:
+                            crashes[chunk] += 1
+                            last_death[chunk] = (index, code)
+                    else:  # died between chunks, or unknown: every chunk in flight counts
+                        for task in lost:
+                            crashes[task.chunk_id] += 1
                     chunk, worst = crashes.most_common(1)[0]
                     if worst >= self.max_crashes:
                         hint = ""
@@ -175,10 +236,20 @@ class LocalPoolExecutor(Executor):
                                 "method, worker processes import your main script again, so it needs "
                                 "an `if __name__ == '__main__':` guard (or use mp_context='fork')."
                             )
+                        index, code = last_death.get(chunk, (-1, None))
+                        task = next((t for t in lost if t.chunk_id == chunk), None)
+                        if index >= 0:
+                            what = f"example {index} (chunk {chunk}) was being computed"
+                        elif chunk in last_death:
+                            what = f"chunk {chunk} was being encoded"
+                        else:
+                            what = f"chunk {chunk} was in flight"
+                        span = f", examples {task.start}..{task.stop - 1}" if task is not None else ""
                         raise BuildError(
-                            f"a worker process died {worst} times while chunk {chunk} was being "
-                            "computed (segfault, out of memory, or killed?); committed chunks are "
-                            f"kept, run again to resume.{hint}"
+                            f"a worker process died{_exit_reason(code)} {worst} times while {what}"
+                            f"{span if index < 0 else ''} (segfault, out of memory, os._exit, or "
+                            "killed?); committed chunks are kept, run again to resume."
+                            f"{hint}"
                         )
                     pending.extendleft(sorted(lost, key=lambda t: -t.chunk_id))
                     _terminate(pool)
@@ -188,6 +259,18 @@ class LocalPoolExecutor(Executor):
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_reason(code: int | None) -> str:
+    """`` (killed by SIGSEGV)`` / `` (exit code 9)`` for a process's exit code."""
+    if code is None:
+        return ""
+    if code < 0:
+        try:
+            return f" (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f" (killed by signal {-code})"
+    return f" (exit code {code})"
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
