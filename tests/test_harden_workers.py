@@ -53,3 +53,55 @@ def test_worker_death_names_the_chunk_and_example_it_died_on(tmp_path, how, reas
 
     cache_dir = str(tmp_path / "cached" / "dies")
     assert 1 not in read_commits(cache_dir, read_manifest(cache_dir).num_chunks)
+
+
+# -- items 18, 19: torch in build workers ----------------------------------------------------
+TORCH_SCRIPT = """
+import sys
+import torch
+from edcache import CachedDataset, DatasetMixin
+
+
+class TorchOps(DatasetMixin):
+    name = "torchops"
+
+    def __init__(self, root):
+        self.root = root
+
+    def __len__(self):
+        return 48
+
+    def get_example(self, i):
+        x = torch.randn(192, 192, generator=torch.Generator().manual_seed(i))
+        y = (x @ x).relu().mean(0)
+        return {{"y": y.numpy(), "threads": torch.get_num_threads()}}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    a = torch.randn(512, 512)
+    (a @ a).sum()  # the parent has used torch's intra-op thread pool
+    ds = CachedDataset(TorchOps(sys.argv[1]), chunk_size=8, num_workers=2, progress=False,
+                       mp_context={mp_context!r})
+    print("threads in workers:", sorted({{int(ds[i]["threads"]) for i in range(len(ds))}}))
+    print("threads in parent:", torch.get_num_threads())
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mp_context", [None, "spawn", "forkserver"])
+def test_torch_parent_threads_then_build_does_not_hang_and_workers_use_one_thread(tmp_path, mp_context):
+    """The exact scenario of issue 16 item 18 (default fork pool; the build hung forever),
+    and item 19: each build worker runs torch with one thread, as DataLoader workers do."""
+    pytest.importorskip("torch")
+    script = tmp_path / "build_with_torch.py"
+    script.write_text(TORCH_SCRIPT.format(mp_context=mp_context))
+    env = dict(os.environ, PYTHONPATH=SRC)
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "root")], capture_output=True,
+                              text=True, timeout=120, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the build hung (torch used in the parent, then a pool of workers running torch ops)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "threads in workers: [1]" in proc.stdout
+    assert "threads in parent: 2" in proc.stdout  # the calling process is left alone

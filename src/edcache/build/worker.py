@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -42,6 +43,25 @@ class DatasetSource:
         if self.factory is None:
             raise DatasetInterfaceError("DatasetSource needs a dataset or a factory path")
         return import_factory(self.factory)()
+
+
+def limit_torch_threads() -> bool:
+    """In a build worker process: one intra-op thread for PyTorch, if it is imported.
+
+    What torch's DataLoader does in its workers, for the same two reasons: a process
+    forked after the parent used torch's thread pool hangs in the first parallel torch
+    op unless the pool is reset to one thread, and N workers with a thread per core
+    each oversubscribe the machine (3-4x slower). Returns whether torch was loaded.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+    except Exception:  # noqa: BLE001 - a half-imported or stub torch: nothing to limit
+        pass
+    return True
 
 
 def fetch_example(dataset: Any, index: int) -> Any:

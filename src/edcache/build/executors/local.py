@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from ...errors import BuildError
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..worker import DatasetSource, compute_chunk
+from ..worker import DatasetSource, compute_chunk, limit_torch_threads
 from .base import Executor
 
 
@@ -41,6 +41,7 @@ _INHERITED: tuple[DatasetSource, ChunkEncoder] | None = None  # set before a for
 _BOARD: Any = None
 _SLOT = 0
 _FIELDS = 3
+_TORCH_LIMITED = False  # torch's threads were limited to one in this worker
 
 
 def _exit_with_parent(parent: int, interval: float = 0.1) -> None:
@@ -61,8 +62,10 @@ def _exit_with_parent(parent: int, interval: float = 0.1) -> None:
 
 
 def _init_worker(payload: bytes | None, board: Any = None, counter: Any = None) -> None:
-    global _WORKER_STATE, _BOARD, _SLOT
+    global _WORKER_STATE, _BOARD, _SLOT, _TORCH_LIMITED
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    # before anything runs torch ops (a forked child inherits a thread pool it cannot use)
+    _TORCH_LIMITED = limit_torch_threads()
     _exit_with_parent(os.getppid())
     if board is not None and counter is not None:
         with counter.get_lock():
@@ -73,11 +76,16 @@ def _init_worker(payload: bytes | None, board: Any = None, counter: Any = None) 
         board[base], board[base + 1], board[base + 2] = os.getpid(), -1, -1
     source, encoder = pickle.loads(payload) if payload is not None else _INHERITED  # type: ignore[misc]
     _WORKER_STATE = (source.load(), encoder)
+    if not _TORCH_LIMITED:  # unpickling or loading the dataset may have imported torch
+        _TORCH_LIMITED = limit_torch_threads()
 
 
 def _run_task(task: ChunkTask) -> ChunkResult:
+    global _TORCH_LIMITED
     assert _WORKER_STATE is not None
     dataset, encoder = _WORKER_STATE
+    if not _TORCH_LIMITED:  # torch imported by the dataset later, e.g. in an earlier chunk
+        _TORCH_LIMITED = limit_torch_threads()
     board = _BOARD
     if board is None:
         return compute_chunk(dataset, encoder, task)
