@@ -105,3 +105,58 @@ def test_torch_parent_threads_then_build_does_not_hang_and_workers_use_one_threa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "threads in workers: [1]" in proc.stdout
     assert "threads in parent: 2" in proc.stdout  # the calling process is left alone
+
+
+# -- item 20: spawn without a __main__ guard ---------------------------------------------------
+UNGUARDED_SCRIPT = """
+import sys
+from edcache import CachedDataset, DatasetMixin
+
+
+class Numbers(DatasetMixin):
+    name = "numbers"
+    root = {root!r}
+
+    def __len__(self):
+        return 20
+
+    def get_example(self, i):
+        return {{"i": i}}
+
+
+# no `if __name__ == "__main__":` guard
+ds = CachedDataset(Numbers(), chunk_size=4, num_workers=2, progress=False, mp_context={method!r})
+print("built", len(ds))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spawn_without_main_guard_fails_with_advice_instead_of_hanging(tmp_path, method):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT.format(root=str(tmp_path / "root"), method=method))
+    env = dict(os.environ, PYTHONPATH=SRC)
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the build hung: spawned workers re-ran the unguarded script and waited on the lock")
+    assert proc.returncode != 0
+    assert "built" not in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("edcache.errors.BuildError: the worker processes died while starting"), last
+    assert 'if __name__ == "__main__":' in last and "mp_context='fork'" in last
+    # the children said why, too
+    assert "is a worker process that is re-running the main script" in proc.stderr
+
+
+def test_guarded_spawn_script_builds(tmp_path):
+    script = tmp_path / "guarded.py"
+    body = UNGUARDED_SCRIPT.format(root=str(tmp_path / "root"), method="spawn")
+    head, _, tail = body.partition("# no `if __name__")
+    tail = tail.split("\n", 1)[1]
+    script.write_text(head + 'if __name__ == "__main__":\n' + textwrap.indent(tail, "    "))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=SRC), cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built 20" in proc.stdout

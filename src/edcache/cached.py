@@ -248,6 +248,9 @@ class CachedDataset(DatasetMixin):
         """
         from filelock import FileLock, Timeout
 
+        from .build.executors.local import check_not_bootstrapping
+
+        check_not_bootstrapping()  # a spawned worker re-running an unguarded script: fail, not wait
         os.makedirs(os.path.dirname(self._path.rstrip(os.sep)) or ".", exist_ok=True)
         lock = FileLock(self._lock_path())
         try:

@@ -32,6 +32,31 @@ class InlineExecutor(Executor):
             on_result(compute_chunk(dataset, encoder, task))
 
 
+GUARD_HINT = (
+    "with the {method} start method every worker process imports your main script again, "
+    "so the code that builds the cache must be inside an `if __name__ == \"__main__\":` "
+    "block (or pass mp_context='fork', or num_workers=0)"
+)
+
+
+def check_not_bootstrapping() -> None:
+    """Raise :class:`BuildError` in a process that is still being started by
+    ``multiprocessing`` (spawn or forkserver) and is re-running the parent's main script.
+
+    Such a script has no ``if __name__ == "__main__":`` guard: building from it in
+    the child would wait forever on the build lock that the parent holds.
+    """
+    process = mp.current_process()
+    if getattr(process, "_inheriting", False):  # what multiprocessing checks for itself
+        method = mp.get_start_method(allow_none=True) or "spawn"
+        raise BuildError(
+            f"edcache: {process.name} (pid {os.getpid()}) is a worker process that is re-running "
+            "the main script while it starts, and the script builds a cache at import time: "
+            + GUARD_HINT.format(method=method if method != "fork" else "spawn")
+            + "."
+        )
+
+
 # -- worker-process side -------------------------------------------------------------
 _WORKER_STATE: tuple[Any, ChunkEncoder] | None = None
 _INHERITED: tuple[DatasetSource, ChunkEncoder] | None = None  # set before a fork start
@@ -228,6 +253,14 @@ class LocalPoolExecutor(Executor):
                     lost.extend(inflight.values())
                     inflight.clear()
                     died = self._who_died(pool)
+                    started = any(self._board[k] >= 0 for k in range(0, len(self._board), _FIELDS))
+                    if not finished and not started and self._start_method() != "fork":
+                        raise BuildError(
+                            "the worker processes died while starting, before running anything "
+                            "(their traceback is printed above). The usual cause: "
+                            + GUARD_HINT.format(method=self._start_method())
+                            + ". Committed chunks are kept."
+                        )
                     if died:  # count the chunks whose process died, not the bystanders
                         for chunk, index, code in died:
                             crashes[chunk] += 1
