@@ -316,6 +316,7 @@ def prepare_cache_dir(
     allow_pickle: bool,
     keep_existing: bool,
     parameters: str | None = None,
+    fingerprint: str | None = None,
 ) -> ShardSink:
     """Get ``cache_dir`` ready for a (resumed) build and return its sink.
 
@@ -366,6 +367,7 @@ def prepare_cache_dir(
         in_memory_keys=list(in_memory_keys),
         allow_pickle=allow_pickle,
         parameters=parameters,
+        fingerprint=fingerprint,
     )
     if packed is not None:
         _remove_chunk_shards(cache_dir)
