@@ -133,6 +133,9 @@ class CachedDataset(DatasetMixin):
         self.progress = progress
         self.executor = executor
         self._parameters = _parameters
+        from .fingerprint import dataset_fingerprint
+
+        self._fingerprint = dataset_fingerprint(dataset)
         self._length = checked_length(dataset)
         self._path = _path or self._choose_path(_legacy)
         self._legacy = self._path.endswith(".zip")
@@ -193,11 +196,29 @@ class CachedDataset(DatasetMixin):
                 raise CacheMismatchError(
                     f"the cache at {self._path} was built from {manifest.dataset}, not {ident}. {hint}"
                 )
+            self._check_fingerprint(manifest)
             if self._parameters is not None and manifest.parameters != self._parameters:
                 raise CacheMismatchError(
                     f"the cache at {self._path} was built for the arguments {manifest.parameters}, "
                     f"not {self._parameters}. Use another path per set of arguments, or delete it."
                 )
+
+    def _check_fingerprint(self, manifest: Any) -> None:
+        """Refuse a cache recorded with another configuration of the dataset (issue 16
+        item 21); caches without a recorded fingerprint are not checked."""
+        recorded = getattr(manifest, "fingerprint", None)
+        if recorded is None or self.base_dataset is None:
+            return
+        from .fingerprint import fingerprint_differences
+
+        diffs = fingerprint_differences(recorded, getattr(self, "_fingerprint", None))
+        if diffs:
+            raise CacheMismatchError(
+                f"the cache at {self._path} was built from {type(self.base_dataset).__name__} "
+                f"configured differently ({'; '.join(diffs)}), so its examples may not be what this "
+                "dataset computes. Rebuild it with force_cache=True, keep_existing=False (CLI: "
+                "--force --no-keep-existing), or give this configuration its own name."
+            )
 
     @classmethod
     def from_cache(
@@ -307,6 +328,15 @@ class CachedDataset(DatasetMixin):
         else:
             from .format.shards import dataset_identity, prepare_cache_dir
 
+            if self.keep_existing:  # resuming: the committed chunks must be of this configuration
+                from .format.shards.manifest import read_manifest
+
+                try:
+                    old = read_manifest(self._path)
+                except (OSError, CorruptCacheError):
+                    old = None  # no (readable) manifest: prepare_cache_dir decides
+                if old is not None and old.length == self._length and old.dataset in ("", dataset_identity(self.base_dataset)):
+                    self._check_fingerprint(old)  # (another class or length: prepare_cache_dir says so)
             sink = prepare_cache_dir(
                 self._path,
                 length=self._length,
@@ -316,6 +346,7 @@ class CachedDataset(DatasetMixin):
                 allow_pickle=self.allow_pickle,
                 keep_existing=self.keep_existing,
                 parameters=self._parameters,
+                fingerprint=self._fingerprint,
             )
         num_workers = default_num_workers() if self.num_workers is None else self.num_workers
         executor = self._executor(num_workers)
