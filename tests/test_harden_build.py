@@ -167,3 +167,24 @@ def test_labels_mixing_kinds_across_chunks_say_how_to_recover(tmp_path):
         build(fixed)
     ds = build(fixed, force_cache=True, keep_existing=False)
     assert list(ds.labels["i"]) == [str(i) for i in range(12)]
+
+
+# -- item 23: replacing a cache under live readers (documented, not catchable) ---------------
+def test_replacing_a_cache_by_rename_keeps_open_readers_working(tmp_path):
+    """What docs/reliability.md recommends instead of copying over a live cache (which
+    SIGBUSes readers): build the new cache elsewhere and rename it into place."""
+    import shutil
+
+    old = build(Plain(tmp_path / "a"))
+    old_reader = CachedDataset.from_cache(str(tmp_path / "a"), "plain")
+    assert int(old_reader[5]["i"]) == 5  # mapped now
+    build(Plain(tmp_path / "b", make=lambda i: {"x": np.full(3, -i, np.int16), "i": -i}))
+    live = tmp_path / "a" / "cached" / "plain"
+    os.rename(live, tmp_path / "a" / "cached" / "plain.old")
+    os.rename(tmp_path / "b" / "cached" / "plain", live)
+    shutil.rmtree(tmp_path / "a" / "cached" / "plain.old")  # deleted files stay mapped
+    assert [int(old_reader[i]["i"]) for i in range(12)] == list(range(12))
+    assert [int(CachedDataset.from_cache(str(tmp_path / "a"), "plain")[i]["i"]) for i in (1, 11)] == [-1, -11]
+    assert len(old) == 12
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "reliability.md")).read()
+    assert "SIGBUS" in doc and "--inplace" in doc  # the limit and the safe way are documented
