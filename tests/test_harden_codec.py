@@ -214,3 +214,13 @@ def test_lone_surrogate_in_a_dict_key_names_it(tmp_path):
 def test_unstorable_value_message_unchanged(tmp_path):
     with pytest.raises(CodecError, match=r"^example 1, key 'x/1': cannot store value of type builtins.object"):
         build(Make(tmp_path, lambda i: {"x": [0, object() if i == 1 else 1]}))
+
+
+def test_deep_value_error_reaches_the_coordinator_with_tblib_installed(tmp_path):
+    """With tblib's exception pickling (installed by importing distributed), the chained
+    error of a deep value could not be pickled and the pool worker died instead of
+    reporting the CodecError (found by the full suite)."""
+    tblib = pytest.importorskip("tblib.pickling_support")
+    tblib.install()
+    with pytest.raises(CodecError, match=r"^example 5, key 'meta/t/0"):
+        build(Make(tmp_path, _deep_at_5), workers=2)

@@ -106,6 +106,19 @@ def _init_worker(payload: bytes | None, board: Any = None, counter: Any = None) 
 
 
 def _run_task(task: ChunkTask) -> ChunkResult:
+    try:
+        return _compute(task)
+    except BaseException as exc:
+        # The error travels to the coordinator as a pickle. Plain pickling drops the
+        # chained exceptions anyway; with tblib installed (importing distributed does)
+        # they are pickled with their tracebacks, and a deep one (a value nested 100
+        # levels, a RecursionError) cannot be: the worker would die instead of reporting.
+        # The message and the worker's formatted traceback carry what is needed.
+        exc.__cause__ = exc.__context__ = None
+        raise
+
+
+def _compute(task: ChunkTask) -> ChunkResult:
     global _TORCH_LIMITED
     assert _WORKER_STATE is not None
     dataset, encoder = _WORKER_STATE
