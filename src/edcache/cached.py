@@ -335,7 +335,8 @@ class CachedDataset(DatasetMixin):
                     old = read_manifest(self._path)
                 except (OSError, CorruptCacheError):
                     old = None  # no (readable) manifest: prepare_cache_dir decides
-                if old is not None and old.length == self._length and old.dataset in ("", dataset_identity(self.base_dataset)):
+                same = old is not None and old.length == self._length
+                if same and old.dataset in ("", dataset_identity(self.base_dataset)):
                     self._check_fingerprint(old)  # (another class or length: prepare_cache_dir says so)
             sink = prepare_cache_dir(
                 self._path,

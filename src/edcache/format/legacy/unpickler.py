@@ -116,7 +116,8 @@ def _size(value: Any) -> int:
     """The work ``value`` stands for as an argument: its elements (bytes of an array)."""
     if isinstance(value, np.ndarray):
         return max(int(value.nbytes), int(value.size))
-    if isinstance(value, (str, bytes, bytearray, list, tuple, dict, set, frozenset, collections.deque, range)):
+    if isinstance(value, (str, bytes, bytearray, list, tuple, dict, set, frozenset, collections.deque,
+                          range)):
         return len(value)  # OverflowError for an astronomic range: caught as corrupt
     return 1
 

@@ -350,7 +350,9 @@ class Decoder:
         except Exception as exc:  # msgpack raises several types on garbage
             raise CorruptCacheError(f"{self.where}: undecodable record {row}: {exc}") from exc
 
-    def _expand(self, item: "_Deferred", hook: Callable[[int, bytes], Any], state: "_DecodeState", row: int) -> list:
+    def _expand(
+        self, item: "_Deferred", hook: Callable[[int, bytes], Any], state: "_DecodeState", row: int
+    ) -> list:
         """The items of a tuple whose decoding was deferred (their own deeper tuples may
         be deferred again)."""
         state.base, state.level = item.depth, 0
