@@ -57,17 +57,25 @@ class ColumnarEncoder(ChunkEncoder):
         return ChunkResult(task.chunk_id, task.start, task.stop, "", columns.nbytes, payload=columns)
 
     def _checked(self, task: ChunkTask, examples: Iterable[Any]) -> Iterable[Any]:
+        """The examples, checked for their label keys; a chunk whose label values mix
+        kinds that cannot share a column (say int and str) is refused before it is
+        committed (mixes across chunks are found when the labels are written)."""
+        from ..shards.labels import check_label_kinds
+
         keys = self.in_memory_keys
+        values: list[list[Any]] = [[] for _ in keys]
         for k, example in enumerate(examples):
-            for key in keys:
+            for n, key in enumerate(keys):
                 try:
-                    example[key]
+                    values[n].append(example[key])
                 except (KeyError, TypeError, IndexError):
                     seen = list(example) if isinstance(example, dict) else type(example).__name__
                     raise LabelError(
                         f"example {task.start + k} has no in_memory_key {key!r} (it has {seen})"
                     ) from None
             yield example
+        for key, chunk_values in zip(keys, values):
+            check_label_kinds(key, chunk_values, task.start)
 
 
 class ColumnarSink(ChunkSink):
@@ -656,9 +664,13 @@ def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
             f"{new.parameters}. Use another path per set of arguments, or delete it."
         )
     if new.fingerprint is not None and old.fingerprint is not None and old.fingerprint != new.fingerprint:
+        from ...fingerprint import fingerprint_differences
+
+        diffs = "; ".join(fingerprint_differences(old.fingerprint, new.fingerprint))
         raise CacheMismatchError(
-            f"the cache at {cache_dir} was built from a dataset configured as {old.fingerprint}; "
-            f"this one is configured as {new.fingerprint}. {hint}"
+            f"the cache at {cache_dir} was built from {new.dataset.rpartition('.')[2] or 'a dataset'} "
+            f"configured differently ({diffs}), so its examples may not be what this dataset "
+            f"computes. {hint[:-1]}, or give this configuration its own name."
         )
     if old.allow_pickle != new.allow_pickle:
         raise CacheMismatchError(f"the cache at {cache_dir} was built with allow_pickle={old.allow_pickle}. {hint}")
