@@ -18,7 +18,9 @@ from edcache import CachedDataset, DatasetMixin
 from edcache.errors import CodecError, CorruptCacheError
 from edcache.format.shards import codec
 from edcache.format.shards.codec import EXT_TUPLE, MAX_TUPLE_DEPTH, Decoder
-from edcache.format.shards.shard import ShardFile, checksum, encode_shard
+import itertools
+
+from edcache.format.columnar import ColumnarReader
 from helpers import assert_same
 
 import edcache
@@ -45,12 +47,25 @@ def build(ds, workers=0, **kw):
     return CachedDataset(ds, chunk_size=2, num_workers=workers, progress=False, **kw)
 
 
+_names = itertools.count()
+
+
+class _Listed:
+    def __init__(self, root, exs):
+        self.root, self.name, self.exs = str(root), f"rt{next(_names)}", exs
+
+    def __len__(self):
+        return len(self.exs)
+
+    def __getitem__(self, i):
+        return self.exs[i]
+
+
 def roundtrip(exs, tmp_path):
-    data = encode_shard(exs, 0, None, False)
-    path = tmp_path / "s.shard"
-    path.write_bytes(data)
-    sf = ShardFile(str(path), len(data), 0, len(exs), checksum(data), False)
-    return [sf.read(r) for r in range(len(exs))]
+    """Cache ``exs`` (format v2) and read them back with verify=True."""
+    ds = CachedDataset(_Listed(tmp_path, exs), chunk_size=2, num_workers=0, progress=False)
+    reader = ColumnarReader(ds.path, verify=True)
+    return [reader.read(r) for r in range(len(exs))]
 
 
 def run_python(code, timeout=120):
@@ -109,16 +124,16 @@ def test_deep_tuples_decode_on_a_small_thread_stack(tmp_path):
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         from test_harden_codec import nested_tuple, MAX_TUPLE_DEPTH
         from helpers import assert_same
-        from edcache.format.shards.shard import ShardFile, checksum, encode_shard
+        from test_harden_codec import roundtrip
+        from edcache.format.columnar import ColumnarReader
+        import pathlib
         ex = {{"t": nested_tuple(MAX_TUPLE_DEPTH), "u": [nested_tuple(50, leaf=i) for i in range(3)]}}
-        data = encode_shard([ex], 0, None, False)
-        path = {str(tmp_path / "small.shard")!r}
-        open(path, "wb").write(data)
+        roundtrip([ex], pathlib.Path({str(tmp_path)!r}))  # builds a cache under tmp_path
+        import glob
+        reader = ColumnarReader(glob.glob({str(tmp_path)!r} + "/cached/rt*")[0])
         out = []
         threading.stack_size(512 * 1024)
-        t = threading.Thread(
-            target=lambda: out.append(ShardFile(path, len(data), 0, 1, checksum(data), False).read(0))
-        )
+        t = threading.Thread(target=lambda: out.append(reader.read(0)))
         t.start()
         t.join()
         assert_same(out[0], ex)

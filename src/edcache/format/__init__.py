@@ -98,38 +98,40 @@ def remove_unused_cache_dir(cache_dir: str) -> bool:
     """Remove ``cache_dir`` if a build left it without any committed work.
 
     Called after a build that created the directory failed: it then holds an
-    incomplete manifest, a commit log without records, an empty ``shards/`` (perhaps
-    temporary files of workers) and nothing else. Anything else found there (a
-    committed chunk, a packing record, a file edcache does not write, a symbolic
-    link) keeps the whole directory as it is. Returns whether it was removed; never
-    raises for a file-system error (the directory is then simply left).
+    incomplete manifest, a commit log without chunk records, column files of nothing
+    committed (perhaps temporary files) and nothing else. Anything else found there (a
+    committed chunk, a file edcache does not write, a symbolic link) keeps the whole
+    directory as it is. Returns whether it was removed; never raises for a file-system
+    error (the directory is then simply left).
     """
-    from .fsutil import is_temp
-    from .shards.manifest import COMMITS, LABELS_DIR, MANIFEST, SHARDS_DIR, read_log, read_manifest
+    import re
 
+    from .columnar.log import read_log
+    from .columnar.manifest import COLUMNS_DIR, COMMITS, LABELS_DIR, MANIFEST, read_manifest
+    from .fsutil import is_temp
+
+    ours = re.compile(r"^\d{4}(\.\d+)?\.(data|index)$")
     try:
         if os.path.islink(cache_dir) or not os.path.isdir(cache_dir):
             return False
         manifest = read_manifest(cache_dir)
-        if manifest.complete:
-            return False
-        commits, packed = read_log(cache_dir, manifest.num_chunks)
-        if commits or packed is not None:
+        state = read_log(cache_dir)
+        if manifest.complete or state is None or state.committed or state.invalid:
             return False
         entries = set(os.listdir(cache_dir))
-        if not entries <= {MANIFEST, COMMITS, SHARDS_DIR, LABELS_DIR} | {e for e in entries if is_temp(e)}:
+        if not entries <= {MANIFEST, COMMITS, COLUMNS_DIR, LABELS_DIR} | {e for e in entries if is_temp(e)}:
             return False
-        subdirs = [os.path.join(cache_dir, d) for d in (SHARDS_DIR, LABELS_DIR) if d in entries]
+        subdirs = [os.path.join(cache_dir, d) for d in (COLUMNS_DIR, LABELS_DIR) if d in entries]
         for sub in subdirs:
             if os.path.islink(sub) or not os.path.isdir(sub):
                 return False
-            if not all(is_temp(name) for name in os.listdir(sub)):
+            if not all(is_temp(name) or ours.match(name) for name in os.listdir(sub)):
                 return False
         for sub in subdirs:
             for name in os.listdir(sub):
                 os.unlink(os.path.join(sub, name))
             os.rmdir(sub)
-        for name in sorted(entries - {SHARDS_DIR, LABELS_DIR, MANIFEST}):
+        for name in sorted(entries - {COLUMNS_DIR, LABELS_DIR, MANIFEST}):
             os.unlink(os.path.join(cache_dir, name))
         os.unlink(os.path.join(cache_dir, MANIFEST))  # last: until here it is a valid empty cache
         os.rmdir(cache_dir)
