@@ -34,6 +34,7 @@ class Ragged(DatasetMixin):
     present in some examples only."""
 
     in_memory_keys = ["cls"]
+    fingerprint_exclude = ("log_dir", "fail_at")  # plumbing, not what the examples are
 
     def __init__(self, root, n=200, name="ragged", vary=False, log_dir=None, salt=0, fail_at=10**9):
         self.root, self.name, self.n, self.vary, self.log_dir, self.salt = str(root), name, n, vary, log_dir, salt

@@ -132,6 +132,7 @@ class CachedDataset(DatasetMixin):
     progress = True
     executor: Any = None
     _parameters: str | None = None
+    _fingerprint: str | None = None
 
     def __init__(
         self,
