@@ -39,10 +39,7 @@ from .manifest import (
     write_manifest,
 )
 from .records import encode_row
-from .schema import ABSENT, FIXED, INDEXED, RAGGED, ColumnSpec, Layout, merge
-
-#: kinds whose index file starts with one extra u64 0 (``n + 1`` offsets)
-_LEADING = frozenset({RAGGED, "str", "bytes", "record"})
+from .schema import ABSENT, FIXED, INDEXED, OFFSETS, ColumnSpec, Layout, merge
 
 
 class ColumnarEncoder(ChunkEncoder):
@@ -124,7 +121,7 @@ class ColumnarSink(ChunkSink):
         for i, spec in enumerate(self.schema.columns):
             for f in spec.files():
                 self._fds[f] = open_fd(os.path.join(cache_dir, f), os.O_RDWR)
-            if spec.kind in _LEADING:
+            if spec.kind in OFFSETS:
                 idx = spec.files()[1]
                 end = self._end(idx)
                 self._tails[i] = int.from_bytes(os.pread(self._fds[idx], 8, end - 8), "little") if end else 0
@@ -271,8 +268,8 @@ class ColumnarSink(ChunkSink):
         bufs: list[list[Any]] = [[raw_bytes(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data]]
         if len(files) > 1:
             index = parts[1]
-            lead = [bytes(8)] if spec.kind in _LEADING and self._end(files[1]) == 0 else []
-            if spec.kind in _LEADING:
+            lead = [bytes(8)] if spec.kind in OFFSETS and self._end(files[1]) == 0 else []
+            if spec.kind in OFFSETS:
                 base = self._tails.get(gid, 0)
                 shifted = (index + np.uint64(base)).astype("<u8") if base else index.astype("<u8", copy=False)
                 if len(shifted):
@@ -494,7 +491,7 @@ def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[i
     index = None
     if spec.kind in INDEXED:
         idx = parts[1]
-        if spec.kind in _LEADING:
+        if spec.kind in OFFSETS:
             idx = np.concatenate([np.zeros(1, "<u8"), idx.astype("<u8")])
         index = raw_bytes(np.ascontiguousarray(idx))
     get = ColumnView(spec, data, index, count, allow_pickle=allow_pickle, where="chunk").get
