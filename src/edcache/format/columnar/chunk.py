@@ -13,15 +13,32 @@ touches the disk, and is only ever unpickled by the coordinator that asked for i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from ...errors import CodecError
-from ..shards.codec import Encoder, _is_storable_dtype, codec_error, find_unsupported, format_key_path
+from ..shards.codec import (
+    Encoder,
+    _is_storable_dtype,
+    codec_error,
+    find_unsupported,
+    format_key_path,
+)
 from .records import encode_row
-from .schema import ABSENT, BYTES, FIXED, NONE, RAGGED, RECORD, STR, VARSHAPE, ColumnSpec
+from .schema import (
+    ABSENT,
+    BYTES,
+    FIXED,
+    NONE,
+    RAGGED,
+    RECORD,
+    STR,
+    VARSHAPE,
+    ColumnSpec,
+)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _PY_FIXED = {bool: ("bool", np.dtype("|b1")), int: ("int", np.dtype("<i8")), float: ("float", np.dtype("<f8"))}
@@ -73,7 +90,7 @@ def layout_key(example: Any) -> LayoutKey:
 class _Values:
     """The values of one key in one chunk, owned by the chunk (copied on arrival)."""
 
-    __slots__ = ("key", "rows", "values", "buf", "nbuf", "shape")
+    __slots__ = ("buf", "key", "nbuf", "rows", "shape", "values")
 
     def __init__(self, key: Any) -> None:
         self.key = key

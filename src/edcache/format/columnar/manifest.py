@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import xxhash
 
@@ -35,6 +35,20 @@ def checksum(data: Any) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+_T = TypeVar("_T")
+
+
+def _parsed(parse: Callable[[Any, str], _T], doc: Any, where: str, what: str) -> _T:
+    """``parse(doc, where)``, with any exception a structure of the wrong shape raises
+    (valid JSON, wrong types) turned into a ``CorruptCacheError``."""
+    try:
+        return parse(doc, where)
+    except CorruptCacheError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
+        raise CorruptCacheError(f"{where}: malformed {what} ({type(exc).__name__}: {exc})") from exc
+
+
 @dataclass
 class Schema:
     """The columns and layouts of a cache (fixed once complete)."""
@@ -56,17 +70,12 @@ class Schema:
         }
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> "Schema":
+    def from_json(cls, doc: Any, where: str) -> Schema:
         """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
-        try:
-            return cls._from_json(doc, where)
-        except CorruptCacheError:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
-            raise CorruptCacheError(f"{where}: malformed schema ({type(exc).__name__}: {exc})") from exc
+        return _parsed(cls._from_json, doc, where, "schema")
 
     @classmethod
-    def _from_json(cls, doc: Any, where: str) -> "Schema":
+    def _from_json(cls, doc: Any, where: str) -> Schema:
         if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list) or not isinstance(
             doc.get("layouts"), list
         ):
@@ -130,7 +139,7 @@ class Manifest:
         return _canonical(doc)
 
     @classmethod
-    def from_doc(cls, doc: dict, where: str) -> "Manifest":
+    def from_doc(cls, doc: dict, where: str) -> Manifest:
         """Build from the parameters of ``doc`` (a manifest or a log header)."""
         try:
             m = cls(
@@ -153,17 +162,12 @@ class Manifest:
         return m
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
         """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
-        try:
-            return cls._from_bytes(data, where)
-        except CorruptCacheError:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
-            raise CorruptCacheError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        return _parsed(cls._from_bytes, data, where, "manifest")
 
     @classmethod
-    def _from_bytes(cls, data: bytes, where: str) -> "Manifest":
+    def _from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:

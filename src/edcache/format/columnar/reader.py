@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import xxhash
 
-from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
+from ...errors import (
+    CacheNotFoundError,
+    CorruptCacheError,
+    IncompleteCacheError,
+    UnsafePickleError,
+)
 from ..base import CacheReader, Labels
 from .columns import ColumnView
 from .files import map_fd, open_fd
 from .log import LogState, read_log
 from .manifest import MANIFEST, TABLE, Manifest, Schema, read_manifest
 from .records import decode_row
-from .schema import Layout
+from .schema import OFFSETS, Layout
 
 INDEX_KEY = "index_"
 
@@ -68,7 +74,7 @@ def map_columns(cache_dir: str, schema: Schema, ends: dict[str, int], rows: int,
 def _compile(params: list[str], body: str) -> Callable[..., Any]:
     # Only generated names appear in the source; keys and getters are bound as values,
     # so nothing read from a cache file is ever compiled.
-    return eval(f"lambda {', '.join(params)}: lambda r: {body}", {"__builtins__": {}})  # noqa: S307
+    return eval(f"lambda {', '.join(params)}: lambda r: {body}", {"__builtins__": {}})
 
 
 _MAKERS: dict[tuple, Callable[..., Any]] = {}
@@ -378,13 +384,21 @@ class ColumnarReader(CacheReader):
         return table
 
     def check_chunk(self, chunk: int) -> None:
-        """Compare every file's bytes of ``chunk`` with their checksums."""
-        for f in self._schema.files():
-            segs = self._segments(f)
-            if chunk >= len(segs):
-                continue
-            start = segs[chunk - 1][0] if chunk else 0
-            end, digest = segs[chunk]
+        """Compare every file's bytes of ``chunk`` with their checksums (for offsets
+        files also the chunk before: its last entry is where this chunk's first row
+        starts)."""
+        for spec in self._schema.columns:
+            for n, f in enumerate(spec.files()):
+                previous = n == 1 and spec.kind in OFFSETS and chunk > 0
+                for c in (chunk - 1, chunk) if previous else (chunk,):
+                    self._check_segment(f, c, chunk)
+        self._checked.add(chunk)
+
+    def _check_segment(self, f: str, c: int, chunk: int) -> None:
+        segs = self._segments(f)
+        if c < len(segs):
+            start = segs[c - 1][0] if c else 0
+            end, digest = segs[c]
             data = os.pread(self._fds[f], end - start, start) if end > start else b""
             if len(data) != end - start or xxhash.xxh3_64_intdigest(data) != digest:
                 task = self.manifest.chunk(chunk)
@@ -393,7 +407,6 @@ class ColumnarReader(CacheReader):
                     f"(chunk {chunk}) fail their checksum: the file is damaged. Run "
                     f"`edcache verify {self.path}` for a full report."
                 )
-        self._checked.add(chunk)
 
     def _checking(self, fn: Callable[[int], Any]) -> Callable[[int], Any]:
         cs, checked = self.manifest.chunk_size, self._checked

@@ -51,6 +51,9 @@ KINDS = frozenset({FIXED, RAGGED, VARSHAPE, STR, BYTES, RECORD, NONE})
 PY_KINDS = frozenset({"array", "int", "float", "bool", "scalar"})
 #: kinds with an index file
 INDEXED = frozenset({RAGGED, VARSHAPE, STR, BYTES, RECORD})
+#: kinds whose index file holds ``n + 1`` offsets (the first a 0): row ``r`` starts where
+#: row ``r - 1`` ends, so a chunk's first row starts in the previous chunk's bytes
+OFFSETS = frozenset({RAGGED, STR, BYTES, RECORD})
 
 #: Top-level container of an example, per layout.
 CONTAINERS = frozenset({"dict", "tuple", "list", "whole"})
@@ -111,7 +114,7 @@ class ColumnSpec:
         """u64 entries per row in the index file (varshape: offset + dims; else 1)."""
         return 1 + self.ndim if self.kind == VARSHAPE else 1
 
-    def same_kind(self, other: "ColumnSpec") -> bool:
+    def same_kind(self, other: ColumnSpec) -> bool:
         """Whether ``other`` holds the same kind of values (ignoring key and files)."""
         return (self.kind, self.dtype, tuple(self.shape), self.ndim, self.py) == (
             other.kind, other.dtype, tuple(other.shape), other.ndim, other.py
@@ -131,7 +134,7 @@ class ColumnSpec:
         return doc
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> "ColumnSpec":
+    def from_json(cls, doc: Any, where: str) -> ColumnSpec:
         """Parse and validate a column description (``CorruptCacheError`` if malformed)."""
         def bad(what: str) -> CorruptCacheError:
             return CorruptCacheError(f"{where}: malformed column description ({what}): {doc!r:.200}")
@@ -230,7 +233,7 @@ class Layout:
         return [self.container, list(self.columns)]
 
     @classmethod
-    def from_json(cls, doc: Any, num_columns: int, where: str) -> "Layout":
+    def from_json(cls, doc: Any, num_columns: int, where: str) -> Layout:
         if (
             not isinstance(doc, list) or len(doc) != 2 or not isinstance(doc[0], str) or doc[0] not in CONTAINERS
             or not isinstance(doc[1], list)
