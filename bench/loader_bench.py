@@ -47,8 +47,9 @@ def _identity(b):
     return b
 
 
-def _rate(make_iter, k: int, max_s: float) -> float:
-    """examples/s over up to ``k`` examples (or ``max_s``), after 3 warm-up batches."""
+def _rate(loader, k: int, max_s: float) -> float:
+    """examples/s of passes over ``loader`` for up to ``k`` examples (or ``max_s``), after
+    3 warm-up batches."""
     def size(b):
         if isinstance(b, dict):
             return len(b[next(iter(b))])
@@ -56,7 +57,7 @@ def _rate(make_iter, k: int, max_s: float) -> float:
 
     def stream():
         while True:
-            yield from make_iter()
+            yield from loader
 
     s = stream()
     for _ in range(3):
@@ -119,9 +120,7 @@ def main() -> None:
         }
         rates = {}
         for name, make in variants.items():
-            loader = make()
-            rates[name] = _rate(lambda: iter(loader), k, args.max_s)
-            del loader
+            rates[name] = _rate(make(), k, args.max_s)
             gc.collect()
         base = rates["DataLoader(LMDB), per example"]
         print(f"small shape, {n} examples, batch {BS}, shuffled, {k} examples timed per variant "

@@ -158,7 +158,8 @@ def test_state_follows_epochs_and_set_epoch(ds):
     mid.set_epoch(4)
     assert len(list(mid)) == 8 and mid.epoch == 5
     mid.set_epoch(2)
-    assert [b["label"].tolist() for b in mid] == [b["label"].tolist() for b in _at_epoch(ds.loader(10, shuffle=True), 2)]
+    again = _at_epoch(ds.loader(10, shuffle=True), 2)
+    assert [b["label"].tolist() for b in mid] == [b["label"].tolist() for b in again]
 
 
 def _at_epoch(loader, e):
@@ -218,7 +219,7 @@ def test_ddp_ranks_partition_each_epoch(ds, world, drop_last):
 @pytest.mark.parametrize("new_world", [2, 8, 3])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_elastic_resume_repeats_and_skips_nothing(ds, new_world, steps):
-    n_kw = dict(shuffle=True, seed=9)
+    n_kw = {"shuffle": True, "seed": 9}
     old = _ranks(ds, 4, 5, **n_kw)
     consumed = collections.Counter()
     iters = [iter(L) for L in old]

@@ -77,7 +77,7 @@ def _job(tmp_path, world, state_in, steps, tag):
 def test_two_process_gloo_job_and_elastic_resume(tmp_path):
     CachedDataset(Dicts(tmp_path), chunk_size=16, num_workers=0, progress=False)
     first = _job(tmp_path, 2, "-", 3, "a")  # 3 steps of 2 x 5
-    a = [set(i for b in r["seen"] for i in b) for r in first]
+    a = [{i for b in r["seen"] for i in b} for r in first]
     assert not a[0] & a[1] and len(a[0] | a[1]) == 30
     state = tmp_path / "state.json"
     state.write_text(json.dumps(first[0]["state"]))

@@ -31,7 +31,8 @@ torch is imported only when a loader is iterated or made.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -457,4 +458,4 @@ def make_loader(dataset: Any, batch_size: int, **options: Any) -> CacheLoader:
     return CacheLoader(dataset, batch_size, **options)
 
 
-__all__ = ["CacheLoader", "BatchReader", "epoch_order", "rank_batches", "make_loader"]
+__all__ = ["BatchReader", "CacheLoader", "epoch_order", "make_loader", "rank_batches"]
