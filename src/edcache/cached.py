@@ -512,6 +512,13 @@ class CachedDataset(DatasetMixin):
         examples = self.store.read_many(indices)
         return [self._finish(ex, j) for ex, j in zip(examples, indices)]
 
+    def _finish(self, example: Any, j: int) -> Any:
+        """As :class:`DatasetMixin` does for dicts (``index_``, labels, expand); tuple and
+        list examples come back as stored (edflow's ``index_`` contract is for dicts)."""
+        if type(example) is not dict:
+            return example
+        return super()._finish(example, j)
+
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """Batched fetch (what PyTorch's DataLoader calls): the examples of ``indices``.
 
@@ -549,9 +556,15 @@ class CachedDataset(DatasetMixin):
         idx = normalize_indices(indices, length)
         reader = self.store
         fast = getattr(reader, "read_batch", None)
+        columns = reader.read_columns(idx)
+        if columns is not None and columns[0] != "dict":  # tuple/list examples: by position
+            return tuple(columns[1].values())
         batch = fast(idx) if fast is not None else None
         if batch is None:
-            batch = _collate(reader.read_many(idx.tolist()))
+            examples = reader.read_many(idx.tolist())
+            if examples and all(type(ex) in (tuple, list) for ex in examples):
+                return _collate_positions(examples)
+            batch = _collate(examples)
         batch["index_"] = idx
         return batch
 
@@ -615,6 +628,14 @@ def _rebuild_pending(path: str) -> bool:
     from .format.legacy.zip_writer import rebuild_pending
 
     return rebuild_pending(path)
+
+
+def _collate_positions(examples: list) -> tuple:
+    """Tuple (or list) examples collated position by position, as :func:`_collate` does
+    per key; examples of different lengths keep only the common positions."""
+    width = min(len(ex) for ex in examples)
+    columns = _collate([{n: ex[n] for n in range(width)} for ex in examples])
+    return tuple(columns[n] for n in range(width))
 
 
 def _collate(examples: list[dict]) -> dict[str, Any]:

@@ -79,8 +79,16 @@ class CachedSubset(DatasetMixin):
         ``index_`` holds the positions in the view."""
         ks_arr = normalize_indices(int_array(ks), len(self))
         batch = self.parent.get_batch(self.indices[ks_arr])
-        batch["index_"] = ks_arr
+        if isinstance(batch, dict):  # (tuple examples: a tuple of columns, no index_)
+            batch["index_"] = ks_arr
         return batch
+
+    def _finish(self, example: Any, j: int) -> Any:
+        """As :class:`DatasetMixin` does for dicts; tuple and list examples come back as
+        stored (``index_`` is for dicts only)."""
+        if type(example) is not dict:
+            return example
+        return super()._finish(example, j)
 
     def subset(self, selection: Any) -> "CachedSubset":
         """A view of positions ``selection`` (indices or a boolean mask) of this view."""
