@@ -73,7 +73,10 @@ class MDSStore(Store):
     def columns(self):
         cols = {}
         for key, kind, dtype, shp in SHAPES[self.shape]["fields"]:
-            if kind == "array":
+            if kind == "vararray":
+                # MDS's ndarray encoding without a shape stores each sample's shape
+                cols[key] = f"ndarray:{dtype}"
+            elif kind == "array":
                 cols[key] = f"ndarray:{dtype}:" + ",".join(str(s) for s in shp)
             elif kind == "int":
                 cols[key] = "int64"
