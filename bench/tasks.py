@@ -425,6 +425,69 @@ def task_build(a: dict) -> dict:
     return out
 
 
+def _disk_use(path: str) -> tuple[int, int, int]:
+    """(apparent bytes, allocated bytes, files) under ``path``; files vanishing while a
+    build renames or deletes them are skipped."""
+    size = alloc = files = 0
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            try:
+                st = os.lstat(os.path.join(d, f))
+            except OSError:
+                continue
+            size += st.st_size
+            alloc += st.st_blocks * 512
+            files += 1
+    return size, alloc, files
+
+
+def peak_disk(build, path: str, every_s: float = 0.02) -> dict:
+    """Run ``build()`` while a thread polls the disk use of ``path`` every ``every_s``;
+    peak / final size, apparent (st_size) and allocated (st_blocks)."""
+    import threading
+
+    peak = [0, 0]
+    samples = [0]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            size, alloc, _ = _disk_use(path)
+            peak[0], peak[1] = max(peak[0], size), max(peak[1], alloc)
+            samples[0] += 1
+            stop.wait(every_s)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    try:
+        build()
+    finally:
+        dt = time.perf_counter() - t0
+        stop.set()
+        th.join()
+    size, alloc, files = _disk_use(path)
+    peak = [max(peak[0], size), max(peak[1], alloc)]
+    return {"build_s": dt, "samples": samples[0], "final_bytes": size, "final_alloc": alloc, "files": files,
+            "peak_bytes": peak[0], "peak_alloc": peak[1], "peak_ratio": peak[0] / max(size, 1),
+            "peak_alloc_ratio": peak[1] / max(alloc, 1)}
+
+
+def task_build_disk(a: dict) -> dict:
+    """Peak disk use during an edcache build of the medium shape (256x256x3 uint8 +
+    label, generated per index) with ``workers`` processes, divided by the final size."""
+    from edcache import CachedDataset
+
+    from .toy import Images
+
+    shutil.rmtree(a["path"], ignore_errors=True)
+    os.makedirs(a["path"])
+    ds = Images(a["path"], "images", a["n"])
+    out = peak_disk(lambda: CachedDataset(ds, num_workers=a["workers"], progress=False), os.path.join(a["path"], "cached"))
+    shutil.rmtree(a["path"], ignore_errors=True)
+    return {"n": a["n"], "workers": a["workers"], "chunk_bytes": 64 * 256 * 256 * 3, **out}
+
+
 # -- scale ------------------------------------------------------------------------------
 
 
@@ -438,7 +501,10 @@ def task_scale_build(a: dict) -> dict:
     t0 = time.perf_counter()
     CachedDataset(ds, num_workers=a.get("workers"))
     dt = time.perf_counter() - t0
-    return {"n": a["n"], "build_s": dt, "build_eps": a["n"] / dt, "nbytes": du(os.path.join(a["path"], "cached", "tiny"))}
+    cpath = os.path.join(a["path"], "cached", "tiny")
+    files = sum(len(fs) for _, _, fs in os.walk(cpath))
+    return {"n": a["n"], "build_s": dt, "build_eps": a["n"] / dt, "nbytes": du(cpath), "files": files,
+            "fields": len(ds.get_example(0))}
 
 
 def task_scale_open(a: dict) -> dict:
@@ -555,6 +621,7 @@ TASKS = {
     "read_dl": task_read_dl,
     "dataloader": task_dataloader,
     "build": task_build,
+    "build_disk": task_build_disk,
     "scale_build": task_scale_build,
     "scale_open": task_scale_open,
 }
