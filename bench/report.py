@@ -135,6 +135,8 @@ def shape_table(shape: str, res: dict) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
         if w.get("note"):
             notes.append(f"{LABELS.get(st, st)}: {w['note']}")
+        for nt in dict.fromkeys(_get(r, "read", "notes") or []):
+            notes.append(f"{LABELS.get(st, st)}: {nt}")
     ceil = _get(res, "memory", "dataloader_ceiling", "eps")
     if ceil:
         notes.append(
