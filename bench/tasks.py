@@ -257,10 +257,12 @@ def pad_var(arrays: list, dtype=None) -> tuple:
     (len, max k, ...), int64 lengths): what a detection / token pipeline does per batch
     (one tensor per field instead of one per example)."""
     lens = np.fromiter((len(x) for x in arrays), np.int64, len(arrays))
-    first = np.asarray(arrays[0])
-    out = np.zeros((len(arrays), int(lens.max(initial=0)), *first.shape[1:]), dtype or first.dtype)
+    # row shape and dtype from a non-empty array (a store may return an empty one as (0,))
+    ref = np.asarray(next((x for x in arrays if len(x)), arrays[0]))
+    out = np.zeros((len(arrays), int(lens.max(initial=0)), *ref.shape[1:]), dtype or ref.dtype)
     for j, x in enumerate(arrays):
-        out[j, : lens[j]] = x
+        if lens[j]:
+            out[j, : lens[j]] = x
     return out, lens
 
 
