@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small data, short timings (~2-3 min)")
     ap.add_argument("--only", default=",".join(ORDER), help="comma-separated stores (%(default)s)")
-    ap.add_argument("--shapes", default="small,medium,large", help="comma-separated shapes (%(default)s)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes (%(default)s)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: reads,dataloader,build,scale")
     ap.add_argument("--workdir", default="/tmp/edcache-bench", help="where the stores are written (%(default)s)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory (%(default)s)")
