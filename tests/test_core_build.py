@@ -189,12 +189,3 @@ def test_ragged_and_none_labels_come_back_as_lists(tmp_path):
     assert ds.labels["maybe"][:3] == [0, None, 2]
 
 
-def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
-    ds = CachedDataset(Toy(tmp_path, n=200), num_workers=0, chunk_size=10, progress=False)
-    reader = ds.store
-    reader.max_open_shards = 3
-    for i in list(range(0, 200, 7)) + [5, 195, 5]:
-        assert_same(ds[i], {**expected(i), "index_": i})
-        assert len(reader._shards) <= 3
-    batch = ds.get_batch(list(range(0, 200, 9)))
-    np.testing.assert_array_equal(batch["cls"], np.arange(0, 200, 9) % 7)

@@ -10,12 +10,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import itertools
+
+from edcache import CachedDataset
 from edcache.errors import CodecError, UnsafePickleError
-from edcache.format.shards.codec import Encoder
-from edcache.format.shards.shard import ShardFile, checksum, encode_shard
-from edcache.format.shards.sink import ShardEncoder
 from edcache.format.base import ChunkTask
+from edcache.format.columnar import ColumnarEncoder, ColumnarReader
+from edcache.format.shards.codec import Encoder
 from helpers import assert_same
+
+_names = itertools.count()
+
+
+class ListDataset:
+    """Any map-style object with root and name: examples come back exactly as given."""
+
+    def __init__(self, root, examples):
+        self.root, self.name, self.examples = str(root), f"c{next(_names)}", examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
 
 DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "<i4", ">i4", "<u4", "int64", "uint64",
           "float16", "float32", ">f8", "float64", "complex64", "complex128", "<U3", "S4",
@@ -41,12 +58,17 @@ values = st.recursive(
 examples = st.dictionaries(st.text(max_size=6), values, max_size=5)
 
 
+def build(exs, tmp_path, allow_pickle=False, chunk_size=2):
+    """A cache of ``exs`` (2 examples per chunk: kinds differing between chunks promote
+    columns), opened with verify=True."""
+    ds = CachedDataset(ListDataset(tmp_path, exs), num_workers=0, chunk_size=chunk_size, progress=False,
+                       allow_pickle=allow_pickle)
+    return ColumnarReader(ds.path, verify=True, allow_pickle=allow_pickle)
+
+
 def roundtrip(exs, tmp_path, allow_pickle=False):
-    data = encode_shard(exs, 0, None, allow_pickle)
-    path = tmp_path / "s.shard"
-    path.write_bytes(data)
-    sf = ShardFile(str(path), len(data), 0, len(exs), checksum(data), allow_pickle)
-    return [sf.read(r) for r in range(len(exs))]
+    reader = build(exs, tmp_path, allow_pickle)
+    return [reader.read(r) for r in range(len(exs))]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -83,14 +105,14 @@ def test_specific_types(tmp_path):
 
 
 def test_column_fields_are_zero_copy_rows(tmp_path):
-    exs = [{"img": np.full((2, 2), i, np.uint8), "k": i} for i in range(5)]
-    data = encode_shard(exs, 0)
-    path = tmp_path / "s.shard"
-    path.write_bytes(data)
-    sf = ShardFile(str(path), len(data), 0, 5)
-    assert sf.column("img").shape == (5, 2, 2)
-    assert np.shares_memory(sf.read(3)["img"], sf.column("img"))
-    assert_same(sf.read(3), exs[3])
+    exs = [{"img": np.full((2, 2), i, np.uint8), "k": i, "boxes": np.ones((i, 4), np.float32)} for i in range(5)]
+    reader = build(exs, tmp_path)
+    img, boxes = reader.read(3)["img"], reader.read(3)["boxes"]
+    for arr in (img, boxes):  # views of the memory map, not copies
+        assert not arr.flags.owndata and not arr.flags.writeable
+        assert isinstance(arr.base, (np.ndarray, memoryview)) or arr.base is not None
+    assert [c["kind"] for c in reader.columns()] == ["fixed", "fixed", "ragged"]
+    assert_same(reader.read(3), exs[3])
 
 
 @pytest.mark.parametrize(
@@ -103,23 +125,21 @@ def test_column_fields_are_zero_copy_rows(tmp_path):
     ],
 )
 def test_unsupported_value_names_index_and_key_path(value, key, what):
-    encoder = ShardEncoder(None, [], allow_pickle=False)
+    encoder = ColumnarEncoder([], allow_pickle=False)
     exs = [{"meta": {"calib": 1}} for _ in range(3)]
     exs[2] = {"meta": {"calib": value}}
     with pytest.raises(CodecError) as err:
-        encoder.encode(ChunkTask(0, 4709, 4712), exs)
+        encoder.encode(ChunkTask(0, 4709, 4712), iter(exs))
     assert str(err.value).startswith(f"example 4711, key '{key}': cannot store {what}.")
     assert "allow_pickle=True" in str(err.value)
 
 
 def test_allow_pickle_is_needed_again_to_read(tmp_path):
     exs = [{"when": datetime.date(2020, 1, 2)}]
-    data = encode_shard(exs, 0, None, allow_pickle=True)
-    path = tmp_path / "s.shard"
-    path.write_bytes(data)
+    reader = build(exs, tmp_path, allow_pickle=True)
     with pytest.raises(UnsafePickleError, match="allow_pickle=True"):
-        ShardFile(str(path), len(data), 0, 1).read(0)
-    assert ShardFile(str(path), len(data), 0, 1, allow_pickle=True).read(0) == exs[0]
+        ColumnarReader(reader.path)
+    assert reader.read(0) == exs[0]
 
 
 def test_encoder_is_deterministic():

@@ -9,7 +9,7 @@ import sys
 import time
 
 from edcache import CachedDataset
-from edcache.format.shards.manifest import read_commits
+from edcache.format.columnar.log import read_log
 from core_datasets import DiesOnce, Toy, expected
 from helpers import assert_same
 
@@ -30,8 +30,8 @@ def test_ctrl_c_stops_promptly_and_keeps_committed_chunks(tmp_path):
     cache = tmp_path / "cached" / "toy"
     deadline = time.time() + 60
     while time.time() < deadline:
-        log = cache / "commits.log"
-        if log.exists() and log.read_bytes().count(b"\n") >= 2:
+        state = read_log(str(cache)) if cache.exists() else None
+        if state is not None and state.committed >= 2:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
@@ -39,11 +39,11 @@ def test_ctrl_c_stops_promptly_and_keeps_committed_chunks(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert time.time() - sent < 10  # stops promptly: the workers are not waited for
-    committed = read_commits(str(cache), 20)
-    assert 2 <= len(committed) < 20
+    committed = read_log(str(cache)).committed  # chunks 0 .. committed-1
+    assert 2 <= committed < 20
     ds = CachedDataset(Toy(tmp_path, n=400), num_workers=0, chunk_size=20, progress=False)
     assert_same(ds[399], {**expected(399), "index_": 399})
-    assert not [n for n in os.listdir(cache / "shards") if n.startswith(".tmp-")]
+    assert not [n for d, _, fs in os.walk(cache) for n in fs if n.startswith(".tmp-")]
 
 
 def test_worker_process_death_is_survived(tmp_path):

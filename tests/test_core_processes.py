@@ -13,6 +13,7 @@ import pytest
 
 from edcache import CachedDataset, PathCachedDataset, cachable
 from edcache.errors import CacheMismatchError
+from edcache.format.columnar.log import read_log
 from core_datasets import Toy, expected
 from helpers import assert_same, tree_bytes
 
@@ -42,6 +43,7 @@ def test_dataloader_workers_yield_what_indexing_yields(tmp_path, method):
 BUILD = """
 import sys
 from edcache import CachedDataset
+from edcache.format.columnar.log import read_log
 from core_datasets import Toy
 CachedDataset(Toy(sys.argv[1], n=int(sys.argv[2]), delay=float(sys.argv[3]), log_dir=sys.argv[4] or None),
               num_workers=int(sys.argv[5]), chunk_size=16, progress=False)
@@ -61,13 +63,13 @@ def test_sigkill_then_resume_gives_identical_cache(tmp_path):
         proc = subprocess.Popen(_build_cmd(root, 160, 0.01), env=ENV, start_new_session=True)
         deadline = time.time() + 60
         while time.time() < deadline:  # wait until some chunks are committed
-            log = cache / "commits.log"
-            if log.exists() and log.read_bytes().count(b"\n") >= 2 + 3 * attempt:
+            state = read_log(str(cache)) if cache.exists() else None
+            if state is not None and state.committed >= 2 + 3 * attempt:
                 break
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not (cache / "shards.idx").exists()  # it really was interrupted
+    assert not (cache / "checksums.npy").exists()  # it really was interrupted
     ds = CachedDataset(Toy(root, n=160), num_workers=0, chunk_size=16, progress=False)
     assert ds.complete
     assert tree_bytes(cache) == tree_bytes(reference / "cached" / "toy")
@@ -134,6 +136,8 @@ def test_cli_build_and_info(tmp_path):
     assert info.returncode == 0, info.stderr
     assert "examples:    150" in info.stdout and "complete:    yes" in info.stdout
     assert "cls: int64 (150,)" in info.stdout and "split: <U5 (150,)" in info.stdout
+    assert "format:      edcache v2" in info.stdout and "columns:" in info.stdout
+    assert "  'image': fixed" in info.stdout
     bad = subprocess.run([sys.executable, "-m", "edcache.cli.main", "--dataset", "nope.factory"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1

@@ -161,9 +161,10 @@ class CachedDataset(DatasetMixin):
         except CacheNotFoundError:
             return False
         except CorruptCacheError:
-            if self._legacy:
-                return False  # a killed edflow writer: the legacy sink salvages it on resume
-            raise
+            # a killed edflow writer: the legacy sink salvages it on resume; a damaged
+            # directory cache: building decides (recovers from its commit log, or
+            # refuses with an error that names the repair, deleting nothing)
+            return False
         if not reader.complete or (self._legacy and len(reader) < self._length):
             reader.close()
             return False

@@ -218,7 +218,8 @@ def _legacy_to_shards(source: _LegacySource, dst: str, progress: bool) -> None:
     _check_labels(labels, reader.labels, dst)
 
 
-def _shards_to_zip(src: str, dst: str, progress: bool) -> None:
+def _reader_to(src: str, dst: str, progress: bool) -> None:
+    """Rewrite an edcache cache (v1 or v2) as ``dst`` (an edflow zip, or format v2)."""
     from .cached import PathCachedDataset
 
     source = open_reader(src)
@@ -281,6 +282,8 @@ def convert(src: str, dst: str, *, allow_pickle: bool = False, progress: bool = 
         return
     if not os.path.exists(src):
         raise CacheNotFoundError(f"no cache at {src}")
-    if not to_zip:
-        raise ValueError(f"{src} is already in the new format; give a DST ending in .zip to get an edflow zip")
-    _shards_to_zip(src, dst, progress)
+    from .format.columnar.manifest import peek_version
+
+    if not to_zip and peek_version(src) != 1:
+        raise ValueError(f"{src} is already in format v2; give a DST ending in .zip to get an edflow zip")
+    _reader_to(src, dst, progress)  # v2 -> zip, or v1 -> zip or v2

@@ -98,7 +98,7 @@ class VerifyReport:
         size = f"{self.length} examples" if self.length is not None else "length unknown"
         lines.append(f"  format: {self.format}, {size}, {state}")
         lines.append(
-            f"  checked: {self.shards_checked}/{self.shards_total} shards "
+            f"  checked: {self.shards_checked}/{self.shards_total} {'files' if self.format == 'edcache' else 'shards'} "
             f"({self.bytes_checked / 1e6:.1f} MB), {len(self.labels_checked)} label columns"
         )
         for note in self.notes:
@@ -112,6 +112,11 @@ class VerifyReport:
                 ranges = ", ".join(f"{a}..{b - 1}" for a, b in self.damaged_ranges)
                 lines.append(f"  examples affected: {ranges}")
             if self.format == "edcache":
+                lines.append(
+                    "  rebuild with CachedDataset(dataset, force_cache=True, keep_existing=False) "
+                    "(CLI: --force --no-keep-existing)"
+                )
+            elif self.format == "edcache v1":
                 lines.append(
                     "  rebuild the damaged parts with CachedDataset(dataset, force_cache=True) "
                     "after deleting the damaged files (or force_cache=True, keep_existing=False)"
@@ -160,7 +165,7 @@ def verify_cache(path: str, *, deep: bool = False, allow_pickle: bool = False) -
     from .format.shards.manifest import COMMITS, MANIFEST, SHARD_TABLE, SHARDS_DIR
 
     if MANIFEST not in names:
-        if names & {COMMITS, SHARD_TABLE, SHARDS_DIR}:
+        if names & {COMMITS, SHARD_TABLE, SHARDS_DIR, "columns", "checksums.npy"}:
             report = VerifyReport(path)
             report.add(MANIFEST, "is missing: the directory holds edcache files but no manifest")
             return report
@@ -171,8 +176,16 @@ def verify_cache(path: str, *, deep: bool = False, allow_pickle: bool = False) -
             report.notes.append("edflow folder caches carry no checksums; nothing to verify")
             return report
         raise CacheNotFoundError(f"no edcache cache at {path} (no manifest.json)")
+    from .format.columnar.manifest import peek_version
+
+    if peek_version(path) == 1:
+        report = VerifyReport(path, format="edcache v1")
+        _verify_dir(path, report, deep, allow_pickle)
+        return report
+    from .format.columnar.check import check_cache
+
     report = VerifyReport(path)
-    _verify_dir(path, report, deep, allow_pickle)
+    check_cache(path, report, deep, allow_pickle)
     return report
 
 

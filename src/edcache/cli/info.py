@@ -25,32 +25,57 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
+def _committed_v2(path: str, manifest: object) -> int:
+    from ..format.columnar.log import read_log
+
+    if getattr(manifest, "complete", False):
+        return manifest.num_chunks  # type: ignore[attr-defined]
+    state = read_log(path)
+    return state.committed if state else 0
+
+
+def _manifest_lines(lines: list[str], manifest: object, complete: bool, committed: int) -> None:
+    m = manifest
+    lines.append(f"dataset:     {m.dataset or '?'}")  # type: ignore[attr-defined]
+    lines.append(f"examples:    {m.length}")  # type: ignore[attr-defined]
+    lines.append(f"chunk size:  {m.chunk_size} ({m.num_chunks} chunks)")  # type: ignore[attr-defined]
+    if complete:
+        lines.append("complete:    yes")
+    else:
+        lines.append(f"complete:    no ({committed} of {m.num_chunks} chunks committed)")  # type: ignore[attr-defined]
+    pickles = "allowed" if m.allow_pickle else "none (safe codec only)"  # type: ignore[attr-defined]
+    lines.append(f"pickles:     {pickles}")
+
+
 def describe(path: str) -> str:
     """A human-readable summary: length, size on disk, completeness, label keys and dtypes."""
     path = path.rstrip(os.sep) or path
     reader = open_reader(path)
     manifest = getattr(reader, "manifest", None)
     lines = [f"path:        {path}"]
-    if manifest is not None:
+    if manifest is not None and hasattr(reader, "columns"):
+        lines.append("format:      edcache v2 (one file or two per column)")
+        _manifest_lines(lines, manifest, reader.complete, _committed_v2(path, manifest))
+    elif manifest is not None:
         from ..format.shards.manifest import read_commits
 
         packed = manifest.complete and manifest.packed is not None
         layout = "packed: one column-wise file" if packed else "one shard per chunk"
-        lines.append(f"format:      edcache v1 ({layout})")
-        lines.append(f"dataset:     {manifest.dataset or '?'}")
-        lines.append(f"examples:    {manifest.length}")
-        lines.append(f"chunk size:  {manifest.chunk_size} ({manifest.num_chunks} chunks)")
-        if manifest.complete:
-            lines.append("complete:    yes")
-        else:
-            done = len(read_commits(path, manifest.num_chunks))
-            lines.append(f"complete:    no ({done} of {manifest.num_chunks} chunks committed)")
-        lines.append(f"pickles:     {'allowed' if manifest.allow_pickle else 'none (safe codec only)'}")
+        lines.append(f"format:      edcache v1, read-only ({layout}; `edcache convert` rewrites it as v2)")
+        done = manifest.num_chunks if manifest.complete else len(read_commits(path, manifest.num_chunks))
+        _manifest_lines(lines, manifest, manifest.complete, done)
     else:
         lines.append(f"format:      edflow legacy ({type(reader).__name__})")
         lines.append(f"examples:    {len(reader)}")
         lines.append(f"complete:    {'yes' if reader.complete else 'no'}")
     lines.append(f"size:        {_size(disk_usage(path))}")
+    if hasattr(reader, "columns"):
+        lines.append("columns:")
+        for col in reader.columns():
+            shape = "" if col["shape"] is None else " (" + ", ".join(map(str, col["shape"])) + ")"
+            dtype = f" {col['dtype']}" if col["dtype"] else ""
+            key = "-" if col["key"] is None else repr(col["key"])
+            lines.append(f"  {key}: {col['kind']}{dtype}{shape}, {_size(col['bytes'])}")
     try:
         labels = reader.labels
     except KeyError:

@@ -26,7 +26,8 @@ def open_reader(
     ``legacy=None`` opens whatever format is there; ``True`` insists on edflow's zip or
     folder layout; ``False`` on a directory (new format, or an edflow examples folder).
     """
-    from .columnar import ColumnarReader, is_columnar_cache
+    from .columnar import ColumnarReader
+    from .columnar.manifest import peek_version
     from .shards import ShardCacheReader, is_shard_cache
 
     if path.endswith(".zip"):
@@ -37,10 +38,10 @@ def open_reader(
         from .legacy import LegacyZipReader
 
         return LegacyZipReader(path, allow_pickle=allow_pickle)
-    if is_columnar_cache(path):
+    if is_shard_cache(path):
+        if peek_version(path) == 1:  # format v1 (read-only)
+            return ShardCacheReader(path, verify=verify, allow_pickle=allow_pickle)
         return ColumnarReader(path, verify=verify, allow_pickle=allow_pickle)
-    if is_shard_cache(path):  # format v1 (read-only)
-        return ShardCacheReader(path, verify=verify, allow_pickle=allow_pickle)
     if os.path.isdir(path):
         from .legacy import LegacyFolderReader, is_legacy_folder
 

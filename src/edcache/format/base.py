@@ -13,9 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 
-Labels = dict[str, "np.ndarray | list"]
+Labels = dict[str, "numpy.ndarray | list"]
 
 
 class CacheReader(ABC):

@@ -141,9 +141,16 @@ def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: b
     row_layout = np.zeros(count, dtype="<u4")
     columns: dict[Any, _Values] = {}
     row = -1
+    last_keys: tuple | None = None
+    lay: LayoutKey = WHOLE
     for row, example in enumerate(examples):
         index = start + row
-        lay = layout_key(example)
+        if type(example) is dict:
+            keys = tuple(example)
+            if keys != last_keys:  # usually every example has the same keys: checked once
+                lay, last_keys = layout_key(example), keys
+        else:
+            lay, last_keys = layout_key(example), None
         if lay[0] != "whole" and len(columns) + len(lay[1]) > MAX_COLUMNS and not all(
             k in columns for k in lay[1]
         ):

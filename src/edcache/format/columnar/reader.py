@@ -154,6 +154,12 @@ class ColumnarReader(CacheReader):
             rows = min(st.committed * m.chunk_size, m.length) if st else 0
             label_files = []
         self._schema, self._ends, self._rows = schema, ends, rows
+        for folder in ("columns", "labels"):
+            if os.path.islink(os.path.join(self.path, folder)):
+                raise CorruptCacheError(
+                    f"{os.path.join(self.path, folder)} is a symbolic link; edcache never follows links "
+                    "out of a cache directory. Remove the link (and rebuild) or delete the cache."
+                )
         for f in [*schema.files(), *label_files]:
             if f not in self._fds:
                 if f.startswith("/") or ".." in f.split("/"):
@@ -317,6 +323,29 @@ class ColumnarReader(CacheReader):
 
     def __len__(self) -> int:
         return self._length
+
+    def columns(self) -> list[dict[str, Any]]:
+        """One entry per column: ``key``, ``kind``, ``dtype``, ``shape`` (fixed: of a row;
+        ragged: of an item along axis 0; varshape: ``ndim`` unknown dims), ``bytes``."""
+        out = []
+        for gid, spec in enumerate(self._schema.columns):
+            if gid == self._schema.layout_column:
+                kind = "layout"
+            elif spec.key is None:
+                kind = "whole examples"
+            else:
+                kind = spec.kind
+            if spec.kind == "fixed":
+                shape = tuple(spec.shape)
+            elif spec.kind == "ragged":
+                shape = ("*", *spec.shape)
+            elif spec.kind == "varshape":
+                shape = ("*",) * spec.ndim
+            else:
+                shape = None
+            out.append({"key": spec.key, "kind": kind, "dtype": spec.dtype, "shape": shape,
+                        "bytes": sum(self._ends.get(f, 0) for f in spec.files())})
+        return out
 
     # -- checksums -----------------------------------------------------------------------
     def _segments(self, f: str) -> list[tuple[int, int]]:

@@ -30,7 +30,7 @@ from .manifest import (
     write_manifest,
 )
 from .records import encode_row
-from .schema import ABSENT, FIXED, INDEXED, RAGGED, VARSHAPE, ColumnSpec, Layout, merge
+from .schema import ABSENT, FIXED, INDEXED, RAGGED, ColumnSpec, Layout, merge
 
 #: kinds whose index file starts with one extra u64 0 (``n + 1`` offsets)
 _LEADING = frozenset({RAGGED, "str", "bytes", "record"})

@@ -1,17 +1,10 @@
-"""The default on-disk format: a directory of immutable shards plus a small manifest.
+"""Format v1 (read-only): a directory of immutable shards plus a small manifest.
 
-Spec: ``docs/format.md``. Writer side: :mod:`.sink` (encoder in workers, commits in the
-coordinator); reader side: :mod:`.reader`.
+Caches of edcache's first format still open through :class:`ShardCacheReader`;
+``edcache convert OLD NEW`` rewrites one as format v2. Nothing writes this format any
+more. The safe example codec (:mod:`.codec`) is shared with format v2.
 """
 
 from .reader import ShardCacheReader, is_shard_cache
-from .sink import ShardEncoder, ShardSink, dataset_identity, prepare_cache_dir
 
-__all__ = [
-    "ShardCacheReader",
-    "ShardEncoder",
-    "ShardSink",
-    "dataset_identity",
-    "is_shard_cache",
-    "prepare_cache_dir",
-]
+__all__ = ["ShardCacheReader", "is_shard_cache"]

@@ -8,15 +8,13 @@ shape) is stored as ``labels/<n>.npy`` and memory-mapped on read. Values that ca
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
 import numpy as np
 
 from ...errors import CorruptCacheError, LabelError
-from ..fsutil import atomic_write
-from .shard import ShardFile, checksum, encode_shard
+from .shard import ShardFile, checksum
 
 _CATEGORY_NAMES = {
     "bool": "bool",
@@ -76,25 +74,6 @@ def to_column(key: str, values: list) -> np.ndarray | list:
     if column.dtype.kind == "O":
         return list(values)
     return column
-
-
-def write_labels(cache_dir: str, keys: list[str], values: dict[str, list]) -> dict[str, dict]:
-    """Write one file per key; return the manifest's ``labels`` entries."""
-    os.makedirs(os.path.join(cache_dir, "labels"), exist_ok=True)
-    info: dict[str, dict] = {}
-    for n, key in enumerate(keys):
-        column = to_column(key, values[key])
-        if isinstance(column, np.ndarray):
-            buf = io.BytesIO()
-            np.save(buf, column, allow_pickle=False)
-            data, rel, kind = buf.getvalue(), f"labels/{n}.npy", "array"
-            extra = {"dtype": column.dtype.str, "shape": list(column.shape)}
-        else:
-            data, rel, kind = encode_shard([{"v": column}], 0), f"labels/{n}.list", "list"
-            extra = {}
-        atomic_write(os.path.join(cache_dir, rel), data)
-        info[key] = {"file": rel, "kind": kind, "nbytes": len(data), "xxh3": checksum(data), **extra}
-    return info
 
 
 def load_label(cache_dir: str, key: str, info: dict, length: int, verify: bool) -> np.ndarray | list:

@@ -1,9 +1,9 @@
-"""The manifest, the commit log and the shard table of a cache directory.
+"""The manifest, the commit log and the shard table of a format-v1 cache (read-only).
 
 ``manifest.json`` is small and describes the cache (format version, length, chunk
 size, label schema, flags); reading it is all that opening a complete cache costs.
 While a build runs, ``commits.log`` records each committed chunk on a line of its own
-(the commit point; see :class:`~.sink.ShardSink` for when it is fsync'd). When the last chunk is committed, the
+(the commit point). When the last chunk is committed, the
 chunks are either packed into one column-wise file, ``packed.shard`` (when every chunk
 has the same all-column schema; the chunk shards are then deleted), or their sizes and
 checksums are written to ``shards.idx``. Either way the result is sorted by chunk, so the
@@ -13,7 +13,6 @@ replaced with ``complete: true`` and the log is removed.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,6 @@ import numpy as np
 
 from ...errors import CorruptCacheError
 from ..base import ChunkTask
-from ..fsutil import atomic_write, fsync_dir
 from .shard import checksum
 
 FORMAT = "edcache"
@@ -147,10 +145,6 @@ def read_manifest(cache_dir: str) -> Manifest:
     return Manifest.from_bytes(data, path)
 
 
-def write_manifest(cache_dir: str, manifest: Manifest) -> None:
-    atomic_write(os.path.join(cache_dir, MANIFEST), manifest.to_bytes())
-
-
 def shard_path(cache_dir: str, chunk_id: int) -> str:
     return os.path.join(cache_dir, SHARDS_DIR, f"{chunk_id:08d}.shard")
 
@@ -198,59 +192,11 @@ def _valid_packed(info: Any) -> bool:
     return isinstance(info, dict) and isinstance(info.get("nbytes"), int) and isinstance(info.get("xxh3"), str)
 
 
-def packed_record(packed: dict[str, Any], labels: dict[str, dict]) -> bytes:
-    """The log line that commits the packing of all chunks into ``packed.shard``."""
-    return json.dumps({"p": packed, "labels": labels}, sort_keys=True).encode() + b"\n"
-
-
-class CommitLog:
-    """Appends commit records (one ``write`` per chunk; :meth:`sync` makes them durable)."""
-
-    def __init__(self, cache_dir: str) -> None:
-        path = os.path.join(cache_dir, COMMITS)
-        existed = os.path.exists(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if not existed:
-            fsync_dir(cache_dir)
-        else:
-            self._terminate_torn_line(path)
-
-    def _terminate_torn_line(self, path: str) -> None:
-        with open(path, "rb") as f:
-            f.seek(0, io.SEEK_END)
-            if f.tell() == 0:
-                return
-            f.seek(-1, io.SEEK_END)
-            if f.read(1) != b"\n":
-                os.write(self._fd, b"\n")
-
-    def append(self, chunk: int, nbytes: int, digest: str) -> None:
-        os.write(self._fd, json.dumps({"c": chunk, "n": nbytes, "h": digest}).encode() + b"\n")
-
-    def append_packed(self, packed: dict[str, Any], labels: dict[str, dict]) -> None:
-        os.write(self._fd, packed_record(packed, labels))
-
-    def sync(self) -> None:
-        os.fsync(self._fd)
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 # -- shard table ---------------------------------------------------------------------
-def encode_shard_table(commits: dict[int, tuple[int, str]], num_chunks: int) -> bytes:
-    table = np.zeros(num_chunks, dtype=SHARD_TABLE_DTYPE)
-    for chunk, (nbytes, digest) in commits.items():
-        table[chunk] = (nbytes, int(digest, 16))
-    buf = io.BytesIO()
-    np.save(buf, table, allow_pickle=False)
-    return buf.getvalue()
+def packed_record(packed: dict[str, Any], labels: dict[str, dict]) -> bytes:
+    """The log line that committed the packing of all chunks into ``packed.shard``
+    (``edcache verify`` checks v1 logs against it)."""
+    return json.dumps({"p": packed, "labels": labels}, sort_keys=True).encode() + b"\n"
 
 
 def load_shard_table(cache_dir: str, manifest: Manifest, verify: bool) -> np.ndarray:

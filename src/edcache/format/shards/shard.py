@@ -1,4 +1,4 @@
-"""Shard files: one immutable file per chunk of consecutive examples.
+"""Shard files of format v1 (read-only): one immutable file per chunk of consecutive examples.
 
 Byte layout (all integers little-endian; the full spec is ``docs/format.md``)::
 
@@ -26,21 +26,20 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
 import xxhash
 
 from ...errors import CorruptCacheError
-from .codec import Decoder, Encoder, _align, _is_storable_dtype, raw_bytes
+from .codec import Decoder, _is_storable_dtype
 
 MAGIC = b"EDCSHARD"
 END_MAGIC = b"EDCSHEND"
 VERSION = 1
 _HEAD = 16
 _TAIL = 16
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 # column kinds
 ARRAY, INT, FLOAT, BOOL, SCALAR, STR, BYTES, NONE = (
@@ -52,140 +51,6 @@ _FIXED_DTYPES = {INT: np.dtype("<i8"), FLOAT: np.dtype("<f8"), BOOL: np.dtype("|
 def checksum(data: Any) -> str:
     """The checksum edcache records for a file's bytes (xxh3-64, hex)."""
     return xxhash.xxh3_64_hexdigest(data)
-
-
-def _column_kind(values: list) -> tuple[str, np.dtype | None, tuple] | None:
-    """The column kind ``values`` (one per example) fit, or None."""
-    first = values[0]
-    t = type(first)
-    if not all(type(v) is t for v in values):
-        return None
-    if t is np.ndarray:
-        dtype, shape = first.dtype, first.shape
-        if not _is_storable_dtype(dtype) or first.ndim == 0:
-            return None  # (a row of a column of 0-d arrays would read back as a scalar)
-        if all(v.dtype == dtype and v.shape == shape for v in values):
-            return ARRAY, dtype, shape
-        return None
-    if t is bool:
-        return BOOL, _FIXED_DTYPES[BOOL], ()
-    if t is int:
-        if all(_INT64_MIN <= v <= _INT64_MAX for v in values):
-            return INT, _FIXED_DTYPES[INT], ()
-        return None
-    if t is float:
-        return FLOAT, _FIXED_DTYPES[FLOAT], ()
-    if t is str:
-        return STR, None, ()
-    if t is bytes:
-        return BYTES, None, ()
-    if first is None:
-        return NONE, None, ()
-    if isinstance(first, np.generic) and _is_storable_dtype(first.dtype):
-        if all(v.dtype == first.dtype for v in values):
-            return SCALAR, first.dtype, ()
-    return None
-
-
-def _plan(examples: Sequence[Any]) -> tuple[list[tuple[Any, str, np.dtype | None, tuple]], bool]:
-    """Column plan of a chunk, and whether every field is a column (no records needed)."""
-    if not examples or not all(type(e) is dict for e in examples):
-        return [], False
-    keys = list(examples[0])
-    same_keys = all(len(e) == len(keys) and list(e) == keys for e in examples)
-    plan = []
-    for key in keys:
-        if not same_keys and not all(key in e for e in examples):
-            continue
-        kind = _column_kind([e[key] for e in examples])
-        if kind is not None:
-            plan.append((key, *kind))
-    return plan, same_keys and len(plan) == len(keys)
-
-
-def encode_shard(
-    examples: Sequence[Any],
-    start: int,
-    labels: dict[str, list] | None = None,
-    allow_pickle: bool = False,
-) -> bytes:
-    """Encode a chunk of examples (``examples[k]`` is index ``start + k``) as shard bytes.
-
-    Raises ``TypeError`` (from the codec) for a value it cannot store; the caller turns
-    that into a :class:`~edcache.errors.CodecError` naming the index and key path.
-    """
-    parts: list[Any] = [MAGIC, bytes(8)]
-    pos = _HEAD
-
-    def put(data: Any, at: int) -> None:
-        nonlocal pos
-        if at > pos:
-            parts.append(bytes(at - pos))
-            pos = at
-        parts.append(data)
-        pos += memoryview(data).nbytes
-
-    plan, all_columns = _plan(examples)
-    columns: list[dict[str, Any]] = []
-    col_refs: dict[Any, int] = {}
-    for number, (key, kind, dtype, shape) in enumerate(plan):
-        values = [e[key] for e in examples]
-        desc: dict[str, Any] = {"key": key, "kind": kind}
-        if kind in (STR, BYTES):
-            blobs = [v.encode("utf-8") if kind == STR else v for v in values]
-            offsets = np.zeros(len(blobs) + 1, dtype="<u8")
-            np.cumsum([len(b) for b in blobs], out=offsets[1:])
-            desc["offset"] = _align(pos)
-            put(offsets.tobytes(), desc["offset"])
-            desc["data"] = pos
-            put(b"".join(blobs), pos)
-        elif kind != NONE:
-            # np.stack may return native byte order: cast back to the recorded dtype
-            stacked = np.stack(values) if kind == ARRAY else np.array(values)
-            stacked = np.ascontiguousarray(stacked.astype(dtype, copy=False))
-            desc.update(dtype=dtype.str, shape=list(shape), offset=_align(pos))
-            put(raw_bytes(stacked), desc["offset"])
-        columns.append(desc)
-        col_refs[key] = number
-
-    encoder = Encoder(allow_pickle=allow_pickle)
-    index_offset = None
-    if not all_columns:
-        index = np.empty((len(examples), 2), dtype="<u8")
-        for row, example in enumerate(examples):
-            record, blobs_ = encoder.encode(example, _align(pos), col_refs or None)
-            for offset, blob in blobs_:
-                put(blob, offset)
-            index[row] = (pos, len(record))
-            put(record, pos)
-        index_offset = -1  # placed after the labels
-
-    label_span = None
-    if labels is not None:
-        record, blobs_ = encoder.encode(labels, _align(pos))
-        for offset, blob in blobs_:
-            put(blob, offset)
-        label_span = [pos, len(record)]
-        put(record, pos)
-
-    if index_offset is not None:
-        index_offset = _align(pos)
-        put(index.tobytes(), index_offset)
-    footer = msgpack.packb(
-        {
-            "v": VERSION,
-            "start": start,
-            "count": len(examples),
-            "keys": [c["key"] for c in columns] if all_columns else None,
-            "columns": columns,
-            "index": index_offset,
-            "labels": label_span,
-        },
-        use_bin_type=True,
-    )
-    put(footer, pos)
-    put(len(footer).to_bytes(8, "little") + END_MAGIC, pos)
-    return b"".join(parts)
 
 
 _U64_PAIR = struct.Struct("<QQ")
