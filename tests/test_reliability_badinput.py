@@ -18,7 +18,7 @@ from edcache.errors import (
     ExampleError,
     LabelError,
 )
-from edcache.format.shards.manifest import read_commits, read_manifest
+from reliability_datasets import committed_count
 
 from reliability_datasets import BadDataset, OtherDataset, SlowDataset, computations
 
@@ -31,8 +31,7 @@ def build(ds, workers=0, **kw):
 
 
 def committed(cache_dir: str) -> set[int]:
-    m = read_manifest(cache_dir)
-    return set(range(m.num_chunks)) if m.complete else set(read_commits(cache_dir, m.num_chunks))
+    return set(range(committed_count(cache_dir) or 0))
 
 
 # -- the dataset interface -------------------------------------------------------------
