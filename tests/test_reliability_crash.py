@@ -769,7 +769,7 @@ def test_resume_killed_before_columns_dir(tmp_path):
 
 @pytest.mark.xfail(strict=True, reason="v2 bug: an incomplete cache whose commits.log holds the first schema "
                    "record but no chunk record raises CorruptCacheError ('index file has 0 bytes, 8 needed "
-                   "for 0 rows') instead of IncompleteCacheError")
+                   "for 0 rows') instead of IncompleteCacheError, and edcache verify reports it DAMAGED")
 def test_read_schema_record_before_first_commit(tmp_path):
     """Killed (or read by another process) between the schema record and chunk 0's commit
     record: nothing is committed, so a read must say 'not cached yet'."""
@@ -778,9 +778,13 @@ def test_read_schema_record_before_first_commit(tmp_path):
     at = [n for n, name in enumerate(POINT_NAMES, 1) if name == "write"][1]  # chunk 0's record
     sig, _ = _build_in_child(root, at, False)
     assert sig == signal.SIGKILL
+    report = verify_cache(os.path.join(root, "cached", NAME))
     ds = CachedDataset.from_cache(root, NAME)
     with pytest.raises(IncompleteCacheError):
         ds[0]
+    # edcache verify says DAMAGED "columns/0001.index (examples 0..-1): holds 0 bytes, 8
+    # needed for 0 rows" for the same state
+    assert report.ok, str(report)
 
 
 @pytest.mark.xfail(strict=True, reason="v2 bug: promoting a column unlinks its old file before the schema "
