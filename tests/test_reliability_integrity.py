@@ -307,8 +307,20 @@ def test_fuzz_damaged_cache(refs, state, data):
     ref = refs[state]
     complete, dataset = STATES[state]
     damage = _draw_damage(data, ref)
-    outcome = rc.run_trial(ref, damage, complete, measure_memory=True, dataset=dataset)
+    outcome = rc.run_trial(ref, damage, complete, measure_memory=True, dataset=dataset,
+                           memory_slack=_open_slack(ref))
     _check(outcome, damage)
+
+
+_SLACK: dict[str, int] = {}
+
+
+def _open_slack(ref: str) -> int:
+    """What opening the intact reference allocates beyond 4 MiB (the open bug of
+    test_open_allocates_little; 0 once fixed)."""
+    if ref not in _SLACK:
+        _SLACK[ref] = max(0, rc.open_peak(ref) - (4 << 20))
+    return _SLACK[ref]
 
 
 @pytest.mark.timeout(200)
@@ -496,3 +508,13 @@ def test_log_lost_commits_reported(refs, tmp_path, damage):
         CachedDataset.from_cache(root, rc.NAME)[8 if damage != "delete" else 0]
     report = verify_cache(cache)
     assert not report.ok, str(report)
+
+
+@pytest.mark.xfail(strict=True, reason="v2 bug: every open allocates 64 MiB (peek_version reads the manifest "
+                   "with f.read(MAX_MANIFEST_BYTES), which preallocates the whole buffer); v1 fixed the same "
+                   "bug in ae49fe2")
+def test_open_allocates_little(refs):
+    """Opening a 12 KB cache and reading one example allocates 67 MB at its peak
+    (tracemalloc), from ``edcache.format.columnar.manifest.peek_version``."""
+    peak = rc.open_peak(refs["slow-complete"])
+    assert peak < 4 << 20, f"opening a cache allocated {peak} bytes"
