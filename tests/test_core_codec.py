@@ -147,3 +147,10 @@ def test_encoder_is_deterministic():
     one = Encoder().encode(ex, 64)
     two = Encoder().encode(ex, 64)
     assert one[0] == two[0] and [bytes(b) for _, b in one[1]] == [bytes(b) for _, b in two[1]]
+
+
+def test_datetime_and_timedelta_columns(tmp_path):
+    exs = [{"t": np.array(["2020-01-01T00:00:0%d" % i] * (i % 3), dtype="datetime64[s]"),
+            "d": np.timedelta64(i, "ms"), "f": np.array([i], dtype="datetime64[D]")} for i in range(6)]
+    for got, want in zip(roundtrip(exs, tmp_path), exs):
+        assert_same(got, want)

@@ -392,3 +392,80 @@ def test_committed_chunks_are_a_prefix_in_the_log(tmp_path):
         CachedDataset(Ragged(tmp_path, n=64, fail_at=33), chunk_size=8, num_workers=2, progress=False)
     state = read_log(str(tmp_path / "cached" / "ragged"))
     assert state is not None and 0 < state.committed <= 4
+
+
+def _paths(doc, prefix=()):
+    """Every (path, value) in a JSON document."""
+    yield prefix, doc
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for n, v in enumerate(doc):
+            yield from _paths(v, prefix + (n,))
+
+
+def _set(doc, path, value):
+    for p in path[:-1]:
+        doc = doc[p]
+    doc[path[-1]] = value
+
+
+def test_type_confusion_in_a_vouched_for_manifest_is_always_a_corrupt_cache_error(tmp_path):
+    """Valid JSON of the wrong shape, with a correct checksum (anyone can recompute it):
+    opening, reading, labels, batches and verify raise CorruptCacheError, nothing else."""
+    import json
+
+    from edcache.errors import EdcacheError
+    from edcache.format.columnar.manifest import _canonical, checksum
+
+    ds = CachedDataset(Ragged(tmp_path, n=24, vary=True), chunk_size=8, num_workers=0, progress=False)
+    path = os.path.join(ds.path, "manifest.json")
+    original = json.loads(open(path, "rb").read())
+    confusions = [None, -1, 2**70, "x", [1, "a"], {"a": 1}, 1.5]
+    tried = 0
+    for where, _ in list(_paths(original)):
+        if not where or where == ("xxh3",):
+            continue
+        for bad in confusions:
+            doc = json.loads(json.dumps(original))
+            _set(doc, where, bad)
+            doc.pop("xxh3")
+            doc["xxh3"] = checksum(_canonical(doc))
+            with open(path, "wb") as f:
+                f.write(_canonical(doc))
+            tried += 1
+            for attempt in (lambda: ColumnarReader(ds.path).read(5), lambda: ColumnarReader(ds.path).labels,
+                            lambda: ColumnarReader(ds.path).read_batch(np.arange(24)),
+                            lambda: verify_cache(ds.path, deep=True)):
+                try:
+                    attempt()
+                except EdcacheError:
+                    pass
+    assert tried > 150
+
+
+def test_a_fifo_in_an_edflow_folder_cache_is_an_error_not_a_hang(tmp_path):
+    import pickle
+
+    from edcache.format import open_reader
+
+    folder = tmp_path / "cached" / "old"
+    folder.mkdir(parents=True)
+    (folder / "example_0.p").write_bytes(pickle.dumps({"a": 1}))
+    os.mkfifo(folder / "example_1.p")
+    result: list = []
+
+    def attempt():
+        reader = open_reader(str(folder))
+        result.append(reader.read(0))
+        try:
+            reader.read(1)
+        except CorruptCacheError as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "a FIFO blocked the reader"
+    assert result[0]["a"] == 1 and "not a regular file" in str(result[1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .cached import CachedDataset, PathCachedDataset, cachable
-from .dataset import DatasetMixin
+from .dataset import ConcatenatedDataset, DatasetMixin
 from .errors import EdcacheError
 
 __version__ = "0.1.0"
@@ -41,6 +41,7 @@ __all__ = [
     "cachable",
     "CachedSubset",
     "DatasetMixin",
+    "ConcatenatedDataset",
     # edflow compatibility
     "ExamplesFolder",
     "make_server_manager",

@@ -16,12 +16,20 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .dataset import DatasetMixin, check_cachable, checked_length, normalize_index, normalize_indices
-from .errors import CacheMismatchError, CacheNotFoundError, CorruptCacheError, DatasetInterfaceError
+from .dataset import DatasetMixin, check_cachable, checked_length, normalize_indices
+from .errors import (
+    CacheMismatchError,
+    CacheNotFoundError,
+    CorruptCacheError,
+    DatasetInterfaceError,
+    EdcacheError,
+    IncompleteCacheError,
+)
 from .format import cache_paths, find_cache, open_reader
 
 if TYPE_CHECKING:
@@ -40,6 +48,26 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+# torch's default collate calls torch.as_tensor on each example's arrays, which warns
+# that our read-only memory-mapped arrays are not writable, once in every DataLoader
+# worker of every epoch. It is safe to silence there only: the collate stacks those
+# tensors into a new batch tensor (a copy), so no tensor it returns aliases the map.
+# The filter matches that message raised from that module and nothing else.
+_COLLATE_WARNING = dict(
+    message="The given NumPy array is not writable", category=UserWarning,
+    module=r"torch\.utils\.data\._utils\.collate",
+)
+
+
+def _quiet_collate_warning() -> None:
+    """Install the filter above unless this process has it (called when a reader opens)."""
+    for action, message, category, module, _lineno in warnings.filters:
+        if (action == "ignore" and category is UserWarning and message is not None
+                and message.pattern == _COLLATE_WARNING["message"]
+                and module is not None and module.pattern == _COLLATE_WARNING["module"]):
+            return
+    warnings.filterwarnings("ignore", **_COLLATE_WARNING)
 
 
 class CachedDataset(DatasetMixin):
@@ -89,6 +117,22 @@ class CachedDataset(DatasetMixin):
     memory map; copy them (``np.array(x)``) before changing them in place.
     """
 
+    # Options of a build, as __init__ sets them: the defaults of a CachedDataset made by
+    # another constructor (from_cache, PathCachedDataset(None, path)).
+    base_dataset: Any = None
+    force_cache = False
+    keep_existing = True
+    chunk_size = 64
+    num_workers: int | None = None
+    allow_pickle = False
+    verify = False
+    scheduler: str | None = None
+    security: Any = None
+    mp_context: str | None = None
+    progress = True
+    executor: Any = None
+    _parameters: str | None = None
+
     def __init__(
         self,
         dataset: Any,
@@ -108,12 +152,18 @@ class CachedDataset(DatasetMixin):
         _path: str | None = None,
         _parameters: str | None = None,
     ) -> None:
-        check_cachable(dataset)
+        check_cachable(dataset, needs_location=_path is None)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise DatasetInterfaceError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.base_dataset = dataset
-        self._root = os.fspath(dataset.root)
-        self.name = dataset.name
+        if _path is None:
+            self._root = os.fspath(dataset.root)
+            self.name = dataset.name
+        else:  # the path says where the cache goes; root and name are optional
+            _path = os.fspath(_path)
+            root = getattr(dataset, "root", None)
+            self._root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(_path))
+            self.name = getattr(dataset, "name", None) or _name_of(_path)
         self.in_memory_keys = list(getattr(dataset, "in_memory_keys", []))
         self.force_cache = force_cache
         self.keep_existing = keep_existing
@@ -154,8 +204,12 @@ class CachedDataset(DatasetMixin):
         return os.path.join(head, f".{tail}.lock")
 
     # -- opening -------------------------------------------------------------------------
-    def _open_complete(self) -> bool:
-        """Open the cache if it is complete and matches the dataset; False if it must be built."""
+    def _open_complete(self, locked: bool = False) -> bool:
+        """Open the cache if it is complete and matches the dataset; False if it must be built.
+
+        ``locked``: the caller holds the build lock (leftovers of an interrupted edflow
+        zip build are then removed without asking for it).
+        """
         try:
             reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
         except CacheNotFoundError:
@@ -165,12 +219,38 @@ class CachedDataset(DatasetMixin):
             # directory cache: building decides (recovers from its commit log, or
             # refuses with an error that names the repair, deleting nothing)
             return False
-        if not reader.complete or (self._legacy and len(reader) < self._length):
+        if (not reader.complete or (self._legacy and len(reader) < self._length)
+                or (self._legacy and _rebuild_pending(self._path))):
             reader.close()
             return False
         self._check_matches(reader)
         self._reader, self._generation = reader, _fork_generation
+        _quiet_collate_warning()
+        if self._legacy:
+            self._remove_legacy_leftovers(locked)
         return True
+
+    def _remove_legacy_leftovers(self, locked: bool) -> None:
+        """Delete what an interrupted build of a now complete edflow zip left beside it
+        (``.partial``, staged chunks), if no build is running (its lock is free)."""
+        from filelock import FileLock, Timeout
+
+        from .format.legacy.zip_writer import build_leftovers, remove_build_leftovers
+
+        if not build_leftovers(self._path):
+            return
+        if locked:
+            remove_build_leftovers(self._path)
+            return
+        lock = FileLock(self._lock_path())
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, RuntimeError):  # RuntimeError: held by this very thread
+            return  # a build is running: the leftovers are its files
+        try:
+            remove_build_leftovers(self._path)
+        finally:
+            lock.release()
 
     def _check_matches(self, reader: CacheReader) -> None:
         manifest = getattr(reader, "manifest", None)
@@ -184,7 +264,7 @@ class CachedDataset(DatasetMixin):
             from .format.columnar import dataset_identity
 
             ident = dataset_identity(self.base_dataset)
-            if manifest.dataset and manifest.dataset != ident:
+            if self.base_dataset is not None and manifest.dataset and manifest.dataset != ident:
                 raise CacheMismatchError(
                     f"the cache at {self._path} was built from {manifest.dataset}, not {ident}. {hint}"
                 )
@@ -222,14 +302,19 @@ class CachedDataset(DatasetMixin):
         self.base_dataset = None
         self._root = root
         self._path = path
-        self.name = os.path.basename(path.rstrip(os.sep))
-        if self.name.endswith(".zip"):
-            self.name = self.name[:-4]
+        self.name = _name_of(path)
         self._legacy = path.endswith(".zip")
         self.verify = verify
         self.allow_pickle = allow_pickle
+        if self._legacy and _rebuild_pending(path):
+            raise IncompleteCacheError(
+                f"a rebuild of the cache at {path} (force_cache=True, keep_existing=False) has not "
+                "finished: the zip there is the old cache. Construct CachedDataset(dataset) "
+                "(or call the @cachable function) to finish the rebuild"
+            )
         self._reader = open_reader(path, verify=verify, allow_pickle=allow_pickle)
         self._generation = _fork_generation
+        _quiet_collate_warning()
         self._length = len(self._reader)
         self.in_memory_keys = list(getattr(getattr(self._reader, "manifest", None), "in_memory_keys", []))
         return self
@@ -255,8 +340,17 @@ class CachedDataset(DatasetMixin):
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
-            if not self.force_cache and self._open_complete():
+            if not self.force_cache and self._open_complete(locked=True):
                 return  # another process finished it while we waited
+            if self.base_dataset is None:
+                raise DatasetInterfaceError(
+                    f"the cache at {self._path} is not complete and this CachedDataset was opened "
+                    "without its dataset (from_cache): construct CachedDataset(dataset) to build it"
+                )
+            if self._legacy:  # edflow's completion marker must not outlive what it vouches for
+                from .format.legacy.cachable import remove_length_marker
+
+                remove_length_marker(self._path)
             try:
                 self._build()
             except OSError as exc:  # disk full or failing: say so, and that work is kept
@@ -266,7 +360,7 @@ class CachedDataset(DatasetMixin):
                 if new is exc:
                     raise
                 raise new from exc
-            if not self._open_complete():
+            if not self._open_complete(locked=True):
                 raise CacheNotFoundError(f"the cache at {self._path} is not complete after building")
         finally:
             lock.release()
@@ -286,6 +380,7 @@ class CachedDataset(DatasetMixin):
         else:
             from .format.columnar import dataset_identity, prepare_cache_dir
 
+            # (a build that committed nothing starts afresh, whatever it was built from)
             sink = prepare_cache_dir(
                 self._path,
                 length=self._length,
@@ -329,6 +424,7 @@ class CachedDataset(DatasetMixin):
         if self._reader is None or self._generation != _fork_generation:
             self._reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
             self._generation = _fork_generation
+            _quiet_collate_warning()
         return self._reader
 
     @property
@@ -352,9 +448,9 @@ class CachedDataset(DatasetMixin):
                 reader = self._reader
                 if reader is None or self._generation != _fork_generation:
                     reader = self.store
-                if not self._append_labels:
+                if not (self._append_labels or self._expand):
                     # sets index_ in dict examples (as _finish would); tuples come back as stored
-                    return reader.read_indexed(j)
+                    return reader.row_indexed(j)
                 return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
@@ -443,6 +539,18 @@ class CachedDataset(DatasetMixin):
         return f"{type(self).__name__}({self._path!r}, {self._length} examples)"
 
 
+def _name_of(path: str) -> str:
+    """The cache name a path implies: its last component without ``.zip``."""
+    name = os.path.basename(os.fspath(path).rstrip(os.sep))
+    return name[:-4] if name.endswith(".zip") else name
+
+
+def _rebuild_pending(path: str) -> bool:
+    from .format.legacy.zip_writer import rebuild_pending
+
+    return rebuild_pending(path)
+
+
 def _collate(examples: list[dict]) -> dict[str, Any]:
     """Stack what stacks (arrays of one shape and dtype, numbers); lists otherwise."""
     batch: dict[str, Any] = {}
@@ -461,7 +569,10 @@ class PathCachedDataset(CachedDataset):
     """A :class:`CachedDataset` stored at an explicit ``path`` (used by :func:`cachable`).
 
     ``path`` is a directory for the new format, or a file ending in ``.zip`` for edflow's
-    layout. With ``dataset=None`` an existing cache at ``path`` is opened.
+    layout. With ``dataset=None`` an existing cache at ``path`` is opened. The dataset
+    needs no ``root`` or ``name``: the path says where the cache goes. For a zip, the
+    length is written to ``path + ".p"`` once the cache is complete, as edflow's
+    ``PathCachedDataset`` does (edflow's sign that the zip is complete).
     """
 
     def __init__(self, dataset: Any, path: str, **kwargs: Any) -> None:
@@ -481,6 +592,15 @@ class PathCachedDataset(CachedDataset):
                     self._length = recorded
             return
         super().__init__(dataset, _path=path, **kwargs)
+        if self._legacy:
+            from .format.legacy.cachable import read_cachable_length, write_length_marker
+
+            try:
+                recorded = read_cachable_length(path, allow_pickle=self.allow_pickle)
+            except EdcacheError:
+                recorded = None
+            if recorded != len(self):
+                write_length_marker(path, len(self))
 
 
 def _canonical(value: Any) -> Any:
@@ -503,28 +623,64 @@ def parameters_fingerprint(args: tuple, kwargs: dict) -> str:
     return json.dumps({"args": _canonical(list(args)), "kwargs": _canonical(kwargs)}, sort_keys=True)
 
 
+def _build_running(cache_path: str) -> bool:
+    """Whether another process holds the build lock of the cache at ``cache_path``."""
+    from filelock import FileLock, Timeout
+
+    head, tail = os.path.split(os.path.abspath(cache_path))
+    if not os.path.isdir(head):
+        return False
+    lock = FileLock(os.path.join(head, f".{tail}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except (Timeout, RuntimeError):  # RuntimeError: held by this very thread
+        return True
+    lock.release()
+    return False
+
+
 def _cachable_zip(
     fn: Callable[..., Any], path: str, args: tuple, kwargs: dict, params: str, options: dict
-) -> CachedDataset:
-    """``cachable`` on an edflow zip: edflow's side files ``path.p`` and ``pathparameters.p``."""
-    from .format.fsutil import atomic_write
-    from .format.legacy import legacy_dumps, read_cachable_length, read_cachable_parameters
+) -> Any:
+    """``cachable`` on an edflow zip: edflow's side files ``path.p`` and ``pathparameters.p``.
+
+    The arguments are recorded before the first chunk is computed. While another process
+    builds the zip (its lock is held) and ``path.p`` does not exist yet, the call is
+    edflow's worker mode: it returns ``fn(*recorded args)``, uncached. Otherwise an
+    interrupted build resumes if the arguments are the recorded ones.
+    """
+    from .format.legacy import read_cachable_length, read_cachable_parameters
+    from .format.legacy.cachable import write_parameters
+    from .format.legacy.zip_writer import PARTIAL_SUFFIX
 
     allow_pickle = options.get("allow_pickle", False)
-    if read_cachable_length(path, allow_pickle=allow_pickle) is not None:
+    force = options.get("force_cache", False)
+    fresh = force and not options.get("keep_existing", True)
+    hint = ("Call it with those arguments to use (or resume) that cache, use another path per "
+            "set of arguments, or rebuild with @cachable(path, force_cache=True, keep_existing=False).")
+    if not force and read_cachable_length(path, allow_pickle=allow_pickle) is not None:
         recorded = read_cachable_parameters(path, allow_pickle=allow_pickle)
         if recorded is not None and parameters_fingerprint(*recorded) != params:
             raise CacheMismatchError(
                 f"the cache at {path} was built by {fn.__qualname__} with the arguments "
-                f"{parameters_fingerprint(*recorded)}, not {params}. Use another path per set of "
-                "arguments, or delete it."
+                f"{parameters_fingerprint(*recorded)}, not {params}. {hint}"
             )
         return PathCachedDataset(None, path, **{k: v for k, v in options.items()
                                                 if k in ("verify", "allow_pickle")})
-    dataset = PathCachedDataset(fn(*args, **kwargs), path, **options)
-    atomic_write(path + "parameters.p", legacy_dumps((tuple(args), dict(kwargs))))
-    atomic_write(path + ".p", legacy_dumps(len(dataset)))  # edflow's completion marker, last
-    return dataset
+    recorded = None if fresh else read_cachable_parameters(path, allow_pickle=allow_pickle)
+    if recorded is not None:
+        if _build_running(path):  # edflow's worker mode: the dataset itself, uncached
+            return fn(*recorded[0], **recorded[1])
+        started = os.path.exists(path) or os.path.exists(path + PARTIAL_SUFFIX)
+        if started and parameters_fingerprint(*recorded) != params:
+            raise CacheMismatchError(
+                f"the interrupted build at {path} was started by {fn.__qualname__} with the "
+                f"arguments {parameters_fingerprint(*recorded)}, not {params}: resuming it would "
+                f"mix examples of both. {hint}"
+            )
+    dataset = fn(*args, **kwargs)
+    write_parameters(path, tuple(args), dict(kwargs))  # before the first chunk
+    return PathCachedDataset(dataset, path, **options)  # writes path.p when complete
 
 
 def cachable(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., CachedDataset]]:

@@ -59,6 +59,7 @@ class DatasetMixin:
     """
 
     _append_labels = False
+    _expand = False
 
     def get_example(self, i: int) -> dict:
         """Return example ``i`` as a dict (override this)."""
@@ -98,7 +99,9 @@ class DatasetMixin:
             )
         example["index_"] = j
         if self._append_labels:
-            example["labels_"] = {k: v[j] for k, v in self.labels.items()}
+            example["labels_"] = labels_at(self.labels, j)
+        if self._expand:
+            expand_callables(example)
         return example
 
     @property
@@ -116,16 +119,170 @@ class DatasetMixin:
 
     @property
     def append_labels(self) -> bool:
+        """Whether each example gets ``labels_``: every label at its index (nested dicts
+        of labels are indexed leaf by leaf)."""
         return self._append_labels
 
     @append_labels.setter
     def append_labels(self, value: bool) -> None:
         self._append_labels = value
 
+    @property
+    def expand(self) -> bool:
+        """edflow's late loading: when True, every callable found in an example (nested
+        in dicts and lists too) is replaced by what it returns when called with no
+        arguments, on access."""
+        return self._expand
 
-def check_cachable(dataset: Any) -> None:
-    """Raise a clear error if ``dataset`` lacks what caching needs."""
-    missing = [attr for attr in ("root", "name") if not hasattr(dataset, attr)]
+    @expand.setter
+    def expand(self, value: bool) -> None:
+        self._expand = value
+
+    # -- edflow's dataset arithmetic ----------------------------------------------------
+    def __add__(self, other: Any) -> "ConcatenatedDataset":
+        """``a + b``: the examples of ``a``, then those of ``b`` (a :class:`ConcatenatedDataset`)."""
+        if not isinstance(other, DatasetMixin):
+            return NotImplemented
+        return ConcatenatedDataset(self, other)
+
+    def __mul__(self, n: Any) -> Any:
+        """``a * n``: ``a`` repeated ``n`` times (a :class:`ConcatenatedDataset`); as in
+        edflow, ``n <= 1`` returns ``a`` itself."""
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            return NotImplemented
+        return ConcatenatedDataset(*[self] * int(n)) if n > 1 else self
+
+    __rmul__ = __mul__
+
+
+def labels_at(labels: Any, j: int) -> Any:
+    """The labels of example ``j``: ``labels`` with every leaf replaced by ``leaf[j]``.
+
+    Dicts are walked (edflow's nested labels); anything else (array, list) is a
+    per-example column.
+    """
+    if isinstance(labels, dict):
+        return {k: labels_at(v, j) for k, v in labels.items()}
+    return labels[j]
+
+
+def expand_callables(value: Any) -> Any:
+    """Replace, in place, every callable in the dicts and lists of ``value`` by its
+    result (edflow's ``expand``); returns the expanded value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            value[k] = expand_callables(v)
+        return value
+    if isinstance(value, list):
+        for k, v in enumerate(value):
+            value[k] = expand_callables(v)
+        return value
+    if callable(value):
+        return value()
+    return value
+
+
+class ConcatenatedDataset(DatasetMixin):
+    """Several datasets one after the other (what ``a + b`` and ``n * a`` return, as in edflow).
+
+    Example ``i`` is the example of the dataset it falls in, with ``index_`` set to
+    ``i`` (its position in the concatenation) and ``dataset_index_`` to the number of
+    that dataset. ``labels`` are the first dataset's label keys, each concatenated over
+    all datasets.
+
+    Parameters
+    ----------
+    *datasets : DatasetMixin
+        The datasets, in order.
+    balanced : bool
+        Pad every dataset to the length of the longest by cycling through its examples.
+    """
+
+    def __init__(self, *datasets: Any, balanced: bool = False) -> None:
+        self.balanced = balanced
+        if balanced and datasets:
+            longest = max(len(d) for d in datasets)
+            datasets = tuple(
+                d if len(d) == longest else _Cycled(d, longest) for d in datasets
+            )
+        self.datasets = list(datasets)
+        self.lengths = [len(d) for d in self.datasets]
+        self.boundaries = np.cumsum(self.lengths, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.boundaries[-1]) if self.lengths else 0
+
+    def get_example(self, i: int) -> dict:
+        """Example ``i``: example ``i - offset`` of the dataset it falls in, with ``dataset_index_``."""
+        did = int(np.searchsorted(self.boundaries, i, side="right"))
+        local = i - (int(self.boundaries[did - 1]) if did > 0 else 0)
+        example = self.datasets[did][local]
+        example["dataset_index_"] = did
+        return example
+
+    @property
+    def labels(self) -> dict:
+        """The first dataset's label keys, each concatenated over all datasets (an array
+        where the columns concatenate to one, else a list)."""
+        if not hasattr(self, "_labels"):
+            keys = list(self.datasets[0].labels.keys()) if self.datasets else []
+            self._labels = {k: _concat([d.labels[k] for d in self.datasets]) for k in keys}
+        return self._labels
+
+    @labels.setter
+    def labels(self, labels: dict) -> None:
+        self._labels = labels
+
+
+class _Cycled(DatasetMixin):
+    """``dataset`` cycled to ``length`` examples (for ``ConcatenatedDataset(balanced=True)``)."""
+
+    def __init__(self, dataset: Any, length: int) -> None:
+        self.dataset = dataset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get_example(self, i: int) -> dict:
+        return self.dataset[i % len(self.dataset)]
+
+    @property
+    def labels(self) -> dict:
+        n = len(self.dataset)
+        idx = np.arange(self.length) % n
+        return {k: _take(v, idx) for k, v in self.dataset.labels.items()}
+
+
+def _take(column: Any, idx: np.ndarray) -> Any:
+    if isinstance(column, dict):
+        return {k: _take(v, idx) for k, v in column.items()}
+    if isinstance(column, np.ndarray):
+        return column[idx]
+    return [column[int(i)] for i in idx]
+
+
+def _concat(columns: list) -> Any:
+    if all(isinstance(c, dict) for c in columns):
+        return {k: _concat([c[k] for c in columns]) for k in columns[0]}
+    if all(isinstance(c, np.ndarray) for c in columns):
+        try:
+            return np.concatenate(columns)
+        except ValueError:  # shapes that do not line up: keep the values as a list
+            pass
+    out: list = []
+    for c in columns:
+        out.extend(c)
+    return out
+
+
+def check_cachable(dataset: Any, *, needs_location: bool = True) -> None:
+    """Raise a clear error if ``dataset`` lacks what caching needs.
+
+    ``needs_location=False`` (an explicit cache path is given) does not ask for
+    ``root`` and ``name``.
+    """
+    missing = [attr for attr in ("root", "name") if needs_location and not hasattr(dataset, attr)]
     if not hasattr(type(dataset), "__len__"):
         missing.append("__len__")
     if not (hasattr(type(dataset), "__getitem__") or hasattr(dataset, "get_example")):
@@ -136,9 +293,11 @@ def check_cachable(dataset: Any) -> None:
             "A dataset to cache needs root (folder to cache into), name (unique name), "
             "__len__ and __getitem__ (or get_example); in_memory_keys is optional."
         )
-    if not isinstance(dataset.root, (str, bytes)) and not hasattr(dataset.root, "__fspath__"):
+    if not needs_location:
+        pass
+    elif not isinstance(dataset.root, (str, bytes)) and not hasattr(dataset.root, "__fspath__"):
         raise DatasetInterfaceError(f"{type(dataset).__name__}.root must be a path, not {dataset.root!r}")
-    if not isinstance(dataset.name, str) or not dataset.name or "/" in dataset.name:
+    if needs_location and (not isinstance(dataset.name, str) or not dataset.name or "/" in dataset.name):
         raise DatasetInterfaceError(
             f"{type(dataset).__name__}.name must be a non-empty string without '/', not {dataset.name!r}"
         )

@@ -59,7 +59,7 @@ class CachedSubset(DatasetMixin):
     def __getitem__(self, k: Any) -> Any:
         # fast path for one int (what a DataLoader asks for): one read, index_ = k
         n = len(self.indices)
-        if type(k) is int and -n <= k < n and not self._append_labels:
+        if type(k) is int and -n <= k < n and not (self._append_labels or self._expand):
             k = k + n if k < 0 else k
             example = self.parent.store.read_indexed(self.indices.item(k))
             if type(example) is dict:

@@ -60,7 +60,8 @@ def run_build(
     On any exception (including ``KeyboardInterrupt``) the committed chunks stay on disk
     and a later run resumes from them.
     """
-    tasks = plan_chunks(length, chunk_size, sink.committed())
+    plan = getattr(sink, "plan", None)  # a sink may plan finer than whole chunks
+    tasks = plan() if plan is not None else plan_chunks(length, chunk_size, sink.committed())
     done = length - sum(task.size for task in tasks)
     bar = tqdm(
         total=length, initial=done, unit="ex", desc=desc, disable=not progress,

@@ -9,7 +9,10 @@ def run_demo(root: str | None, n: int, workers: int | None, progress: bool = Tru
     from ..cached import CachedDataset
     from ..demo import DEFAULT_ROOT, DemoImages, read_throughput
 
-    raw = DemoImages(root or DEFAULT_ROOT, n=n, progress=progress)
+    root = root or DEFAULT_ROOT
+    start = time.perf_counter()
+    raw = DemoImages(root, n=n, progress=progress, workers=workers)
+    print(f"inputs: {n} JPEGs in {raw.image_dir} (ready in {time.perf_counter() - start:.1f} s)")
     start = time.perf_counter()
     cached = CachedDataset(raw, num_workers=workers, progress=progress)
     took = time.perf_counter() - start
@@ -23,4 +26,7 @@ def run_demo(root: str | None, n: int, workers: int | None, progress: bool = Tru
           f"({cached_rate / raw_rate:.0f}x)")
     train = (cached.labels["split"] == "train").sum()
     print(f"labels: {train} train / {len(cached) - train} validation examples, selected without reading any")
+    from .info import disk_usage
+
+    print(f"the demo wrote {disk_usage(root) / 2**20:.0f} MiB under {root}; remove it with: rm -r {root}")
     return 0

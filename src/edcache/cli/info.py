@@ -47,10 +47,11 @@ def _manifest_lines(lines: list[str], manifest: object, complete: bool, committe
     lines.append(f"pickles:     {pickles}")
 
 
-def describe(path: str) -> str:
-    """A human-readable summary: length, size on disk, completeness, label keys and dtypes."""
+def describe(path: str, *, allow_pickle: bool = False) -> str:
+    """A human-readable summary: length, size on disk, completeness, columns, label keys
+    and dtypes (``allow_pickle``: open a cache built with ``allow_pickle=True``)."""
     path = path.rstrip(os.sep) or path
-    reader = open_reader(path)
+    reader = open_reader(path, allow_pickle=allow_pickle)
     manifest = getattr(reader, "manifest", None)
     lines = [f"path:        {path}"]
     if manifest is not None and hasattr(reader, "columns"):

@@ -39,6 +39,11 @@ class CacheReader(ABC):
             example["index_"] = index
         return example
 
+    def row_indexed(self, index: int) -> Any:
+        """:meth:`read_indexed` for an index the caller has checked (``0 <= index <
+        len(self)``); formats may skip their own checks."""
+        return self.read_indexed(index)
+
     def read_many(self, indices: Sequence[int]) -> list[dict]:
         """Return several examples; formats may reorder reads internally."""
         return [self.read(int(i)) for i in indices]

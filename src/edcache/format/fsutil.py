@@ -5,7 +5,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import stat
 import uuid
+from typing import IO
+
+from ..errors import CorruptCacheError
 
 
 def fsync_file(path: str) -> None:
@@ -77,3 +81,37 @@ def atomic_write(path: str, data: bytes) -> None:
 def is_temp(name: str) -> bool:
     """Whether a directory entry is a leftover temporary file of :func:`temp_name`."""
     return name.startswith(".tmp-")
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def open_fd(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """``os.open`` that refuses links and anything but a regular file.
+
+    ``FileNotFoundError`` passes through (callers decide what a missing file means).
+    """
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK, mode)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        if os.path.islink(path):
+            raise CorruptCacheError(
+                f"{path} is a symbolic link; edcache never follows links inside a cache "
+                "(replace it by the real file, or delete the cache)"
+            ) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CorruptCacheError(f"{path} is not a regular file (a FIFO, device or socket?); delete it")
+    if _NONBLOCK and flags & os.O_ACCMODE == os.O_RDONLY:
+        os.set_blocking(fd, True)
+    return fd
+
+
+def open_regular(path: str) -> IO[bytes]:
+    """``open(path, "rb")`` for regular files only (see :func:`open_fd`)."""
+    return os.fdopen(open_fd(path), "rb")

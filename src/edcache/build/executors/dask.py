@@ -66,6 +66,15 @@ def _print_status(message: str, n_workers: int) -> None:
     tqdm.write(f"edcache: {message}", file=sys.stderr)
 
 
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, also on Python 3.10 (no ``add_note`` there: the note goes to
+    ``__notes__`` directly, where the edcache CLI prints it from)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+
 class DaskExecutor(Executor):
     """Computes chunks on a Dask cluster and commits each result as it arrives.
 
@@ -321,7 +330,7 @@ class DaskExecutor(Executor):
                 return exc  # carries the index and the worker's traceback
             remote = "".join(traceback.format_exception(type(exc), exc, future.traceback()))
             if isinstance(exc, EdcacheError):
-                exc.add_note(f"Traceback in the worker:\n{remote}")
+                add_note(exc, f"Traceback in the worker:\n{remote}")
                 return exc
             return BuildError(
                 f"{span(future)} failed on a worker: {type(exc).__name__}: {exc}\n\n"

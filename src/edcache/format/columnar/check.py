@@ -61,10 +61,19 @@ def check_cache(path: str, report: Report, deep: bool = False, allow_pickle: boo
         if state is None:
             if os.path.exists(os.path.join(path, COMMITS)):
                 report.add(COMMITS, "has no valid header line: the build cannot be resumed")
+            elif _has_column_data(path):
+                report.add(COMMITS, "is missing from an incomplete cache that holds column data: its "
+                                    "committed chunks are lost (the next build starts over)",
+                           0, manifest.length)
             schema, segments, sizes = Schema(), {}, {}
         else:
             schema, segments = state.schema, state.segments
             sizes = state.ends()
+            if state.invalid or state.orphans:
+                lost = f"; {state.orphans} later chunk record(s) no longer count" if state.orphans else ""
+                report.add(COMMITS, f"holds {state.invalid} damaged line(s){lost}: examples committed "
+                                    "after the damage are lost (the next build computes them again)",
+                           state.committed * manifest.chunk_size, manifest.length)
     files = schema.files()
     report.shards_total = len(files)
     for gid, spec in enumerate(schema.columns):
@@ -76,6 +85,14 @@ def check_cache(path: str, report: Report, deep: bool = False, allow_pickle: boo
         if deep:
             _check_examples(path, manifest, report, allow_pickle)
     _note_strays(path, schema, manifest, report)
+
+
+def _has_column_data(path: str) -> bool:
+    folder = os.path.join(path, "columns")
+    try:
+        return any(e.is_file(follow_symlinks=False) and e.stat().st_size for e in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def _table_segments(path: str, m: Manifest, report: Report) -> dict[str, list[tuple[int, int]]] | None:
@@ -95,7 +112,7 @@ def _table_segments(path: str, m: Manifest, report: Report) -> dict[str, list[tu
         return None
     try:
         table = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 (any malformed npy)
+    except Exception as exc:
         report.add(TABLE, f"is not a valid table ({exc})")
         return None
     if table.dtype != np.dtype("<u8") or table.shape != (m.num_chunks, len(m.files), 2):
@@ -134,7 +151,10 @@ def _check_file(path: str, rel: str, spec: Any, gid: int, size: int, segments: l
             data = os.pread(fd, end - start, start) if end > start else b""
             report.bytes_checked += len(data)
             if xxhash.xxh3_64_intdigest(data) != digest:
-                report.add(rel, f"fails its checksum for chunk {c} (column {spec.key!r})", *_span(m, c))
+                a, b = _span(m, c)
+                if spec.kind in _LEADING_KINDS and rel.endswith(".index"):
+                    b = min(b + 1, m.length)  # the chunk's last offset is where the next row starts
+                report.add(rel, f"fails its checksum for chunk {c} (column {spec.key!r})", a, b)
                 ok = False
             start = end
         if ok and spec.kind in INDEXED:
@@ -157,7 +177,7 @@ def _check_index(full: str, fd: int, spec: Any, index_size: int, chunks: int, m:
     except OSError:
         return True  # reported with the data file
     width = 1 + spec.ndim if spec.kind == VARSHAPE else 1
-    lead = 1 if spec.kind in _LEADING_KINDS else 0
+    lead = 1 if spec.kind in _LEADING_KINDS and rows else 0
     need = 8 * (rows * width + lead)
     if index_size < need:
         report.add(rel, f"holds {index_size} bytes, {need} needed for {rows} rows", 0, rows)

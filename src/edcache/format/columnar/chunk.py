@@ -13,8 +13,9 @@ touches the disk, and is only ever unpickled by the coordinator that asked for i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class ChunkColumns:
 
     @property
     def nbytes(self) -> int:
-        return sum(memoryview(p).nbytes for c in self.columns for p in c.parts)
+        return sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for c in self.columns for p in c.parts)
 
 
 def layout_key(example: Any) -> LayoutKey:
@@ -73,7 +74,7 @@ def layout_key(example: Any) -> LayoutKey:
 class _Values:
     """The values of one key in one chunk, owned by the chunk (copied on arrival)."""
 
-    __slots__ = ("key", "rows", "values", "buf", "nbuf")
+    __slots__ = ("buf", "key", "nbuf", "rows", "shape", "values")
 
     def __init__(self, key: Any) -> None:
         self.key = key
@@ -82,6 +83,7 @@ class _Values:
         # fixed-shape arrays go straight into one preallocated block (one copy)
         self.buf: np.ndarray | None = None
         self.nbuf = 0
+        self.shape: tuple = ()  # of one row of buf
 
     def add(self, row: int, value: Any, count: int, encoder: Encoder, where: int) -> None:
         t = type(value)
@@ -95,6 +97,7 @@ class _Values:
                 return
             if buf is None and not self.values and value.ndim and _is_storable_dtype(value.dtype):
                 self.buf = np.empty((count, *value.shape), value.dtype)
+                self.shape = value.shape
                 self.buf[row] = value
                 self.rows.append(row)
                 self.values.append(None)
@@ -138,46 +141,76 @@ def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: b
     or encoded as soon as it arrives) into columns."""
     encoder = Encoder(allow_pickle=allow_pickle)
     layouts: dict[LayoutKey, int] = {}
-    row_layout = np.zeros(count, dtype="<u4")
+    row_layout: list[int] = []
     columns: dict[Any, _Values] = {}
+    # per distinct layout: its number and the columns of its fields, in order
+    entries: dict[LayoutKey, tuple[int, list[_Values] | None]] = {}
     row = -1
     last_keys: tuple | None = None
-    lay: LayoutKey = WHOLE
+    entry: tuple[int, list[_Values] | None] = (0, None)
+    ndarray, simple = np.ndarray, _SIMPLE
     for row, example in enumerate(examples):
         index = start + row
         if type(example) is dict:
             keys = tuple(example)
-            if keys != last_keys:  # usually every example has the same keys: checked once
-                lay, last_keys = layout_key(example), keys
+            if keys != last_keys:  # usually every example has the same keys: looked up once
+                entry, last_keys = _entry(layout_key(example), layouts, entries, columns), keys
         else:
-            lay, last_keys = layout_key(example), None
-        if lay[0] != "whole" and len(columns) + len(lay[1]) > MAX_COLUMNS and not all(
-            k in columns for k in lay[1]
-        ):
-            lay = WHOLE
-        lid = layouts.get(lay)
-        if lid is None:
-            lid = layouts[lay] = len(layouts)
-        row_layout[row] = lid
-        if lay[0] == "whole":
-            col = columns.get(None)
-            if col is None:
-                col = columns[None] = _Values(None)
+            entry, last_keys = _entry(layout_key(example), layouts, entries, columns), None
+        lid, cols = entry
+        row_layout.append(lid)
+        if cols is None:  # stored whole
+            col = columns[None]
             col.rows.append(row)
             col.values.append(_Encoded(_encode(example, encoder, index, None)))
             continue
-        values = example.values() if lay[0] == "dict" else example
-        for key, value in zip(lay[1], values):
-            col = columns.get(key)
-            if col is None:
-                col = columns[key] = _Values(key)
-            col.add(row, value, count, encoder, index)
+        for col, value in zip(cols, example.values() if type(example) is dict else example):
+            t = type(value)
+            if t is ndarray:
+                buf = col.buf
+                if buf is not None and value.shape == col.shape and value.dtype == buf.dtype:
+                    buf[row] = value  # the common case: one copy into the chunk's block
+                    col.rows.append(row)
+                    col.values.append(None)
+                    col.nbuf += 1
+                else:
+                    col.add(row, value, count, encoder, index)
+            elif t in simple:
+                col.rows.append(row)
+                col.values.append(value)
+            else:
+                col.add(row, value, count, encoder, index)
     if row + 1 != count:
         raise CodecError(f"examples {start}..{start + count - 1}: got {row + 1} examples, expected {count}")
     out = [_finish_column(col, start, count, encoder) for col in columns.values()]
     return ChunkColumns(
-        start, count, list(layouts), None if len(layouts) == 1 else row_layout, out
+        start, count, list(layouts), None if len(layouts) == 1 else np.asarray(row_layout, dtype="<u4"), out
     )
+
+
+def _entry(lay: LayoutKey, layouts: dict, entries: dict, columns: dict) -> tuple[int, list[_Values] | None]:
+    """The layout number and field columns of layout ``lay`` (created on first sight)."""
+    found = entries.get(lay)
+    if found is not None:
+        return found
+    if lay[0] != "whole" and len(columns) + len(lay[1]) > MAX_COLUMNS and not all(k in columns for k in lay[1]):
+        # too many distinct fields: store this example whole
+        found = entries[lay] = _entry(WHOLE, layouts, entries, columns)
+        return found
+    lid = layouts[lay] = len(layouts)
+    if lay[0] == "whole":
+        if None not in columns:
+            columns[None] = _Values(None)
+        found = (lid, None)
+    else:
+        cols = []
+        for key in lay[1]:
+            if key not in columns:
+                columns[key] = _Values(key)
+            cols.append(columns[key])
+        found = (lid, cols)
+    entries[lay] = found
+    return found
 
 
 # -- deciding a chunk's column kind and building its parts --------------------------------

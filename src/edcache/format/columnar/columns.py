@@ -9,7 +9,8 @@ against the data before it is used, so a damaged index raises
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,10 @@ class ColumnView:
         spec, n, kind = self.spec, self.rows, self.spec.kind
         if kind == NONE:
             return lambda r: None
+        if n == 0 and kind != FIXED:  # nothing committed yet: the files may still be empty
+            def get_nothing(r: int) -> Any:
+                raise self._bad(f"row {r} of 0")
+            return get_nothing
         if kind == FIXED:
             dt = spec.np_dtype
             self._need(self.data, n * spec.row_bytes, "data file")

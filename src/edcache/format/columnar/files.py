@@ -9,44 +9,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
-from typing import IO, Any
+from typing import Any
 
 from ...errors import CorruptCacheError
+from ..fsutil import open_fd, open_regular
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-
-
-def open_fd(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
-    """``os.open`` that refuses links and anything but a regular file.
-
-    ``FileNotFoundError`` passes through (callers decide what a missing file means).
-    """
-    try:
-        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK, mode)
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        if os.path.islink(path):
-            raise CorruptCacheError(
-                f"{path} is a symbolic link; edcache never follows links inside a cache "
-                "(replace it by the real file, or delete the cache)"
-            ) from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise CorruptCacheError(f"{path} is not a regular file (a FIFO, device or socket?); delete it")
-    if _NONBLOCK and flags & os.O_ACCMODE == os.O_RDONLY:
-        os.set_blocking(fd, True)
-    return fd
-
-
-def open_regular(path: str) -> IO[bytes]:
-    """``open(path, "rb")`` for regular files only (see :func:`open_fd`)."""
-    return os.fdopen(open_fd(path), "rb")
-
+__all__ = ["check_no_links", "map_fd", "open_fd", "open_regular"]
 
 def map_fd(fd: int, size: int) -> Any:
     """A read-only map of the first ``size`` bytes of ``fd`` (``b""`` when empty)."""

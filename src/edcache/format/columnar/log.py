@@ -1,6 +1,7 @@
 """``commits.log`` of a format-v2 build: the one place its records are written and parsed.
 
-One JSON object per line, in this order:
+One JSON object per line, each with ``"x"``: the xxh3 of the line written without it
+(a line that fails it is not a record). In this order:
 
 * the **header** (first line): ``{"build": <random hex>, <build parameters>}``; a
   different ``build`` means the cache was started over (readers of the old build stop);
@@ -12,8 +13,8 @@ One JSON object per line, in this order:
   files in schema order. **This line is the commit.**
 
 A torn last line (no newline) is ignored; a resumed build terminates it, and replays
-skip any line that is not a valid record (a chunk record out of order, or whose
-lists do not match the schema, included).
+skip any line that is not a valid record (counted in :attr:`LogState.invalid`; chunk
+records after a lost one are counted in :attr:`LogState.orphans`: their work is lost).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
+
+import xxhash
 
 from ...errors import CorruptCacheError
 from ..fsutil import atomic_write, fsync_dir
@@ -45,6 +48,10 @@ class LogState:
     committed: int = 0
     #: bytes of the log that were parsed (a reader continues from here)
     offset: int = 0
+    #: lines that are not valid records (damaged, or torn and terminated by a resume)
+    invalid: int = 0
+    #: chunk records skipped because an earlier one was invalid (their work is lost)
+    orphans: int = 0
 
     def ends(self) -> dict[str, int]:
         """Committed size of every file of the schema."""
@@ -66,7 +73,23 @@ def chunk_record(chunk: int, ends: list[int], hashes: list[int]) -> bytes:
 
 
 def _line(doc: dict) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    """One record: compact JSON with ``"x"``, the xxh3 of the line written without it."""
+    body = json.dumps(doc, separators=(",", ":"))
+    return json.dumps({**doc, "x": xxhash.xxh3_64_hexdigest(body.encode())}, separators=(",", ":")).encode() + b"\n"
+
+
+def _parse(line: bytes) -> dict | None:
+    """The record of one line, or None if it is not valid JSON or fails its checksum."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    digest = rec.pop("x", None)
+    if digest != xxhash.xxh3_64_hexdigest(json.dumps(rec, separators=(",", ":")).encode()):
+        return None
+    return rec
 
 
 def read_log(cache_dir: str, state: LogState | None = None) -> LogState | None:
@@ -92,11 +115,8 @@ def read_log(cache_dir: str, state: LogState | None = None) -> LogState | None:
         first, sep, _ = data.partition(b"\n")
         if not sep:
             return None
-        try:
-            head = json.loads(first)
-        except ValueError:
-            return None
-        if not isinstance(head, dict) or not isinstance(head.get("build"), str):
+        head = _parse(first)
+        if head is None or not isinstance(head.get("build"), str):
             return None
         params = {k: v for k, v in head.items() if k != "build"}
         state = LogState(head["build"], params, offset=len(first) + 1)
@@ -106,27 +126,22 @@ def read_log(cache_dir: str, state: LogState | None = None) -> LogState | None:
         nl = data.find(b"\n", pos)
         if nl < 0:  # a torn (or still being written) last line: not committed
             break
-        _apply(state, data[pos:nl], path)  # an invalid line (a torn one, terminated) is skipped
+        if not _apply(state, data[pos:nl], path):  # an invalid line (a torn one, terminated) is skipped
+            state.invalid += 1
         pos = nl + 1
     state.offset += pos
     return state
 
 
 def _build_of(line: bytes) -> str | None:
-    try:
-        head = json.loads(line)
-    except ValueError:
-        return None
-    return head.get("build") if isinstance(head, dict) else None
+    head = _parse(line)
+    return head.get("build") if head is not None else None
 
 
 def _apply(state: LogState, line: bytes, where: str) -> bool:
-    """Apply one record; False if it is not valid (the replay stops there)."""
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return False
-    if not isinstance(rec, dict):
+    """Apply one record; False if it is not valid."""
+    rec = _parse(line)
+    if rec is None:
         return False
     if "schema" in rec:
         try:
@@ -150,6 +165,9 @@ def _apply(state: LogState, line: bytes, where: str) -> bool:
         return True
     chunk, ends, hashes = rec.get("c"), rec.get("e"), rec.get("h")
     files = state.schema.files()
+    if type(chunk) is int and chunk > state.committed:
+        state.orphans += 1  # an earlier commit record is damaged: this chunk cannot count
+        return True
     if chunk != state.committed or not isinstance(ends, list) or not isinstance(hashes, list) \
             or len(ends) != len(files) or len(hashes) != len(files):
         return False

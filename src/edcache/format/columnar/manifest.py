@@ -56,7 +56,17 @@ class Schema:
         }
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> "Schema":
+    def from_json(cls, doc: Any, where: str) -> Schema:
+        """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
+        try:
+            return cls._from_json(doc, where)
+        except CorruptCacheError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
+            raise CorruptCacheError(f"{where}: malformed schema ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_json(cls, doc: Any, where: str) -> Schema:
         if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list) or not isinstance(
             doc.get("layouts"), list
         ):
@@ -120,7 +130,7 @@ class Manifest:
         return _canonical(doc)
 
     @classmethod
-    def from_doc(cls, doc: dict, where: str) -> "Manifest":
+    def from_doc(cls, doc: dict, where: str) -> Manifest:
         """Build from the parameters of ``doc`` (a manifest or a log header)."""
         try:
             m = cls(
@@ -143,7 +153,17 @@ class Manifest:
         return m
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
+        try:
+            return cls._from_bytes(data, where)
+        except CorruptCacheError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
+            raise CorruptCacheError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -164,9 +184,9 @@ class Manifest:
             if (
                 not isinstance(files, list)
                 or [f[0] if isinstance(f, list) and len(f) == 2 else None for f in files] != expected
-                or not all(type(f[1]) is int and f[1] >= 0 for f in files)
+                or not all(type(f[1]) is int and 0 <= f[1] < 2**48 for f in files)
                 or not (isinstance(table, dict) and type(table.get("nbytes")) is int
-                        and isinstance(table.get("xxh3"), str))
+                        and 0 <= table["nbytes"] < 2**40 and isinstance(table.get("xxh3"), str))
                 or not isinstance(labels, dict)
                 or set(labels) != {str(k) for k in m.in_memory_keys}
                 or not all(isinstance(v, dict) for v in labels.values())

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -68,7 +69,7 @@ def map_columns(cache_dir: str, schema: Schema, ends: dict[str, int], rows: int,
 def _compile(params: list[str], body: str) -> Callable[..., Any]:
     # Only generated names appear in the source; keys and getters are bound as values,
     # so nothing read from a cache file is ever compiled.
-    return eval(f"lambda {', '.join(params)}: lambda r: {body}", {"__builtins__": {}})  # noqa: S307
+    return eval(f"lambda {', '.join(params)}: lambda r: {body}", {"__builtins__": {}})
 
 
 _MAKERS: dict[tuple, Callable[..., Any]] = {}
@@ -173,8 +174,8 @@ class ColumnarReader(CacheReader):
         self._labels: Labels | None = None
         self._checked: set[int] = set()
         self._table: np.ndarray | None = None
-        self.__dict__.pop("read", None)  # back to the class's methods, which set up first
-        self.__dict__.pop("read_indexed", None)
+        for name in ("read", "read_indexed", "row_indexed"):  # back to the class's methods,
+            self.__dict__.pop(name, None)  # which set up first
 
     def _setup(self) -> None:
         """Map the columns and bind the read functions."""
@@ -225,6 +226,8 @@ class ColumnarReader(CacheReader):
             return read_one
         self.read = bounded(read)  # type: ignore[method-assign]
         self.read_indexed = bounded(read_indexed)  # type: ignore[method-assign]
+        # every row present: callers that checked the index skip the wrapper
+        self.row_indexed = read_indexed if rows == self._length else self.read_indexed  # type: ignore[method-assign]
 
     def _builder(self, lay: Layout, views: dict[int, ColumnView], indexed: bool) -> Callable[[int], Any]:
         cols = [self._schema.columns[g] for g in lay.columns]
@@ -261,6 +264,10 @@ class ColumnarReader(CacheReader):
         """Example ``index`` with ``index_`` set (dict examples)."""
         self._setup()
         return self.read_indexed(index)
+
+    def row_indexed(self, index: int) -> Any:
+        self._setup()
+        return self.row_indexed(index)
 
     def _out_of_range(self, index: int) -> IndexError:
         return IndexError(f"index {index} is out of range for a cache of {self._length} examples")
@@ -372,13 +379,21 @@ class ColumnarReader(CacheReader):
         return table
 
     def check_chunk(self, chunk: int) -> None:
-        """Compare every file's bytes of ``chunk`` with their checksums."""
-        for f in self._schema.files():
-            segs = self._segments(f)
-            if chunk >= len(segs):
-                continue
-            start = segs[chunk - 1][0] if chunk else 0
-            end, digest = segs[chunk]
+        """Compare every file's bytes of ``chunk`` with their checksums (for offsets
+        files also the chunk before: its last entry is where this chunk's first row
+        starts)."""
+        for spec in self._schema.columns:
+            for n, f in enumerate(spec.files()):
+                previous = n == 1 and spec.kind != "varshape" and chunk > 0
+                for c in (chunk - 1, chunk) if previous else (chunk,):
+                    self._check_segment(f, c, chunk)
+        self._checked.add(chunk)
+
+    def _check_segment(self, f: str, c: int, chunk: int) -> None:
+        segs = self._segments(f)
+        if c < len(segs):
+            start = segs[c - 1][0] if c else 0
+            end, digest = segs[c]
             data = os.pread(self._fds[f], end - start, start) if end > start else b""
             if len(data) != end - start or xxhash.xxh3_64_intdigest(data) != digest:
                 task = self.manifest.chunk(chunk)
@@ -387,7 +402,6 @@ class ColumnarReader(CacheReader):
                     f"(chunk {chunk}) fail their checksum: the file is damaged. Run "
                     f"`edcache verify {self.path}` for a full report."
                 )
-        self._checked.add(chunk)
 
     def _checking(self, fn: Callable[[int], Any]) -> Callable[[int], Any]:
         cs, checked = self.manifest.chunk_size, self._checked
@@ -490,8 +504,8 @@ class ColumnarReader(CacheReader):
                 pass
         self._fds = {}
         self._reopen = True
-        self.__dict__.pop("read", None)
-        self.__dict__.pop("read_indexed", None)
+        for name in ("read", "read_indexed", "row_indexed"):
+            self.__dict__.pop(name, None)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "verify": self.verify, "allow_pickle": self.allow_pickle}

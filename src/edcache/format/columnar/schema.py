@@ -111,7 +111,7 @@ class ColumnSpec:
         """u64 entries per row in the index file (varshape: offset + dims; else 1)."""
         return 1 + self.ndim if self.kind == VARSHAPE else 1
 
-    def same_kind(self, other: "ColumnSpec") -> bool:
+    def same_kind(self, other: ColumnSpec) -> bool:
         """Whether ``other`` holds the same kind of values (ignoring key and files)."""
         return (self.kind, self.dtype, tuple(self.shape), self.ndim, self.py) == (
             other.kind, other.dtype, tuple(other.shape), other.ndim, other.py
@@ -131,7 +131,7 @@ class ColumnSpec:
         return doc
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> "ColumnSpec":
+    def from_json(cls, doc: Any, where: str) -> ColumnSpec:
         """Parse and validate a column description (``CorruptCacheError`` if malformed)."""
         def bad(what: str) -> CorruptCacheError:
             return CorruptCacheError(f"{where}: malformed column description ({what}): {doc!r:.200}")
@@ -141,7 +141,7 @@ class ColumnSpec:
         key, kind, stem = doc.get("key"), doc.get("kind"), doc.get("stem")
         if not (key is None or type(key) in (str, int)):
             raise bad("key")
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise bad("kind")
         if not isinstance(stem, str) or not stem.replace("-", "").replace(".", "").isalnum():
             raise bad("stem")
@@ -167,7 +167,7 @@ class ColumnSpec:
             spec = replace(spec, ndim=ndim)
         if kind == FIXED:
             py = doc.get("py")
-            if py not in PY_KINDS:
+            if not isinstance(py, str) or py not in PY_KINDS:
                 raise bad("py")
             spec = replace(spec, py=py)
             if py in ("int", "float", "bool") and (spec.shape or spec.dtype != _PY_DTYPES[py].str):
@@ -230,9 +230,9 @@ class Layout:
         return [self.container, list(self.columns)]
 
     @classmethod
-    def from_json(cls, doc: Any, num_columns: int, where: str) -> "Layout":
+    def from_json(cls, doc: Any, num_columns: int, where: str) -> Layout:
         if (
-            not isinstance(doc, list) or len(doc) != 2 or doc[0] not in CONTAINERS
+            not isinstance(doc, list) or len(doc) != 2 or not isinstance(doc[0], str) or doc[0] not in CONTAINERS
             or not isinstance(doc[1], list)
             or not all(type(c) is int and 0 <= c < num_columns for c in doc[1])
             or (doc[0] == "whole" and len(doc[1]) != 1)

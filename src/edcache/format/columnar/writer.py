@@ -13,7 +13,8 @@ import io
 import os
 import pickle
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -26,7 +27,15 @@ from .chunk import ChunkColumns, build_chunk, column_parts
 from .files import check_no_links, open_fd
 from .log import CommitLog, LogState, chunk_record, read_log, schema_record
 from .manifest import (
-    COLUMNS_DIR, COMMITS, LABELS_DIR, MANIFEST, TABLE, Manifest, Schema, peek_version, read_manifest,
+    COLUMNS_DIR,
+    COMMITS,
+    LABELS_DIR,
+    MANIFEST,
+    TABLE,
+    Manifest,
+    Schema,
+    peek_version,
+    read_manifest,
     write_manifest,
 )
 from .records import encode_row
@@ -88,6 +97,7 @@ class ColumnarSink(ChunkSink):
         self._encoder = Encoder(allow_pickle=manifest.allow_pickle)
         self._dirty = False
         self._last_sync = time.monotonic()
+        self._obsolete: list[str] = []
         if complete:
             self.committed_chunks = manifest.num_chunks
             self.schema = manifest.schema
@@ -202,6 +212,9 @@ class ColumnarSink(ChunkSink):
                 changed = True
         if changed:
             self._log.append(schema_record(self.schema, created))  # type: ignore[union-attr]
+            for path in self._obsolete:
+                _unlink(path)
+            self._obsolete = []
         # 3. append every column's rows of this chunk
         ends: list[int] = []
         hashes: list[int] = []
@@ -315,7 +328,8 @@ class ColumnarSink(ChunkSink):
             if f not in new.files():
                 os.close(self._fds.pop(f))
                 self.segments.pop(f, None)
-                _unlink(os.path.join(self.cache_dir, f))
+                # deleted once the schema record naming the new files is in the log
+                self._obsolete.append(os.path.join(self.cache_dir, f))
 
     # -- durability and completion -------------------------------------------------------
     def sync(self) -> None:
@@ -572,14 +586,15 @@ def prepare_cache_dir(
         write_manifest(cache_dir, old)  # recovered from the log's header: resume
     if old is None:
         return _start_over(cache_dir, fresh)
+    state = None if old.complete else read_log(cache_dir)
+    if not old.complete and (state is None or state.committed == 0):
+        return _start_over(cache_dir, fresh)  # nothing committed: no work to protect
     check_resumable(cache_dir, old, fresh)
     if old.complete:
         _unlink(os.path.join(cache_dir, COMMITS))  # a stale log of a kill right after completion
         remove_strays(cache_dir, old.schema, old.labels)
         return ColumnarSink(cache_dir, old, None, complete=True)
-    state = read_log(cache_dir)
-    if state is None:
-        return _start_over(cache_dir, fresh)
+    assert state is not None
     ends = state.ends()
     for f, end in ends.items():
         path = os.path.join(cache_dir, f)

@@ -16,7 +16,10 @@ import numpy as np
 from ...errors import CorruptCacheError
 from .unpickler import safe_loads
 
-__all__ = ["read_cachable_length", "read_cachable_parameters", "LENGTH_SUFFIX", "PARAMETERS_SUFFIX"]
+__all__ = [
+    "read_cachable_length", "read_cachable_parameters", "write_length_marker", "write_parameters",
+    "remove_length_marker", "LENGTH_SUFFIX", "PARAMETERS_SUFFIX",
+]
 
 LENGTH_SUFFIX = ".p"
 PARAMETERS_SUFFIX = "parameters.p"
@@ -70,3 +73,28 @@ def read_cachable_parameters(path: str, *, allow_pickle: bool = False) -> tuple[
             and isinstance(value[0], (tuple, list)) and isinstance(value[1], dict)):
         raise CorruptCacheError(f"{file} should hold (args, kwargs), not {value!r:.80}")
     return tuple(value[0]), dict(value[1])
+
+
+def write_length_marker(path: str, length: int) -> None:
+    """Write edflow's completion marker ``path + ".p"`` (the pickled length), atomically."""
+    from ..fsutil import atomic_write
+    from .pickler import legacy_dumps
+
+    atomic_write(path + LENGTH_SUFFIX, legacy_dumps(int(length)))
+
+
+def remove_length_marker(path: str) -> None:
+    """Remove ``path + ".p"``: a build of ``path`` starts, so the zip is not complete."""
+    try:
+        os.unlink(path + LENGTH_SUFFIX)
+    except FileNotFoundError:
+        pass
+
+
+def write_parameters(path: str, args: tuple, kwargs: dict) -> None:
+    """Record the ``(args, kwargs)`` of a ``cachable`` call in ``path + "parameters.p"``."""
+    from ..fsutil import atomic_write
+    from .pickler import legacy_dumps
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path + PARAMETERS_SUFFIX, legacy_dumps((tuple(args), dict(kwargs))))

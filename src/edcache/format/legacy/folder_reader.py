@@ -12,6 +12,7 @@ from typing import Any
 
 from ...errors import CacheNotFoundError, IncompleteCacheError
 from ..base import CacheReader, Labels
+from ..fsutil import open_regular
 from .labels import labels_to_columns
 from .unpickler import safe_loads
 from .zip_reader import EXAMPLE_RE, LABELS_MEMBER, example_member
@@ -45,7 +46,7 @@ class ExamplesFolder:
         """
         if not name or name != os.path.basename(name) or name in (".", ".."):
             raise ValueError(f"{name!r} is not a file name inside {self.root}")
-        with open(os.path.join(self.root, name), "rb") as f:
+        with open_regular(os.path.join(self.root, name)) as f:  # never blocks on a FIFO
             return f.read()
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import zipfile
 from typing import Any
 
@@ -34,6 +35,8 @@ def example_index(name: str) -> int | None:
 
 def _open_zip(path: str) -> zipfile.ZipFile:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the reader
+            raise CorruptCacheError(f"{path} is not a regular file (a FIFO, device or socket?)")
         return zipfile.ZipFile(path, "r")
     except FileNotFoundError as exc:
         raise CacheNotFoundError(f"no edflow cache at {path}") from exc

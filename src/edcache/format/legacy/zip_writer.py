@@ -13,9 +13,14 @@ committed chunk is flushed and fsynced before ``commit`` returns, so a SIGKILL l
 file whose complete members :func:`~edcache.format.legacy.salvage.iter_salvaged_members`
 recovers (the central directory is only written at the end). A resumed build first
 rewrites every kept member (from ``.partial`` and the existing zip) into a fresh
-temporary file, atomically renamed to ``.partial``, then appends to it. ``finalize``
+temporary file, atomically renamed to ``.partial``, then computes only the examples
+still missing (the kept ones keep their pickles and their labels). ``finalize``
 appends ``labels.p``, writes the central directory, fsyncs and renames ``.partial`` to
-``path``.
+``path``. A build with ``keep_existing=False`` first deletes ``.partial`` and creates
+the empty file ``path + ".rebuild"``, removed only after the new zip replaced the old
+one: while it exists the old zip stays on disk untouched (edflow still reads it) but
+edcache treats the cache as incomplete and a resumed build keeps only ``.partial``,
+so an interrupted rebuild is never mistaken for the old cache nor mixed with it.
 """
 
 from __future__ import annotations
@@ -36,10 +41,21 @@ from .salvage import iter_salvaged_members
 from .unpickler import safe_loads
 from .zip_reader import LABELS_MEMBER, example_index, example_member
 
-__all__ = ["LegacyZipSink", "LegacyZipEncoder", "PARTIAL_SUFFIX", "write_members_zip"]
+__all__ = [
+    "LegacyZipSink", "LegacyZipEncoder", "PARTIAL_SUFFIX", "write_members_zip",
+    "build_leftovers", "remove_build_leftovers", "rebuild_pending", "REBUILD_SUFFIX",
+]
 
 #: Suffix of the file a legacy zip is built in.
 PARTIAL_SUFFIX = ".partial"
+#: Suffix of the sentinel of a rebuild (``keep_existing=False``) not yet finished.
+REBUILD_SUFFIX = ".rebuild"
+
+
+def rebuild_pending(path: str) -> bool:
+    """Whether a rebuild of the zip at ``path`` started and has not finished: the zip
+    there (if any) is the old cache, not the one being built."""
+    return os.path.exists(path + REBUILD_SUFFIX)
 
 
 def _fsync_dir(path: str) -> None:
@@ -60,6 +76,28 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def build_leftovers(path: str) -> list[str]:
+    """Files a build of the zip at ``path`` leaves beside it while it runs (or when it is
+    killed): ``.partial``, its temporary copies and staged chunks."""
+    path = os.path.abspath(path)
+    head, tail = os.path.split(path)
+    try:
+        names = os.listdir(head)
+    except FileNotFoundError:
+        return []
+    partial = os.path.basename(path + PARTIAL_SUFFIX)
+    return [
+        os.path.join(head, name) for name in names
+        if name == partial or name.startswith((f".tmp-{tail}{PARTIAL_SUFFIX}-", f".tmp-{tail}.chunk"))
+    ]
+
+
+def remove_build_leftovers(path: str) -> None:
+    """Delete :func:`build_leftovers` of ``path``. The caller holds the build lock."""
+    for leftover in build_leftovers(path):
+        _remove(leftover)
 
 
 def _zip_members(path: str) -> Iterator[tuple[str, bytes]]:
@@ -195,6 +233,14 @@ class LegacyZipSink(ChunkSink):
             return self._zip
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._remove_leftovers()
+        if not self.keep_existing:
+            # The sentinel first: killed from here on, the next construction does not take
+            # the old zip for the cache and keeps only the new members in .partial.
+            with open(self.path + REBUILD_SUFFIX, "wb") as f:
+                os.fsync(f.fileno())
+            _remove(self.partial_path)
+            _fsync_dir(os.path.dirname(self.path))
+        rebuilding = rebuild_pending(self.path)
         self._present.clear()
         self._labels.clear()
         tmp = _temp_name(self.partial_path, "")  # .tmp-<name>.zip.partial-<uuid>
@@ -202,7 +248,8 @@ class LegacyZipSink(ChunkSink):
         try:
             zf = zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED)
             if self.keep_existing:
-                for source in (self.partial_path, self.path):
+                sources = (self.partial_path,) if rebuilding else (self.partial_path, self.path)
+                for source in sources:
                     if os.path.isfile(source):
                         self._keep(zf, source)
             zf.fp.flush()
@@ -223,6 +270,23 @@ class LegacyZipSink(ChunkSink):
     def _chunk_range(self, chunk_id: int) -> range:
         start = chunk_id * self.chunk_size
         return range(start, min(start + self.chunk_size, self.length))
+
+    def plan(self) -> list[ChunkTask]:
+        """The work still to do: runs of missing consecutive examples, each within one
+        chunk (so a resumed build computes only the examples not yet in the zip)."""
+        self._prepare()
+        tasks: list[ChunkTask] = []
+        n_chunks = -(-self.length // self.chunk_size)
+        for chunk in range(n_chunks):
+            start = None
+            for i in [*self._chunk_range(chunk), None]:
+                if i is not None and i not in self._present:
+                    start = i if start is None else start
+                elif start is not None:
+                    stop = i if i is not None else self._chunk_range(chunk).stop
+                    tasks.append(ChunkTask(len(tasks), start, stop))
+                    start = None
+        return tasks
 
     def committed(self) -> set[int]:
         """Chunks whose every ``example_{i}.p`` is in the partial zip (kept or new)."""
@@ -263,7 +327,8 @@ class LegacyZipSink(ChunkSink):
         labels = result.extra.get("labels", {})
         columns = [labels[k] for k in self.in_memory_keys]
         for k, index in enumerate(indices):
-            self._labels[index] = tuple(column[k] for column in columns)
+            if index not in self._present:  # a kept example keeps the labels of its pickle
+                self._labels[index] = tuple(column[k] for column in columns)
         self._present.update(indices)
         self.discard(result)
         return True
@@ -283,6 +348,7 @@ class LegacyZipSink(ChunkSink):
             os.fsync(f.fileno())
         os.replace(self.partial_path, self.path)
         _fsync_dir(os.path.dirname(self.path))
+        _remove(self.path + REBUILD_SUFFIX)  # after the rename: the new zip is the cache now
         self._zip = None
         self._present.clear()
         self._labels.clear()
