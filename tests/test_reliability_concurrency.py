@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from edcache import CachedDataset
-from edcache.errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError
+from edcache.errors import CacheNotFoundError, IncompleteCacheError
 from edcache.verify import verify_cache
 
 from reliability_datasets import (
@@ -46,8 +46,6 @@ from reliability_datasets import (
 from test_reliability_crash import kill_group, tree
 
 CHUNK = 8
-#: the error of the open v2 bug of test_reliability_crash.test_read_schema_record_before_first_commit
-KNOWN_READ_BUG = "index file has 0 bytes, 8 needed for 0 rows"
 
 
 KINDS = ["slow", "uniform", "ragged", "mixed"]
@@ -91,7 +89,7 @@ def test_readers_during_build_see_only_committed_data(tmp_path, kind):
     proc = builder(root, name, length, delay=0.004, kind=kind)
     rng = random.Random(0)
     early = None  # a reader opened while the build runs, used again after it completes
-    reads = incomplete = broken = 0
+    reads = incomplete = 0
     try:
         while proc.poll() is None:
             try:
@@ -107,20 +105,8 @@ def test_readers_during_build_see_only_committed_data(tmp_path, kind):
                     except IncompleteCacheError:
                         incomplete += 1
                         continue
-                    except CorruptCacheError as exc:
-                        # open v2 bug (test_read_schema_record_before_first_commit): a reader
-                        # opened between the first schema record and chunk 0's commit fails
-                        # for good; drop it
-                        assert KNOWN_READ_BUG in str(exc), str(exc)
-                        broken += 1
-                        early = None if reader is early else early
-                        break
                     assert_example_equal(got, dataset.expected(i), f"example {i} during the build")
                     reads += 1
-                if early is None:
-                    break
-            if early is None:
-                continue
             if dataset.columnar:
                 idx = rng.sample(range(length), 6)
                 try:
@@ -142,8 +128,7 @@ def test_readers_during_build_see_only_committed_data(tmp_path, kind):
     for i in range(length):
         assert_example_equal(early[i], dataset.expected(i), f"example {i} after the build")
     assert_labels(early.labels, dataset, length)
-    print(f"\nreaders during a build ({kind}): {reads} correct reads, {incomplete} refused as not yet cached; "
-          f"{broken} readers opened before the first commit dropped (open v2 bug)")
+    print(f"\nreaders during a build ({kind}): {reads} correct reads, {incomplete} refused as not yet cached")
 
 
 # -- four builders at once ----------------------------------------------------------------

@@ -31,6 +31,7 @@ import pytest
 
 from edcache import CachedDataset
 from edcache.errors import CacheNotFoundError, CorruptCacheError, EdcacheError, IncompleteCacheError
+from edcache.format.columnar import CacheRebuiltError
 from edcache.format.columnar.log import read_log
 from edcache.format.columnar.manifest import read_manifest
 from edcache.verify import verify_cache
@@ -381,51 +382,6 @@ def _build_in_child(root: str, at: int | None, torn: bool, force: bool = False,
 POINT_NAMES: list[str] = []
 
 
-def known_v2_bug(cache_dir: str) -> str | None:
-    """A state a kill leaves that a resume cannot handle yet because of an open v2 bug
-    (each has a strict xfail test below); None otherwise."""
-    try:
-        m = read_manifest(cache_dir)
-    except (FileNotFoundError, EdcacheError):
-        return None
-    if not m.complete and not os.path.isdir(os.path.join(cache_dir, "columns")):
-        return "killed before columns/ was created"  # test_resume_killed_before_columns_dir
-    return _committed_file_missing(cache_dir, m)
-
-
-def _committed_file_missing(cache_dir: str, m) -> str | None:
-    state = read_log(cache_dir) if not m.complete else None
-    if state is not None and any(not os.path.exists(os.path.join(cache_dir, f)) for f in state.schema.files()):
-        return "promotion unlinked a committed column file"  # test_kill_during_promotion_keeps_work
-    return None
-
-
-def known_v2_read_bug(cache_dir: str) -> str | None:
-    """A state whose reads fail because of an open v2 bug (strict xfail test below)."""
-    try:
-        m = read_manifest(cache_dir)
-    except (FileNotFoundError, EdcacheError):
-        return None
-    state = read_log(cache_dir) if not m.complete else None
-    if state is not None and state.committed == 0 and state.schema.columns:
-        return "schema record, no chunk committed"  # test_read_schema_record_before_first_commit
-    return _committed_file_missing(cache_dir, m)
-
-
-def _kept_chunks(cache_dir: str) -> tuple[set[int], str]:
-    """The chunks a resume must not compute again, and the phase of the build a kill
-    left: ``building`` (some chunks committed), ``finalizing`` (every chunk committed in
-    ``commits.log``; labels, ``checksums.npy`` or the complete manifest being written)
-    or ``complete``."""
-    n = committed_count(cache_dir)
-    if n is None:
-        return set(), "building"
-    m = read_manifest(cache_dir)
-    if m.complete:
-        return set(range(m.num_chunks)), "complete"
-    return set(range(n)), "finalizing" if n == m.num_chunks else "building"
-
-
 def _log_records(cache_dir: str) -> tuple[int, int]:
     """(schema records, chunk records) in ``commits.log`` (0, 0 if there is none)."""
     try:
@@ -455,8 +411,6 @@ def test_every_crash_point_resumes_byte_identical(tmp_path, kind, stride):
     tried = survived = stale_logs = 0
     phases: dict[str, int] = {}
     forced_resumes = schema_changes_killed = 0
-    known_bugs: dict[str, int] = {}
-    known_bug_points: set[int] = set()
     for torn in (False, True):
         for at in range(1 + (int(torn) * 2) % stride, points + 1, stride):
             if torn and kinds[at - 1] != "w":
@@ -471,11 +425,7 @@ def test_every_crash_point_resumes_byte_identical(tmp_path, kind, stride):
             schemas, chunks = _log_records(cache_dir)
             if schemas > 1 and phase == "building":
                 schema_changes_killed += 1  # killed after a column was promoted
-            read_bug = known_v2_read_bug(cache_dir)
-            if read_bug:
-                known_bugs[read_bug] = known_bugs.get(read_bug, 0) + 1
-                known_bug_points.add(at)
-            elif os.path.exists(os.path.join(cache_dir, "manifest.json")):
+            if os.path.exists(os.path.join(cache_dir, "manifest.json")):
                 if verify_supports_v2():
                     report = verify_cache(cache_dir)
                     problems = [p for p in report.problems if not (torn and "torn" in p.message)]
@@ -501,12 +451,6 @@ def test_every_crash_point_resumes_byte_identical(tmp_path, kind, stride):
             phases[phase] = phases.get(phase, 0) + 1
             killed_complete = (committed_chunks(cache_dir) or set()) == set(range(CP_LENGTH // CP_CHUNK)) \
                 and read_manifest(cache_dir).complete
-            bug = known_v2_bug(cache_dir)
-            if bug:
-                if at not in known_bug_points or bug != read_bug:
-                    known_bugs[bug] = known_bugs.get(bug, 0) + 1
-                known_bug_points.add(at)
-                continue
             count = tmp_path / f"count-{int(torn)}-{at}"
             count.mkdir()
             # resume by running the build again; every other point as a forced rerun
@@ -537,8 +481,7 @@ def test_every_crash_point_resumes_byte_identical(tmp_path, kind, stride):
     print(f"\ncrash points ({kind}, every {stride}): {survived}/{tried} survived ({points} file-system operations "
           f"({kinds.count('w')} writes, also torn); {forced_resumes} resumed with force_cache=True); "
           f"stale commits.log left {stale_logs} times; "
-          f"phases at the kill {dict(sorted(phases.items()))}, after a promotion {schema_changes_killed}; "
-          f"not resumed because of an open v2 bug (xfail tests): {known_bugs}")
+          f"phases at the kill {dict(sorted(phases.items()))}, after a promotion {schema_changes_killed}")
 
 
 # -- legacy zip: random kills ---------------------------------------------------------
@@ -700,7 +643,6 @@ def test_every_crash_point_of_a_forced_rerun_keeps_all_work(tmp_path, kind, mode
     else:
         assert len(kinds) > (30 if mode == "start-over" else 3), kinds
     lost, old_read = [], 0
-    known_bugs: dict[str, int] = {}
     tried = 0
     for at in range(1, len(kinds) + 1, stride):
         tried += 1
@@ -710,11 +652,8 @@ def test_every_crash_point_of_a_forced_rerun_keeps_all_work(tmp_path, kind, mode
         assert sig == signal.SIGKILL
         where = f"crash point {at} of a forced rerun ({mode})"
         # the state left is valid: every example that reads is true
-        read_bug = known_v2_read_bug(cache_dir)
-        if read_bug:
-            known_bugs[read_bug] = known_bugs.get(read_bug, 0) + 1
         try:
-            ds = None if read_bug else CachedDataset.from_cache(root, NAME, verify=True)
+            ds = CachedDataset.from_cache(root, NAME, verify=True)
         except CorruptCacheError as exc:
             # the label file deleted before this run and not rewritten yet: opening
             # names it (v2 opens the label files with the columns)
@@ -746,17 +685,13 @@ def test_every_crash_point_of_a_forced_rerun_keeps_all_work(tmp_path, kind, mode
     assert not lost, f"killed at these points, the resume recomputed committed examples: {lost}"
     print(f"\nforced rerun ({kind}, {mode}): {tried}/{tried} crash points (every {stride} of {len(kinds)}) "
           f"left a valid cache"
-          f"{' and lost no work' if keep else f' (old cache wholly readable at {old_read})'}; "
-          f"reads not checked because of an open v2 bug (xfail tests): {known_bugs}")
+          f"{' and lost no work' if keep else f' (old cache wholly readable at {old_read})'}")
 
 
-@pytest.mark.xfail(strict=True, reason="v2 bug: a build killed after writing the incomplete manifest and "
-                   "before creating columns/ can never be resumed (FileNotFoundError creating a column file)")
 def test_resume_killed_before_columns_dir(tmp_path):
     """Killed at the ``mkdir columns`` of a new build: the directory holds the header-only
-    ``commits.log`` and the incomplete manifest. Every later run with keep_existing=True
-    fails with ``FileNotFoundError: .../columns/0000.data`` (prepare_cache_dir resumes
-    the empty log without creating ``columns/``)."""
+    ``commits.log`` and the incomplete manifest; the next run completes it. (Found by the
+    crash points: every later run failed with FileNotFoundError; fixed in 999c6f5.)"""
     root = str(tmp_path / "r")
     probe = str(tmp_path / "probe")
     _build_in_child(probe, None, False)
@@ -767,13 +702,13 @@ def test_resume_killed_before_columns_dir(tmp_path):
     assert_example_equal(ds[CP_LENGTH - 1], SlowDataset.expected(CP_LENGTH - 1))
 
 
-@pytest.mark.xfail(strict=True, reason="v2 bug: an incomplete cache whose commits.log holds the first schema "
-                   "record but no chunk record raises CorruptCacheError ('index file has 0 bytes, 8 needed "
-                   "for 0 rows') instead of IncompleteCacheError, for good (also after the build completes), "
-                   "and edcache verify reports it DAMAGED")
 def test_read_schema_record_before_first_commit(tmp_path):
     """Killed (or read by another process) between the schema record and chunk 0's commit
-    record: nothing is committed, so a read must say 'not cached yet'."""
+    record: nothing is committed, so a read says 'not cached yet' and verify is clean; a
+    resume starts afresh (nothing was committed), so a reader opened before says the
+    cache was started over. (Found by the crash points and the readers during a build:
+    CorruptCacheError 'index file has 0 bytes', for good, and verify said DAMAGED; fixed
+    in 3d410af.)"""
     root = str(tmp_path / "r")
     _build_in_child(str(tmp_path / "probe"), None, False)
     at = [n for n, name in enumerate(POINT_NAMES, 1) if name == "write"][1]  # chunk 0's record
@@ -792,22 +727,22 @@ def test_read_schema_record_before_first_commit(tmp_path):
     # needed for 0 rows" for the same state
     if not report.ok:
         problems.append(str(report))
-    # the reader opened in that state still fails after the build completed
+    # the reader opened in that state, after the build completed: the data, or "started over"
     CachedDataset(SlowDataset(root, NAME, CP_LENGTH), chunk_size=CP_CHUNK, num_workers=0, progress=False)
     try:
         assert_example_equal(ds[0], SlowDataset.expected(0))
+    except CacheRebuiltError:
+        pass
     except EdcacheError as exc:
         problems.append(f"same reader after completion: {exc}")
     assert not problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason="v2 bug: promoting a column unlinks its old file before the schema "
-                   "record naming the new one is in commits.log; a kill there loses every committed chunk "
-                   "(reads: CorruptCacheError '... is missing'; the resume starts over)")
 def test_kill_during_promotion_keeps_work(tmp_path):
     """MixedDataset: ``score`` is promoted (fixed int -> record) when chunk 1 arrives.
-    Killed right after ``unlink columns/0003.data``: chunk 0 is committed, so it must
-    read back, and a resume must not compute it again."""
+    Killed right after ``unlink columns/0003.data``: chunk 0 is committed, so it reads
+    back, and a resume does not compute it again. (Found by the crash points: the old
+    file was unlinked before the schema record naming the new one; fixed in 3d410af.)"""
     from reliability_datasets import MixedDataset
 
     root = str(tmp_path / "r")

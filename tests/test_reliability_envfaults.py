@@ -38,7 +38,7 @@ from reliability_datasets import (
     expected,
     subprocess_env,
 )
-from test_reliability_crash import KINDS, known_v2_bug, known_v2_read_bug, temp_files, tree
+from test_reliability_crash import KINDS, temp_files, tree
 
 NAME = "env"
 LENGTH, CHUNK = 40, 8
@@ -165,8 +165,7 @@ def test_write_error_at_every_point_keeps_work_and_resumes(tmp_path, monkeypatch
     assert {"write_file", "os.write", "pwrite", "fsync", "syncfs"} <= set(kinds), set(kinds)
     messages = set()
     absorbed = []
-    tried = skipped = 0
-    known_bugs: dict[str, int] = {}
+    tried = 0
     for at in range(1, len(kinds) + 1, stride):
         tried += 1
         root = str(tmp_path / f"e{at}")
@@ -184,17 +183,9 @@ def test_write_error_at_every_point_keeps_work_and_resumes(tmp_path, monkeypatch
                 assert tree(cache_dir) == reference
                 continue
         kept = committed(cache_dir)
-        read_bug = known_v2_read_bug(cache_dir)
-        if read_bug:  # verify reports damage where there is none (strict xfail in the crash suite)
-            known_bugs[read_bug] = known_bugs.get(read_bug, 0) + 1
-        elif os.path.exists(os.path.join(cache_dir, "manifest.json")):
+        if os.path.exists(os.path.join(cache_dir, "manifest.json")):
             report = verify_cache(cache_dir)
             assert report.ok, f"point {at} ({kinds[at - 1]}): {report}"
-        bug = known_v2_bug(cache_dir)
-        if bug:  # a state an open v2 bug cannot resume from (strict xfail in the crash suite)
-            known_bugs[bug] = known_bugs.get(bug, 0) + 1
-            skipped += 1
-            continue
         count = tmp_path / f"count{at}"
         count.mkdir()
         build(root, str(count), dataset=dataset)  # space is back
@@ -207,9 +198,8 @@ def test_write_error_at_every_point_keeps_work_and_resumes(tmp_path, monkeypatch
         assert temp_files(root) == []
     assert set(absorbed) <= {"syncfs", "fsync"} and absorbed.count("fsync") <= 1, absorbed
     name = errno.errorcode[err]
-    print(f"\n{name} ({kind}): {tried - skipped}/{tried} injected write errors recovered "
-          f"(every {stride} of {len(kinds)} points; {len(absorbed)} harmlessly ignored: {absorbed}); "
-          f"states of an open v2 bug (verify or resume skipped): {known_bugs}")
+    print(f"\n{name} ({kind}): {tried}/{tried} injected write errors recovered "
+          f"(every {stride} of {len(kinds)} points; {len(absorbed)} harmlessly ignored: {absorbed})")
     for msg in sorted(messages):
         print("  ", msg[:200])
 

@@ -264,31 +264,10 @@ def _files_of(damage: rc.Damage) -> list[str]:
     return getattr(damage, "files", [damage.file])
 
 
-def known_v2_bug(outcome: dict, damage: rc.Damage) -> str | None:
-    """An outcome explained by an open v2 bug (each has a strict xfail test below)."""
-    files = _files_of(damage)
-    harmful = outcome["default"] != "same" or outcome["verify=True"] != "same"
-    if any(f == "commits.log" for f in files) and (
-        outcome["verify=True"] == "wrong" or (harmful and outcome["edcache verify"] != "detected")
-    ):
-        return "commits.log records not checked"  # test_log_* xfails
-    if outcome["verify=True"] == "wrong" and any(rc.file_kind(f) == "column .index" for f in files):
-        return "index entry of the previous chunk not checked"  # test_verify_true_checks_first_row_offset
-    return None
-
-
-#: outcomes explained by open v2 bugs, per bug (printed by the fuzz tests' -s output)
-KNOWN_BUGS: dict[str, int] = {}
-
-
 def _check(outcome: dict | None, damage: rc.Damage) -> None:
     if outcome is None:
         return  # the damage changed no byte
     what = damage.describe()
-    bug = known_v2_bug(outcome, damage)
-    if bug:
-        KNOWN_BUGS[bug] = KNOWN_BUGS.get(bug, 0) + 1
-        return
     assert outcome["verify=True"] != "wrong", f"verify=True returned wrong data after {what}"
     harmful = outcome["default"] != "same" or outcome["verify=True"] != "same"
     if harmful:
@@ -353,22 +332,15 @@ def test_fuzz_two_damages(refs, state, data):
     _check(outcome, damage)
 
 
-def test_known_bug_counts():
-    """Prints how many fuzzed damages an open v2 bug explained (run with -s)."""
-    print(f"\nfuzz outcomes explained by open v2 bugs (strict xfail tests): {KNOWN_BUGS}")
-
-
 def test_corruption_matrix_script_smoke():
     """The script behind the docs' table runs (mixed-values and mixed-schema datasets) and
-    agrees with the targets, apart from outcomes of open v2 bugs."""
+    agrees with the targets."""
     table, misses = rc.run_matrix(trials=1, seed=11, datasets=(SlowDataset, MixedDataset))
     text = rc.format_table(table)
     assert "| complete | column .data: flip |" in text
     assert "| mixed incomplete | commits.log: field |" in text
     assert "| mixed complete | checksums.npy: field |" in text
     for (state, what), row in table.items():
-        if what.startswith(("commits.log", "column .index")):
-            continue  # open v2 bugs (see known_v2_bug)
         assert row["verify=True:wrong"] == 0, (state, what)
         assert row["verify=True:harmful-detected"] == row["harmful"], (state, what)
         assert row["edcache verify:harmful-detected"] == row["harmful"], (state, what)
@@ -438,14 +410,12 @@ def test_cached_dataset_verify_keyword(refs, tmp_path):
         checked[8]
 
 
-# -- open v2 bugs ------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="v2 bug: verify=True checks chunk c's byte ranges only, but row "
-                   "c*chunk_size reads its start offset from the last index entry of chunk c-1: damage "
-                   "there returns wrong data silently (edcache verify names only chunk c-1's examples)")
+# -- v2 bugs found by the corruption matrix (fixed in 3d410af unless marked xfail) ------------
 def test_verify_true_checks_first_row_offset(refs, tmp_path):
     """Slow cache: the ``name`` column's index entry 8 (bytes 64..71, the end of chunk
-    0's segment) is row 8's start offset. Flipping its lowest bit makes
-    ``from_cache(verify=True)[8]['name']`` return 'tem-00008' instead of raising."""
+    0's segment) is row 8's start offset. With its lowest bit flipped,
+    ``from_cache(verify=True)[8]`` raises and verify counts example 8 as damaged. (It
+    returned 'tem-00008' silently; found by the corruption matrix, fixed in 3d410af.)"""
     root, cache = _copy(refs["slow-complete"], tmp_path)
     index = _column_file(cache, "name", 1)
     rc.Damage("flip", index, 64, 0x01).apply(cache)
@@ -463,12 +433,11 @@ def test_verify_true_checks_first_row_offset(refs, tmp_path):
     assert not problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason="v2 bug: schema records of commits.log carry no checksum: an edited "
-                   "column key (or kind, stem) is read as truth by verify=True reads and edcache verify "
-                   "says OK")
 def test_log_schema_record_edit_detected(refs, tmp_path):
     """Uniform incomplete cache: ``"key":"score"`` -> ``"key":"x"`` in the schema record
-    (line 2 of commits.log): verify=True reads return examples with a key 'x'."""
+    (line 2 of commits.log) is detected by verify=True reads and edcache verify. (They
+    returned examples with a key 'x' and said OK; found by the corruption matrix, fixed
+    in 3d410af: log records carry their own xxh3.)"""
     root, cache = _copy(refs["uniform-incomplete"], tmp_path)
     path = os.path.join(cache, "commits.log")
     lines = open(path, "rb").read().split(b"\n")
@@ -488,14 +457,12 @@ def test_log_schema_record_edit_detected(refs, tmp_path):
     assert not problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason="v2 bug: edcache verify says OK for an incomplete cache whose "
-                   "commits.log lost committed records (a damaged record in the middle, later ones then "
-                   "skipped; or the whole log deleted), although readers lose those chunks")
 @pytest.mark.parametrize("damage", ["flip-middle-record", "delete"])
 def test_log_lost_commits_reported(refs, tmp_path, damage):
     """Slow incomplete cache (chunks 0..2 committed): a flipped byte inside chunk 1's
     commit record (examples 8..23 no longer read), or ``commits.log`` deleted (0..23):
-    ``edcache verify`` must say so (v1 did)."""
+    ``edcache verify`` says so. (It said OK; found by the corruption matrix, fixed in
+    3d410af.)"""
     root, cache = _copy(refs["slow-incomplete"], tmp_path)
     path = os.path.join(cache, "commits.log")
     data = open(path, "rb").read()
