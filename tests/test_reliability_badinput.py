@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from edcache import CachedDataset, DatasetMixin
+from edcache import CachedDataset
 from edcache.errors import (
     CacheMismatchError,
     CodecError,

@@ -40,7 +40,6 @@ from reliability_datasets import (
     assert_batch_equal,
     assert_example_equal,
     computations,
-    expected,
     subprocess_env,
 )
 from test_reliability_crash import kill_group, tree

@@ -32,7 +32,6 @@ import pytest
 from edcache import CachedDataset
 from edcache.errors import CacheNotFoundError, CorruptCacheError, EdcacheError, IncompleteCacheError
 from edcache.format.columnar import CacheRebuiltError
-from edcache.format.columnar.log import read_log
 from edcache.format.columnar.manifest import read_manifest
 from edcache.verify import verify_cache
 
@@ -380,6 +379,20 @@ def _build_in_child(root: str, at: int | None, torn: bool, force: bool = False,
 #: what each point of the last uninterrupted :func:`_build_in_child` was (``open NAME``,
 #: ``pwrite``, ``write`` (log), ``replace NAME``, ``fsync``, ...)
 POINT_NAMES: list[str] = []
+
+
+def _kept_chunks(cache_dir: str) -> tuple[set[int], str]:
+    """The chunks a resume must not compute again, and the phase of the build a kill
+    left: ``building`` (some chunks committed), ``finalizing`` (every chunk committed in
+    ``commits.log``; labels, ``checksums.npy`` or the complete manifest being written)
+    or ``complete``."""
+    n = committed_count(cache_dir)
+    if n is None:
+        return set(), "building"
+    m = read_manifest(cache_dir)
+    if m.complete:
+        return set(range(m.num_chunks)), "complete"
+    return set(range(n)), "finalizing" if n == m.num_chunks else "building"
 
 
 def _log_records(cache_dir: str) -> tuple[int, int]:

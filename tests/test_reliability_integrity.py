@@ -31,7 +31,6 @@ from reliability_datasets import (
     RaggedDataset,
     SlowDataset,
     UniformDataset,
-    assert_batch_equal,
     assert_example_equal,
     expected,
 )

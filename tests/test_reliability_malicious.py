@@ -63,8 +63,6 @@ STATES = {
 #: CI plants 3 of the 9 payloads in each file (rotating, so each payload lands in a
 #: third of the files); ``-m long`` plants all 9 in every file
 CI_PAYLOADS = 3
-#: operations not ported to format v2 yet (they fail on an intact cache); skipped
-UNPORTED: set[str] = set()
 
 
 def _build(root: str, complete: bool, dataset: type = SlowDataset) -> str:
@@ -138,40 +136,8 @@ def _every_operation(root: str, cache_dir: str, marker: str, dataset: type = Slo
                 os.unlink(dst)
 
     for fn in (verify, info, convert, construct_with_dataset):  # the last one may write
-        if fn.__name__ in UNPORTED:
-            fn = _ignoring_errors(fn)
         attempt(fn)
     return refused
-
-
-def _ignoring_errors(fn):
-    def ignoring():
-        try:
-            fn()
-        except Exception:
-            pass
-    ignoring.__name__ = fn.__name__
-    return ignoring
-
-
-def _unported(cache_dir: str, tmp: str) -> set[str]:
-    """``info`` / ``convert`` that fail with a non-edcache error on an intact v2 cache."""
-    from edcache.cli.info import describe
-    from edcache.convert import convert as conv
-
-    out = set()
-    try:
-        describe(cache_dir)
-    except Exception as exc:  # noqa: BLE001
-        if not isinstance(exc, EdcacheError):
-            out.add("info")
-    dst = os.path.join(tmp, "probe.zip")
-    try:
-        conv(cache_dir, dst, progress=False)
-    except Exception as exc:  # noqa: BLE001
-        if not isinstance(exc, EdcacheError):
-            out.add("convert")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +149,6 @@ def references(tmp_path_factory):
         files = _cache_files(path)
         assert any(f.startswith("columns/") for f in files), (state, files)
         assert ("commits.log" in files) == (not STATES[state][0]), (state, files)
-    UNPORTED.clear()
-    UNPORTED.update(_unported(refs["slow-complete"], str(base)))
     return refs
 
 
@@ -212,7 +176,7 @@ def _no_payload_ever_runs(references, tmp_path, state, per_file):
             assert not os.path.exists(marker), f"a payload in {rel} ran during a rebuild"
             tried += 1
     print(f"\nmalicious ({state}): {tried} plantings ({len(_cache_files(ref))} files x {per_file} payloads), "
-          f"0 payloads executed; not ported to v2 yet, errors ignored: {sorted(UNPORTED)}")
+          "0 payloads executed")
 
 
 @pytest.mark.timeout(300)
