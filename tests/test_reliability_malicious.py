@@ -23,7 +23,7 @@ from edcache.errors import EdcacheError, UnsafePickleError
 from edcache.format.columnar.manifest import read_manifest, write_manifest
 from edcache.verify import verify_cache
 
-from reliability_datasets import DATASETS, MixedDataset, SlowDataset, mixed_example, verify_supports_v2
+from reliability_datasets import DATASETS, MixedDataset, SlowDataset, mixed_example
 
 NAME = "evil"
 
@@ -218,8 +218,9 @@ def test_pickled_value_in_shard_needs_opt_in(tmp_path):
     ds = CachedDataset.from_cache(root, NAME)
     with pytest.raises(UnsafePickleError, match="holds a pickled value"):
         ds[3]
-    if verify_supports_v2():
-        assert verify_cache(path, deep=True).ok  # bytes intact; decoding refused, nothing run
+    assert verify_cache(path).ok  # bytes intact
+    deep = verify_cache(path, deep=True)  # decoding refused (the manifest lies), nothing run
+    assert not deep.ok and "pickled value" in str(deep) and (0, 8) in deep.damaged_ranges, str(deep)
     assert not os.path.exists(marker)
 
 
