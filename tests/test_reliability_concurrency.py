@@ -154,7 +154,7 @@ def test_four_processes_build_the_same_cache_once(tmp_path, kind):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("kind", ["slow", "mixed"])
+@pytest.mark.parametrize("kind", ["mixed", pytest.param("slow", marks=pytest.mark.long)])
 def test_four_processes_builder_killed_others_finish(tmp_path, kind):
     """The process building is SIGKILLed; a waiting one takes over and resumes."""
     root, name, length = str(tmp_path / "r"), "takeover", 480
@@ -198,7 +198,7 @@ def _identity(batch):
 
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
-@pytest.mark.parametrize("kind", ["slow", "mixed"])
+@pytest.mark.parametrize("kind", ["mixed", pytest.param("slow", marks=pytest.mark.long)])
 def test_dataloader_four_workers_while_build_resumes(tmp_path, kind):
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader, Subset

@@ -405,9 +405,9 @@ def _log_records(cache_dir: str) -> tuple[int, int]:
     return sum(line.startswith(b'{"schema"') for line in lines), sum(line.startswith(b'{"c"') for line in lines)
 
 
-#: CI tries every 2nd crash point of the mixed-schema build (promotions, layouts) and
-#: every 4th point of the other builds; ``-m long`` tries every point of every build.
-CI_STRIDE = {"slow": 4, "uniform": 4, "ragged": 4, "mixed": 2}
+#: CI tries every 3rd crash point of the mixed-schema build (promotions, layouts) and
+#: every 8th point of the other builds; ``-m long`` tries every point of every build.
+CI_STRIDE = {"slow": 8, "uniform": 8, "ragged": 8, "mixed": 3}
 KIND_STRIDES = [pytest.param(k, CI_STRIDE[k], id=k) for k in KINDS] + [
     pytest.param(k, 1, id=f"{k}-all", marks=pytest.mark.long) for k in KINDS if CI_STRIDE[k] != 1]
 
@@ -618,7 +618,7 @@ FORCED_MODES = {
 
 
 FORCED_CASES = [pytest.param(k, m, 1, id=f"{k}-{m}") for k in KINDS for m in ("intact", "label-lost")] + [
-    pytest.param("mixed", "start-over", 3, id="mixed-start-over")] + [
+    pytest.param("mixed", "start-over", 6, id="mixed-start-over")] + [
     pytest.param(k, "start-over", 1, id=f"{k}-start-over-all", marks=pytest.mark.long) for k in KINDS]
 
 
