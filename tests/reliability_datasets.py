@@ -71,6 +71,9 @@ class SlowDataset(DatasetMixin):
     processes). ``fail_at`` makes ``get_example`` raise for that index.
     """
 
+    #: test plumbing, not configuration (a fixed dataset resumes; issue 16 item 21)
+    fingerprint_exclude = ("delay", "count_dir", "fail_at")
+
     in_memory_keys = IN_MEMORY_KEYS
     #: every example one all-column schema (batches compare with assert_batch_equal)
     columnar = False
@@ -296,6 +299,8 @@ class BadDataset(SlowDataset):
     ``raise`` (KeyError), ``missing_key`` (no ``label``), ``mixed_type`` (``label`` is a
     str), ``mixed_shape`` (``image`` label of another shape). ``mode=None`` behaves.
     """
+
+    fingerprint_exclude = ("delay", "count_dir", "fail_at", "mode", "at")
 
     def __init__(self, root: str, name: str, length: int, mode: str | None, at: int,
                  count_dir: str | None = None, keys: list[str] | None = None) -> None:

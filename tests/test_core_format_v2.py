@@ -34,6 +34,7 @@ class Ragged(DatasetMixin):
     present in some examples only."""
 
     in_memory_keys = ["cls"]
+    fingerprint_exclude = ("log_dir", "fail_at")  # plumbing, not what the examples are
 
     def __init__(self, root, n=200, name="ragged", vary=False, log_dir=None, salt=0, fail_at=10**9):
         self.root, self.name, self.n, self.vary, self.log_dir, self.salt = str(root), name, n, vary, log_dir, salt
@@ -469,3 +470,34 @@ def test_a_fifo_in_an_edflow_folder_cache_is_an_error_not_a_hang(tmp_path):
     t.join(20)
     assert not t.is_alive(), "a FIFO blocked the reader"
     assert result[0]["a"] == 1 and "not a regular file" in str(result[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_manifest_declaring_a_huge_length_is_checked_in_bounded_time(tmp_path, complete):
+    """Issue 16 item 12: declared sizes are compared with the files before anything is
+    iterated (a crafted manifest, checksum recomputed, length 10**12)."""
+    import json
+
+    from edcache.format.columnar.manifest import _canonical, checksum
+
+    if complete:
+        ds = CachedDataset(Ragged(tmp_path, n=24), chunk_size=8, num_workers=0, progress=False)
+        path = ds.path
+    else:
+        with pytest.raises(ExampleError):
+            CachedDataset(Ragged(tmp_path, n=24, fail_at=20), chunk_size=8, num_workers=0, progress=False)
+        path = str(tmp_path / "cached" / "ragged")
+    doc = json.loads(open(os.path.join(path, "manifest.json"), "rb").read())
+    doc["length"] = 10**12
+    doc.pop("xxh3")
+    doc["xxh3"] = checksum(_canonical(doc))
+    with open(os.path.join(path, "manifest.json"), "wb") as f:
+        f.write(_canonical(doc))
+    report = verify_cache(path)
+    assert not report.ok or not complete
+    reader = ColumnarReader(path)
+    with pytest.raises((CorruptCacheError, KeyError)):
+        reader.read(10**12 - 1)
+    with pytest.raises((CorruptCacheError, KeyError)):
+        reader.labels

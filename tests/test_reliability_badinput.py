@@ -251,20 +251,22 @@ def test_example_missing_in_memory_key(tmp_path):
 
 
 def test_in_memory_values_of_inconsistent_type(tmp_path):
-    """Found when labels are written (after the last chunk): every chunk stays committed,
-    and a rerun fails again at once without recomputing anything."""
+    """Found in the worker when one chunk mixes kinds (issue 16 item 15): that chunk is
+    not committed, the chunks before it are kept, and the message says how to recover."""
+    from edcache.format.shards.labels import LABEL_ADVICE
+
     err, cache_dir, kept = _fail_then_resume(tmp_path, "mixed_type", 25, 0)
     assert err.type is LabelError
     assert str(err.value) == (
-        "in_memory_key 'label' has values of inconsistent types: number (index 0: 0) and "
-        "str (index 25: 'seven')"
+        "in_memory_key 'label' has values of inconsistent types: number (index 24: 3) and "
+        "str (index 25: 'seven'). " + LABEL_ADVICE
     )
-    assert kept == set(range(LENGTH // CHUNK))
+    assert kept == {0, 1, 2}
     count = tmp_path / "count-again"
     count.mkdir()
     with pytest.raises(LabelError):
         build(BadDataset(str(tmp_path), "bad", LENGTH, "mixed_type", 25, str(count)))
-    assert computations(str(count)) == {}
+    assert {i // CHUNK for i in computations(str(count))} == {3}
 
 
 def test_in_memory_values_of_inconsistent_shape_become_a_list(tmp_path):

@@ -132,6 +132,7 @@ class CachedDataset(DatasetMixin):
     progress = True
     executor: Any = None
     _parameters: str | None = None
+    _fingerprint: str | None = None
 
     def __init__(
         self,
@@ -165,6 +166,12 @@ class CachedDataset(DatasetMixin):
             self._root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(_path))
             self.name = getattr(dataset, "name", None) or _name_of(_path)
         self.in_memory_keys = list(getattr(dataset, "in_memory_keys", []))
+        twice = sorted({k for k in self.in_memory_keys if self.in_memory_keys.count(k) > 1})
+        if twice:
+            raise DatasetInterfaceError(
+                f"{type(dataset).__name__}.in_memory_keys lists {', '.join(map(repr, twice))} more "
+                f"than once ({self.in_memory_keys}); list each key once"
+            )
         self.force_cache = force_cache
         self.keep_existing = keep_existing
         self.chunk_size = chunk_size
@@ -177,6 +184,9 @@ class CachedDataset(DatasetMixin):
         self.progress = progress
         self.executor = executor
         self._parameters = _parameters
+        from .fingerprint import dataset_fingerprint
+
+        self._fingerprint = dataset_fingerprint(dataset)
         self._length = checked_length(dataset)
         self._path = _path or self._choose_path(_legacy)
         self._legacy = self._path.endswith(".zip")
@@ -268,11 +278,29 @@ class CachedDataset(DatasetMixin):
                 raise CacheMismatchError(
                     f"the cache at {self._path} was built from {manifest.dataset}, not {ident}. {hint}"
                 )
+            self._check_fingerprint(manifest)
             if self._parameters is not None and manifest.parameters != self._parameters:
                 raise CacheMismatchError(
                     f"the cache at {self._path} was built for the arguments {manifest.parameters}, "
                     f"not {self._parameters}. Use another path per set of arguments, or delete it."
                 )
+
+    def _check_fingerprint(self, manifest: Any) -> None:
+        """Refuse a cache recorded with another configuration of the dataset (issue 16
+        item 21); caches without a recorded fingerprint are not checked."""
+        recorded = getattr(manifest, "fingerprint", None)
+        if recorded is None or self.base_dataset is None:
+            return
+        from .fingerprint import fingerprint_differences
+
+        diffs = fingerprint_differences(recorded, getattr(self, "_fingerprint", None))
+        if diffs:
+            raise CacheMismatchError(
+                f"the cache at {self._path} was built from {type(self.base_dataset).__name__} "
+                f"configured differently ({'; '.join(diffs)}), so its examples may not be what this "
+                "dataset computes. Rebuild it with force_cache=True, keep_existing=False (CLI: "
+                "--force --no-keep-existing), or give this configuration its own name."
+            )
 
     @classmethod
     def from_cache(
@@ -328,6 +356,9 @@ class CachedDataset(DatasetMixin):
         """
         from filelock import FileLock, Timeout
 
+        from .build.executors.local import check_not_bootstrapping
+
+        check_not_bootstrapping()  # a spawned worker re-running an unguarded script: fail, not wait
         os.makedirs(os.path.dirname(self._path.rstrip(os.sep)) or ".", exist_ok=True)
         lock = FileLock(self._lock_path())
         try:
@@ -351,19 +382,32 @@ class CachedDataset(DatasetMixin):
                 from .format.legacy.cachable import remove_length_marker
 
                 remove_length_marker(self._path)
+            created = not os.path.lexists(self._path)
             try:
                 self._build()
             except OSError as exc:  # disk full or failing: say so, and that work is kept
                 from .build.coordinator import storage_error
 
+                self._remove_if_unused(created)
                 new = storage_error(exc, self._path)
                 if new is exc:
                     raise
                 raise new from exc
+            except BaseException:
+                self._remove_if_unused(created)
+                raise
             if not self._open_complete(locked=True):
                 raise CacheNotFoundError(f"the cache at {self._path} is not complete after building")
         finally:
             lock.release()
+
+    def _remove_if_unused(self, created: bool) -> None:
+        """After a failed build that created the cache directory: remove it again if
+        nothing was committed (a later run starts afresh, no empty cache is left)."""
+        if created and not self._legacy:
+            from .format import remove_unused_cache_dir
+
+            remove_unused_cache_dir(self._path)
 
     def _build(self) -> None:
         from .build.coordinator import default_num_workers, run_build
@@ -380,7 +424,8 @@ class CachedDataset(DatasetMixin):
         else:
             from .format.columnar import dataset_identity, prepare_cache_dir
 
-            # (a build that committed nothing starts afresh, whatever it was built from)
+            # (a build that committed nothing starts afresh, whatever it was built from; one
+            # that committed work of another configuration is refused, naming what differs)
             sink = prepare_cache_dir(
                 self._path,
                 length=self._length,
@@ -390,6 +435,7 @@ class CachedDataset(DatasetMixin):
                 allow_pickle=self.allow_pickle,
                 keep_existing=self.keep_existing,
                 parameters=self._parameters,
+                fingerprint=self._fingerprint,
             )
         num_workers = default_num_workers() if self.num_workers is None else self.num_workers
         executor = self._executor(num_workers)

@@ -7,13 +7,22 @@
 
 DST is the cache's own path: ``<root>/cached/<name>`` then opens with
 ``CachedDataset.from_cache(root, name)``, ``<root>/cached/<name>.zip`` with
-``from_cache(root, name, _legacy=True)``. Every example is read back from DST and
-compared with SRC (types, dtypes, values); labels are compared too.
+``from_cache(root, name, _legacy=True)``; a cache at any other path opens with
+``PathCachedDataset(None, path)``. Every example is read back from DST and compared
+with SRC (types, dtypes, values); labels are compared too.
+
+A conversion that is interrupted (killed, Ctrl-C, full disk) at any point is resumed by
+running the same command again: a marker ``.<name>.converting`` beside DST says that
+DST is not verified yet, and the rerun completes (or re-checks) it instead of refusing
+an existing DST. A finished conversion leaves only DST: no marker, no lock file, no
+temporary copy. The converted cache records no dataset class (it was built from
+another cache), so any dataset with the same length and labels may open it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import zipfile
 from typing import Any, Callable, Iterator
@@ -213,6 +222,7 @@ def _legacy_to_shards(source: _LegacySource, dst: str, progress: bool) -> None:
               file=sys.stderr)
     dataset = _ReaderDataset(dst, length, list(labels), source.example)
     built = _build(lambda: PathCachedDataset(dataset, dst, num_workers=0, progress=progress))
+    _forget_reader_identity(dst)
     reader = built.store
     _verify(length, source.example, reader, "verifying", progress)
     _check_labels(labels, reader.labels, dst)
@@ -228,10 +238,60 @@ def _reader_to(src: str, dst: str, progress: bool) -> None:
     keys = list(source.labels)
     dataset = _ReaderDataset(dst, len(source), keys, source.read)
     built = _build(lambda: PathCachedDataset(dataset, dst, num_workers=0, progress=progress))
+    if not dst.endswith(".zip"):
+        _forget_reader_identity(dst, src)
     reader = built.store
     _verify(len(source), source.read, reader, "verifying", progress)
     expected = source.labels
     _check_labels({k: [expected[k][i] for i in range(len(source))] for k in keys}, reader.labels, dst)
+
+
+def _beside(dst: str, suffix: str) -> str:
+    """``<dir of dst>/.<name of dst><suffix>`` (where the build lock and marker live)."""
+    head, tail = os.path.split(os.path.abspath(dst).rstrip(os.sep))
+    return os.path.join(head, f".{tail}{suffix}")
+
+
+def _read_marker(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _remove_leftovers(dst: str) -> None:
+    """Temporary copies a killed zip conversion left beside ``dst`` (``.tmp-<name>-<hex>``)."""
+    head, tail = os.path.split(os.path.abspath(dst).rstrip(os.sep))
+    pattern = re.compile(rf"\.tmp-{re.escape(tail)}-[0-9a-f]{{32}}")
+    try:
+        names = os.listdir(head)
+    except OSError:
+        return
+    for name in names:
+        if pattern.fullmatch(name):
+            try:
+                os.unlink(os.path.join(head, name))
+            except OSError:
+                pass
+
+
+def _forget_reader_identity(dst: str, src: str | None = None) -> None:
+    """A new-format DST records the source cache's dataset class (or none): it was built
+    from a cache, and ``_ReaderDataset`` would make every real dataset a mismatch."""
+    from .format.columnar.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(dst)
+    if manifest.dataset == f"{_ReaderDataset.__module__}.{_ReaderDataset.__qualname__}":
+        manifest.dataset = getattr(getattr(open_reader(src), "manifest", None), "dataset", "") if src else ""
+        write_manifest(dst, manifest)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def convert(src: str, dst: str, *, allow_pickle: bool = False, progress: bool = True) -> None:
@@ -271,19 +331,37 @@ def convert(src: str, dst: str, *, allow_pickle: bool = False, progress: bool = 
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"convert needs two different paths, got {src} twice")
-    _check_dst_free(dst)
     to_zip = dst.endswith(".zip")
-    if os.path.isfile(src) or is_legacy_folder(src):
-        source = _LegacySource(src, allow_pickle, progress)
-        if to_zip:
-            _legacy_to_zip(source, dst, progress)
-        else:
-            _legacy_to_shards(source, dst, progress)
-        return
-    if not os.path.exists(src):
-        raise CacheNotFoundError(f"no cache at {src}")
-    from .format.columnar.manifest import peek_version
+    legacy_src = os.path.isfile(src) or is_legacy_folder(src)
+    if not legacy_src:
+        if not os.path.exists(src):
+            raise CacheNotFoundError(f"no cache at {src}")
+        from .format.columnar.manifest import peek_version
 
-    if not to_zip and peek_version(src) != 1:
-        raise ValueError(f"{src} is already in format v2; give a DST ending in .zip to get an edflow zip")
-    _reader_to(src, dst, progress)  # v2 -> zip, or v1 -> zip or v2
+        if not to_zip and peek_version(src) != 1:
+            raise ValueError(f"{src} is already in format v2; give a DST ending in .zip to get an edflow zip")
+    marker = _beside(dst, ".converting")
+    if _read_marker(marker) != os.path.abspath(src):  # not the rerun of an interrupted conversion
+        _check_dst_free(dst)
+    _remove_leftovers(dst)
+    from .format.fsutil import atomic_write
+
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    atomic_write(marker, os.path.abspath(src).encode())
+    try:
+        if legacy_src:
+            source = _LegacySource(src, allow_pickle, progress)
+            if to_zip:
+                _legacy_to_zip(source, dst, progress)
+            else:
+                _legacy_to_shards(source, dst, progress)
+        else:
+            _reader_to(src, dst, progress)  # v2 -> zip, or v1 -> zip or v2
+    except BaseException:
+        if not os.path.lexists(dst):  # nothing to resume: leave no trace
+            _unlink(marker)
+            _unlink(_beside(dst, ".lock"))
+        raise
+    _unlink(marker)  # verified: DST is complete and equal to SRC
+    _unlink(_beside(dst, ".lock"))  # the build lock of the conversion
+    _remove_leftovers(dst)

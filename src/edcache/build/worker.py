@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import DatasetInterfaceError, ExampleError
 from ..format.base import ChunkEncoder, ChunkResult, ChunkTask
@@ -44,6 +45,25 @@ class DatasetSource:
         return import_factory(self.factory)()
 
 
+def limit_torch_threads() -> bool:
+    """In a build worker process: one intra-op thread for PyTorch, if it is imported.
+
+    What torch's DataLoader does in its workers, for the same two reasons: a process
+    forked after the parent used torch's thread pool hangs in the first parallel torch
+    op unless the pool is reset to one thread, and N workers with a thread per core
+    each oversubscribe the machine (3-4x slower). Returns whether torch was loaded.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+    except Exception:  # noqa: BLE001 - a half-imported or stub torch: nothing to limit
+        pass
+    return True
+
+
 def fetch_example(dataset: Any, index: int) -> Any:
     """``dataset[index]``; exceptions become :class:`ExampleError` naming the index."""
     try:
@@ -56,11 +76,26 @@ def fetch_example(dataset: Any, index: int) -> Any:
         ) from exc
 
 
-def compute_chunk(dataset: Any, encoder: ChunkEncoder, task: ChunkTask) -> ChunkResult:
+def compute_chunk(
+    dataset: Any, encoder: ChunkEncoder, task: ChunkTask, on_index: Callable[[int], None] | None = None
+) -> ChunkResult:
     """Compute ``dataset[i]`` for every index of ``task`` and encode the chunk.
 
     The encoder pulls the examples one at a time and takes each apart before the next
     is computed: a dataset that reuses its output buffer is still cached correctly.
+    ``on_index(i)`` is called before example ``i`` is computed, and with ``-1`` once
+    the last one was (the local pool uses it to name the example a worker process
+    died on).
     """
-    examples = (fetch_example(dataset, i) for i in range(task.start, task.stop))
-    return encoder.encode(task, examples)
+
+    def examples() -> Iterator[Any]:
+        for i in range(task.start, task.stop):
+            if on_index is not None:
+                on_index(i)
+            yield fetch_example(dataset, i)
+        if on_index is not None:
+            on_index(-1)
+
+    return encoder.encode(task, examples())
+
+

@@ -8,13 +8,45 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CacheNotFoundError
+from ..errors import CacheNotFoundError, DatasetInterfaceError
 from .base import CacheReader
 
 
+def check_cache_name(name: object) -> str:
+    """Return ``name`` if it can name a cache under ``<root>/cached``, else raise.
+
+    A name must be one plain path component: not empty, not ``.`` or ``..`` (the cache
+    would be written into ``<root>`` itself or above it, and a rebuild would delete
+    what is there), without a path separator or a NUL.
+
+    Raises
+    ------
+    DatasetInterfaceError
+        If the name is not such a string.
+    """
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(sep in name for sep in seps)
+        or "\x00" in name
+    ):
+        raise DatasetInterfaceError(
+            f"the dataset's name {name!r} cannot name a cache: the cache goes to "
+            "<root>/cached/<name>, so name must be a non-empty string that is not '.' or '..' "
+            "and contains no path separator ('/') or NUL. Choose another name (e.g. "
+            "'faces-256'), or give an explicit path with PathCachedDataset(dataset, path)."
+        )
+    return name
+
+
 def cache_paths(root: str, name: str) -> tuple[str, str]:
-    """The new-format directory and the legacy zip path of cache ``name`` under ``root``."""
-    base = os.path.join(root, "cached", name)
+    """The new-format directory and the legacy zip path of cache ``name`` under ``root``.
+
+    Raises :class:`~edcache.errors.DatasetInterfaceError` for a name that is not one
+    plain path component (see :func:`check_cache_name`).
+    """
+    base = os.path.join(root, "cached", check_cache_name(name))
     return base, base + ".zip"
 
 
@@ -60,3 +92,49 @@ def find_cache(root: str, name: str, legacy: bool | None = None) -> str | None:
         if not path.endswith(".zip") and os.path.isdir(path) and os.listdir(path):
             return path
     return None
+
+
+def remove_unused_cache_dir(cache_dir: str) -> bool:
+    """Remove ``cache_dir`` if a build left it without any committed work.
+
+    Called after a build that created the directory failed: it then holds an
+    incomplete manifest, a commit log without chunk records, column files of nothing
+    committed (perhaps temporary files) and nothing else. Anything else found there (a
+    committed chunk, a file edcache does not write, a symbolic link) keeps the whole
+    directory as it is. Returns whether it was removed; never raises for a file-system
+    error (the directory is then simply left).
+    """
+    import re
+
+    from .columnar.log import read_log
+    from .columnar.manifest import COLUMNS_DIR, COMMITS, LABELS_DIR, MANIFEST, read_manifest
+    from .fsutil import is_temp
+
+    ours = re.compile(r"^\d{4}(\.\d+)?\.(data|index)$")
+    try:
+        if os.path.islink(cache_dir) or not os.path.isdir(cache_dir):
+            return False
+        manifest = read_manifest(cache_dir)
+        state = read_log(cache_dir)
+        if manifest.complete or state is None or state.committed or state.invalid:
+            return False
+        entries = set(os.listdir(cache_dir))
+        if not entries <= {MANIFEST, COMMITS, COLUMNS_DIR, LABELS_DIR} | {e for e in entries if is_temp(e)}:
+            return False
+        subdirs = [os.path.join(cache_dir, d) for d in (COLUMNS_DIR, LABELS_DIR) if d in entries]
+        for sub in subdirs:
+            if os.path.islink(sub) or not os.path.isdir(sub):
+                return False
+            if not all(is_temp(name) or ours.match(name) for name in os.listdir(sub)):
+                return False
+        for sub in subdirs:
+            for name in os.listdir(sub):
+                os.unlink(os.path.join(sub, name))
+            os.rmdir(sub)
+        for name in sorted(entries - {COLUMNS_DIR, LABELS_DIR, MANIFEST}):
+            os.unlink(os.path.join(cache_dir, name))
+        os.unlink(os.path.join(cache_dir, MANIFEST))  # last: until here it is a valid empty cache
+        os.rmdir(cache_dir)
+        return True
+    except Exception:  # noqa: BLE001 - best effort cleanup after a failure (damaged files too)
+        return False

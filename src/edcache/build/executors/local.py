@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from ...errors import BuildError
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..worker import DatasetSource, compute_chunk
+from ..worker import DatasetSource, compute_chunk, limit_torch_threads
 from .base import Executor
 
 
@@ -32,9 +32,41 @@ class InlineExecutor(Executor):
             on_result(compute_chunk(dataset, encoder, task))
 
 
+GUARD_HINT = (
+    "with the {method} start method every worker process imports your main script again, "
+    "so the code that builds the cache must be inside an `if __name__ == \"__main__\":` "
+    "block (or pass mp_context='fork', or num_workers=0)"
+)
+
+
+def check_not_bootstrapping() -> None:
+    """Raise :class:`BuildError` in a process that is still being started by
+    ``multiprocessing`` (spawn or forkserver) and is re-running the parent's main script.
+
+    Such a script has no ``if __name__ == "__main__":`` guard: building from it in
+    the child would wait forever on the build lock that the parent holds.
+    """
+    process = mp.current_process()
+    if getattr(process, "_inheriting", False):  # what multiprocessing checks for itself
+        method = mp.get_start_method(allow_none=True) or "spawn"
+        raise BuildError(
+            f"edcache: {process.name} (pid {os.getpid()}) is a worker process that is re-running "
+            "the main script while it starts, and the script builds a cache at import time: "
+            + GUARD_HINT.format(method=method if method != "fork" else "spawn")
+            + "."
+        )
+
+
 # -- worker-process side -------------------------------------------------------------
 _WORKER_STATE: tuple[Any, ChunkEncoder] | None = None
 _INHERITED: tuple[DatasetSource, ChunkEncoder] | None = None  # set before a fork start
+# What each worker process is doing, in memory shared with the coordinator: per slot
+# (pid, chunk, example index), -1 when idle. When a worker dies abruptly the
+# coordinator reads here which chunk and example killed it.
+_BOARD: Any = None
+_SLOT = 0
+_FIELDS = 3
+_TORCH_LIMITED = False  # torch's threads were limited to one in this worker
 
 
 def _exit_with_parent(parent: int, interval: float = 0.1) -> None:
@@ -54,18 +86,57 @@ def _exit_with_parent(parent: int, interval: float = 0.1) -> None:
     threading.Thread(target=watch, name="edcache-exit-with-parent", daemon=True).start()
 
 
-def _init_worker(payload: bytes | None) -> None:
-    global _WORKER_STATE
+def _init_worker(payload: bytes | None, board: Any = None, counter: Any = None) -> None:
+    global _WORKER_STATE, _BOARD, _SLOT, _TORCH_LIMITED
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    # before anything runs torch ops (a forked child inherits a thread pool it cannot use)
+    _TORCH_LIMITED = limit_torch_threads()
     _exit_with_parent(os.getppid())
+    if board is not None and counter is not None:
+        with counter.get_lock():
+            _SLOT = counter.value % (len(board) // _FIELDS)
+            counter.value += 1
+        _BOARD = board
+        base = _SLOT * _FIELDS
+        board[base], board[base + 1], board[base + 2] = os.getpid(), -1, -1
     source, encoder = pickle.loads(payload) if payload is not None else _INHERITED  # type: ignore[misc]
     _WORKER_STATE = (source.load(), encoder)
+    if not _TORCH_LIMITED:  # unpickling or loading the dataset may have imported torch
+        _TORCH_LIMITED = limit_torch_threads()
 
 
 def _run_task(task: ChunkTask) -> ChunkResult:
+    try:
+        return _compute(task)
+    except BaseException as exc:
+        # The error travels to the coordinator as a pickle. Plain pickling drops the
+        # chained exceptions anyway; with tblib installed (importing distributed does)
+        # they are pickled with their tracebacks, and a deep one (a value nested 100
+        # levels, a RecursionError) cannot be: the worker would die instead of reporting.
+        # The message and the worker's formatted traceback carry what is needed.
+        exc.__cause__ = exc.__context__ = None
+        raise
+
+
+def _compute(task: ChunkTask) -> ChunkResult:
+    global _TORCH_LIMITED
     assert _WORKER_STATE is not None
     dataset, encoder = _WORKER_STATE
-    return compute_chunk(dataset, encoder, task)
+    if not _TORCH_LIMITED:  # torch imported by the dataset later, e.g. in an earlier chunk
+        _TORCH_LIMITED = limit_torch_threads()
+    board = _BOARD
+    if board is None:
+        return compute_chunk(dataset, encoder, task)
+    base = _SLOT * _FIELDS
+    board[base + 1] = task.chunk_id
+
+    def on_index(i: int) -> None:
+        board[base + 2] = i
+
+    try:
+        return compute_chunk(dataset, encoder, task, on_index)
+    finally:
+        board[base + 1] = board[base + 2] = -1
 
 
 # -- coordinator side ----------------------------------------------------------------
@@ -110,6 +181,9 @@ class LocalPoolExecutor(Executor):
     def _pool(self, source: DatasetSource, encoder: ChunkEncoder) -> ProcessPoolExecutor:
         global _INHERITED
         method = self._start_method()
+        context = mp.get_context(method)
+        self._board = context.RawArray("q", [-1] * (_FIELDS * self.num_workers))
+        counter = context.Value("i", 0)
         payload: bytes | None = None
         if method == "fork":
             _INHERITED = (source, encoder)  # the children inherit it: nothing is pickled
@@ -123,10 +197,36 @@ class LocalPoolExecutor(Executor):
                 ) from exc
         return ProcessPoolExecutor(
             max_workers=self.num_workers,
-            mp_context=mp.get_context(method),
+            mp_context=context,
             initializer=_init_worker,
-            initargs=(payload,),
+            initargs=(payload, self._board, counter),
         )
+
+    def _who_died(self, pool: ProcessPoolExecutor) -> list[tuple[int, int, int | None]]:
+        """``(chunk, example index or -1, exit code)`` of each worker process of a broken
+        ``pool`` that died on its own while computing a chunk.
+
+        The pool terminates (SIGTERM) its other processes once one dies; those are
+        not counted. Call before :func:`_terminate`.
+        """
+        processes = dict(getattr(pool, "_processes", None) or {})
+        for process in processes.values():
+            try:
+                process.join(timeout=2)
+            except (AssertionError, ValueError):
+                pass
+        board = self._board
+        found = []
+        for slot in range(len(board) // _FIELDS):
+            pid, chunk, index = board[slot * _FIELDS : slot * _FIELDS + _FIELDS]
+            process = processes.get(pid)
+            if chunk < 0 or process is None:
+                continue
+            code = process.exitcode
+            if code is None or code == -signal.SIGTERM:
+                continue
+            found.append((int(chunk), int(index), code))
+        return found
 
     def run(
         self,
@@ -139,6 +239,7 @@ class LocalPoolExecutor(Executor):
         finished = 0
         inflight: dict[Future, ChunkTask] = {}
         crashes: Counter[int] = Counter()
+        last_death: dict[int, tuple[int, int | None]] = {}  # chunk -> (index, exit code)
         window = 2 * self.num_workers
         pool = self._pool(source, encoder)
         try:
@@ -164,8 +265,22 @@ class LocalPoolExecutor(Executor):
                 if lost:  # a worker died: every chunk in flight is lost with the pool
                     lost.extend(inflight.values())
                     inflight.clear()
-                    for task in lost:
-                        crashes[task.chunk_id] += 1
+                    died = self._who_died(pool)
+                    started = any(self._board[k] >= 0 for k in range(0, len(self._board), _FIELDS))
+                    if not finished and not started and self._start_method() != "fork":
+                        raise BuildError(
+                            "the worker processes died while starting, before running anything "
+                            "(their traceback is printed above). The usual cause: "
+                            + GUARD_HINT.format(method=self._start_method())
+                            + ". Committed chunks are kept."
+                        )
+                    if died:  # count the chunks whose process died, not the bystanders
+                        for chunk, index, code in died:
+                            crashes[chunk] += 1
+                            last_death[chunk] = (index, code)
+                    else:  # died between chunks, or unknown: every chunk in flight counts
+                        for task in lost:
+                            crashes[task.chunk_id] += 1
                     chunk, worst = crashes.most_common(1)[0]
                     if worst >= self.max_crashes:
                         hint = ""
@@ -175,10 +290,20 @@ class LocalPoolExecutor(Executor):
                                 "method, worker processes import your main script again, so it needs "
                                 "an `if __name__ == '__main__':` guard (or use mp_context='fork')."
                             )
+                        index, code = last_death.get(chunk, (-1, None))
+                        task = next((t for t in lost if t.chunk_id == chunk), None)
+                        if index >= 0:
+                            what = f"example {index} (chunk {chunk}) was being computed"
+                        elif chunk in last_death:
+                            what = f"chunk {chunk} was being encoded"
+                        else:
+                            what = f"chunk {chunk} was in flight"
+                        span = f", examples {task.start}..{task.stop - 1}" if task is not None else ""
                         raise BuildError(
-                            f"a worker process died {worst} times while chunk {chunk} was being "
-                            "computed (segfault, out of memory, or killed?); committed chunks are "
-                            f"kept, run again to resume.{hint}"
+                            f"a worker process died{_exit_reason(code)} {worst} times while {what}"
+                            f"{span if index < 0 else ''} (segfault, out of memory, os._exit, or "
+                            "killed?); committed chunks are kept, run again to resume."
+                            f"{hint}"
                         )
                     pending.extendleft(sorted(lost, key=lambda t: -t.chunk_id))
                     _terminate(pool)
@@ -188,6 +313,18 @@ class LocalPoolExecutor(Executor):
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_reason(code: int | None) -> str:
+    """`` (killed by SIGSEGV)`` / `` (exit code 9)`` for a process's exit code."""
+    if code is None:
+        return ""
+    if code < 0:
+        try:
+            return f" (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f" (killed by signal {-code})"
+    return f" (exit code {code})"
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:

@@ -20,10 +20,16 @@ import xxhash
 from ...errors import CorruptCacheError, EdcacheError
 from .files import open_fd
 from .log import read_log
-from .manifest import COMMITS, LABELS_DIR, MANIFEST, TABLE, Manifest, Schema, read_manifest
-from .schema import INDEXED, RAGGED, VARSHAPE
-
-_LEADING_KINDS = frozenset({RAGGED, "str", "bytes", "record"})
+from .manifest import (
+    COMMITS,
+    LABELS_DIR,
+    MANIFEST,
+    TABLE,
+    Manifest,
+    Schema,
+    read_manifest,
+)
+from .schema import INDEXED, OFFSETS, RAGGED, VARSHAPE
 
 
 class Report(Protocol):
@@ -152,7 +158,7 @@ def _check_file(path: str, rel: str, spec: Any, gid: int, size: int, segments: l
             report.bytes_checked += len(data)
             if xxhash.xxh3_64_intdigest(data) != digest:
                 a, b = _span(m, c)
-                if spec.kind in _LEADING_KINDS and rel.endswith(".index"):
+                if spec.kind in OFFSETS and rel.endswith(".index"):
                     b = min(b + 1, m.length)  # the chunk's last offset is where the next row starts
                 report.add(rel, f"fails its checksum for chunk {c} (column {spec.key!r})", a, b)
                 ok = False
@@ -177,7 +183,7 @@ def _check_index(full: str, fd: int, spec: Any, index_size: int, chunks: int, m:
     except OSError:
         return True  # reported with the data file
     width = 1 + spec.ndim if spec.kind == VARSHAPE else 1
-    lead = 1 if spec.kind in _LEADING_KINDS and rows else 0
+    lead = 1 if spec.kind in OFFSETS and rows else 0
     need = 8 * (rows * width + lead)
     if index_size < need:
         report.add(rel, f"holds {index_size} bytes, {need} needed for {rows} rows", 0, rows)

@@ -20,9 +20,25 @@ from typing import Any
 import numpy as np
 
 from ...errors import CodecError
-from ..shards.codec import Encoder, _is_storable_dtype, codec_error, find_unsupported, format_key_path
+from ..shards.codec import (
+    Encoder,
+    _is_storable_dtype,
+    codec_error,
+    find_unsupported,
+    format_key_path,
+)
 from .records import encode_row
-from .schema import ABSENT, BYTES, FIXED, NONE, RAGGED, RECORD, STR, VARSHAPE, ColumnSpec
+from .schema import (
+    ABSENT,
+    BYTES,
+    FIXED,
+    NONE,
+    RAGGED,
+    RECORD,
+    STR,
+    VARSHAPE,
+    ColumnSpec,
+)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _PY_FIXED = {bool: ("bool", np.dtype("|b1")), int: ("int", np.dtype("<i8")), float: ("float", np.dtype("<f8"))}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import xxhash
 
@@ -33,6 +33,20 @@ MAX_MANIFEST_BYTES = 1 << 26
 def checksum(data: Any) -> str:
     """xxh3-64 of ``data`` as 16 hex digits (what the manifest records)."""
     return xxhash.xxh3_64_hexdigest(data)
+
+
+_T = TypeVar("_T")
+
+
+def _parsed(parse: Callable[[Any, str], _T], doc: Any, where: str, what: str) -> _T:
+    """``parse(doc, where)``, with any exception a structure of the wrong shape raises
+    (valid JSON, wrong types) turned into a ``CorruptCacheError``."""
+    try:
+        return parse(doc, where)
+    except CorruptCacheError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
+        raise CorruptCacheError(f"{where}: malformed {what} ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass
@@ -58,12 +72,7 @@ class Schema:
     @classmethod
     def from_json(cls, doc: Any, where: str) -> Schema:
         """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
-        try:
-            return cls._from_json(doc, where)
-        except CorruptCacheError:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
-            raise CorruptCacheError(f"{where}: malformed schema ({type(exc).__name__}: {exc})") from exc
+        return _parsed(cls._from_json, doc, where, "schema")
 
     @classmethod
     def _from_json(cls, doc: Any, where: str) -> Schema:
@@ -155,12 +164,7 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
         """Parse and validate; any malformed structure is a ``CorruptCacheError``."""
-        try:
-            return cls._from_bytes(data, where)
-        except CorruptCacheError:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
-            raise CorruptCacheError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        return _parsed(cls._from_bytes, data, where, "manifest")
 
     @classmethod
     def _from_bytes(cls, data: bytes, where: str) -> Manifest:

@@ -17,14 +17,19 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
+from ...errors import (
+    CacheNotFoundError,
+    CorruptCacheError,
+    IncompleteCacheError,
+    UnsafePickleError,
+)
 from ..base import CacheReader, Labels
 from .columns import ColumnView
 from .files import map_fd, open_fd
 from .log import LogState, read_log
 from .manifest import MANIFEST, TABLE, Manifest, Schema, read_manifest
 from .records import decode_row
-from .schema import Layout
+from .schema import OFFSETS, Layout
 
 INDEX_KEY = "index_"
 
@@ -384,7 +389,7 @@ class ColumnarReader(CacheReader):
         starts)."""
         for spec in self._schema.columns:
             for n, f in enumerate(spec.files()):
-                previous = n == 1 and spec.kind != "varshape" and chunk > 0
+                previous = n == 1 and spec.kind in OFFSETS and chunk > 0
                 for c in (chunk - 1, chunk) if previous else (chunk,):
                     self._check_segment(f, c, chunk)
         self._checked.add(chunk)

@@ -51,6 +51,9 @@ KINDS = frozenset({FIXED, RAGGED, VARSHAPE, STR, BYTES, RECORD, NONE})
 PY_KINDS = frozenset({"array", "int", "float", "bool", "scalar"})
 #: kinds with an index file
 INDEXED = frozenset({RAGGED, VARSHAPE, STR, BYTES, RECORD})
+#: kinds whose index file holds ``n + 1`` offsets (the first a 0): row ``r`` starts where
+#: row ``r - 1`` ends, so a chunk's first row starts in the previous chunk's bytes
+OFFSETS = frozenset({RAGGED, STR, BYTES, RECORD})
 
 #: Top-level container of an example, per layout.
 CONTAINERS = frozenset({"dict", "tuple", "list", "whole"})

@@ -39,10 +39,7 @@ from .manifest import (
     write_manifest,
 )
 from .records import encode_row
-from .schema import ABSENT, FIXED, INDEXED, RAGGED, ColumnSpec, Layout, merge
-
-#: kinds whose index file starts with one extra u64 0 (``n + 1`` offsets)
-_LEADING = frozenset({RAGGED, "str", "bytes", "record"})
+from .schema import ABSENT, FIXED, INDEXED, OFFSETS, ColumnSpec, Layout, merge
 
 
 class ColumnarEncoder(ChunkEncoder):
@@ -57,17 +54,25 @@ class ColumnarEncoder(ChunkEncoder):
         return ChunkResult(task.chunk_id, task.start, task.stop, "", columns.nbytes, payload=columns)
 
     def _checked(self, task: ChunkTask, examples: Iterable[Any]) -> Iterable[Any]:
+        """The examples, checked for their label keys; a chunk whose label values mix
+        kinds that cannot share a column (say int and str) is refused before it is
+        committed (mixes across chunks are found when the labels are written)."""
+        from ..shards.labels import check_label_kinds
+
         keys = self.in_memory_keys
+        values: list[list[Any]] = [[] for _ in keys]
         for k, example in enumerate(examples):
-            for key in keys:
+            for n, key in enumerate(keys):
                 try:
-                    example[key]
+                    values[n].append(example[key])
                 except (KeyError, TypeError, IndexError):
                     seen = list(example) if isinstance(example, dict) else type(example).__name__
                     raise LabelError(
                         f"example {task.start + k} has no in_memory_key {key!r} (it has {seen})"
                     ) from None
             yield example
+        for key, chunk_values in zip(keys, values):
+            check_label_kinds(key, chunk_values, task.start)
 
 
 class ColumnarSink(ChunkSink):
@@ -116,7 +121,7 @@ class ColumnarSink(ChunkSink):
         for i, spec in enumerate(self.schema.columns):
             for f in spec.files():
                 self._fds[f] = open_fd(os.path.join(cache_dir, f), os.O_RDWR)
-            if spec.kind in _LEADING:
+            if spec.kind in OFFSETS:
                 idx = spec.files()[1]
                 end = self._end(idx)
                 self._tails[i] = int.from_bytes(os.pread(self._fds[idx], 8, end - 8), "little") if end else 0
@@ -263,8 +268,8 @@ class ColumnarSink(ChunkSink):
         bufs: list[list[Any]] = [[raw_bytes(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data]]
         if len(files) > 1:
             index = parts[1]
-            lead = [bytes(8)] if spec.kind in _LEADING and self._end(files[1]) == 0 else []
-            if spec.kind in _LEADING:
+            lead = [bytes(8)] if spec.kind in OFFSETS and self._end(files[1]) == 0 else []
+            if spec.kind in OFFSETS:
                 base = self._tails.get(gid, 0)
                 shifted = (index + np.uint64(base)).astype("<u8") if base else index.astype("<u8", copy=False)
                 if len(shifted):
@@ -486,7 +491,7 @@ def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[i
     index = None
     if spec.kind in INDEXED:
         idx = parts[1]
-        if spec.kind in _LEADING:
+        if spec.kind in OFFSETS:
             idx = np.concatenate([np.zeros(1, "<u8"), idx.astype("<u8")])
         index = raw_bytes(np.ascontiguousarray(idx))
     get = ColumnView(spec, data, index, count, allow_pickle=allow_pickle, where="chunk").get
@@ -656,9 +661,13 @@ def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
             f"{new.parameters}. Use another path per set of arguments, or delete it."
         )
     if new.fingerprint is not None and old.fingerprint is not None and old.fingerprint != new.fingerprint:
+        from ...fingerprint import fingerprint_differences
+
+        diffs = "; ".join(fingerprint_differences(old.fingerprint, new.fingerprint))
         raise CacheMismatchError(
-            f"the cache at {cache_dir} was built from a dataset configured as {old.fingerprint}; "
-            f"this one is configured as {new.fingerprint}. {hint}"
+            f"the cache at {cache_dir} was built from {new.dataset.rpartition('.')[2] or 'a dataset'} "
+            f"configured differently ({diffs}), so its examples may not be what this dataset "
+            f"computes. {hint[:-1]}, or give this configuration its own name."
         )
     if old.allow_pickle != new.allow_pickle:
         raise CacheMismatchError(f"the cache at {cache_dir} was built with allow_pickle={old.allow_pickle}. {hint}")

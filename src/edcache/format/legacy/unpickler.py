@@ -10,6 +10,14 @@ of ``torch.load(weights_only=True)``); any other global raises
 Pickles written under numpy 1.x name ``numpy.core.multiarray``, those written under
 numpy 2.x ``numpy._core.multiarray``; both resolve to the installed numpy without
 importing the deprecated ``numpy.core`` shim.
+
+Admitting a callable is not enough to be safe: ``collections.deque(range(10**15), 0)``
+(87 bytes) loops for days and ``bytearray(10**13)`` allocates 10 TB. Every admitted
+callable that can allocate or iterate is therefore called through a guard that
+charges the work it is about to do (elements iterated, bytes allocated) against a
+budget proportional to the pickle's length; exceeding it is a
+:class:`~edcache.errors.CorruptCacheError`. Scalars (``int``, ``float``, ``complex``,
+``str``, ``bool``, ``slice``) are admitted as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import _compat_pickle
 import builtins
 import collections
+import functools
 import importlib
 import io
 import pickle
@@ -56,6 +65,7 @@ def _numpy_core_attr(submodule: str, name: str) -> Any:
     raise ImportError(f"numpy has no {submodule}.{name}")
 
 
+@functools.lru_cache(maxsize=512)
 def _resolve_safe(module: str, name: str) -> Any | None:
     """The object behind a safe global, or ``None`` if ``module.name`` is not safe."""
     if module == "builtins" and name in _BUILTIN_NAMES:
@@ -81,11 +91,146 @@ def _resolve_safe(module: str, name: str) -> Any | None:
     return None
 
 
+#: Work a pickle may cause through admitted callables: this many units (elements
+#: iterated or bytes allocated) per byte of pickle, plus a small allowance.
+BUDGET_PER_BYTE = 8
+BUDGET_BASE = 1 << 16
+
+# Admitted callables that cannot allocate or loop beyond their (bounded) arguments:
+# returned as they are, so they also work as classes (NEWOBJ, values).
+_UNGUARDED = frozenset({bool, int, float, complex, str, slice})
+# Called with an int n, these allocate n bytes (or elements).
+_ALLOC_BY_INT = frozenset({bytes, bytearray, np.void})
+
+
+_SIZED = frozenset({str, bytes, bytearray, list, tuple, dict, set, frozenset, collections.deque,
+                    collections.OrderedDict, collections.Counter, collections.defaultdict, range})
+
+
+def _reconstruct() -> Any:
+    """numpy's ``_reconstruct`` (what array pickles call)."""
+    return _resolve_safe("numpy._core.multiarray", "_reconstruct")
+
+
+def _size(value: Any) -> int:
+    """The work ``value`` stands for as an argument: its elements (bytes of an array)."""
+    if isinstance(value, np.ndarray):
+        return max(int(value.nbytes), int(value.size))
+    if isinstance(value, (str, bytes, bytearray, list, tuple, dict, set, frozenset, collections.deque,
+                          range)):
+        return len(value)  # OverflowError for an astronomic range: caught as corrupt
+    return 1
+
+
+class _Guard:
+    """An admitted callable as the unpickler sees it: charges, then calls ``target``."""
+
+    __slots__ = ("target", "unpickler", "used", "reconstruct")
+
+    def __init__(self, target: Any, unpickler: "_RestrictedUnpickler") -> None:
+        self.target = target
+        self.unpickler = unpickler
+        self.used = False
+        self.reconstruct = target is _reconstruct()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.used = True
+        target, u = self.target, self.unpickler
+        if self.reconstruct and len(args) == 3 and not kwargs:  # every array: keep it cheap
+            subtype, shape, dtype = args
+            if type(subtype) is _Guard:
+                subtype = u.unwrap(subtype)
+            if shape != (0,):
+                u.charge(_array_nbytes(shape, dtype))
+            return target(subtype, shape, dtype)
+        if kwargs:
+            kwargs = {k: u.unwrap(v) for k, v in kwargs.items()}
+        cost = 0
+        unwrapped = None
+        for i, a in enumerate(args):
+            kind = type(a)
+            if kind is _Guard:
+                if unwrapped is None:
+                    unwrapped = list(args)
+                unwrapped[i] = u.unwrap(a)
+            elif kind in _SIZED:
+                cost += len(a)
+            elif kind is np.ndarray:
+                cost += a.nbytes
+            elif kind is int and target in _ALLOC_BY_INT:
+                cost += a
+        if unwrapped is not None:
+            args = tuple(unwrapped)
+        for v in kwargs.values():
+            cost += _size(v)
+        if target is range:
+            cost += len(range(*args))
+        elif target is np.ndarray:  # ndarray(shape, dtype=float, buffer=None, ...)
+            shape = args[0] if args else kwargs.get("shape", ())
+            cost += _array_nbytes(shape, args[1] if len(args) > 1 else kwargs.get("dtype", float))
+        elif self.reconstruct:  # (subtype, shape, dtype)
+            cost += _array_nbytes(args[1] if len(args) > 1 else (), args[2] if len(args) > 2 else "b")
+        if cost:
+            u.charge(cost)
+        return target(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<guarded {self.target!r}>"
+
+
+def _array_nbytes(shape: Any, dtype: Any) -> int:
+    """Bytes of an array of ``shape`` and ``dtype`` (what ``_reconstruct`` allocates)."""
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    count = 1
+    for n in shape:
+        count *= max(int(n), 0)
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except (TypeError, ValueError):
+        itemsize = 1
+    return count * max(itemsize, 1)
+
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, member: str, allow_pickle: bool) -> None:
         super().__init__(io.BytesIO(data))
         self._member = member
         self._allow_pickle = allow_pickle
+        self._length = len(data)
+        self._budget = BUDGET_PER_BYTE * len(data) + BUDGET_BASE
+        self._guards: list[_Guard] = []
+
+    def charge(self, units: int) -> None:
+        """Spend ``units`` of the budget; :class:`CorruptCacheError` once it is exceeded."""
+        self._budget -= units
+        if self._budget < 0:
+            raise CorruptCacheError(
+                f"{self._member}: the pickle asks for far more memory or work than its "
+                f"{self._length} bytes can hold (a crafted or damaged file); refusing it"
+            )
+
+    def unwrap(self, value: Any) -> Any:
+        """A guard passed as an argument (``defaultdict(list)``, ``_reconstruct(ndarray,
+        ...)``) stands for its target."""
+        if type(value) is _Guard:
+            value.used = True
+            return value.target
+        return value
+
+    def guard(self, obj: Any) -> Any:
+        if obj in _UNGUARDED or self._allow_pickle:
+            return obj
+        g = _Guard(obj, self)
+        self._guards.append(g)
+        return g
+
+    def load(self) -> Any:
+        value = super().load()
+        if any(not g.used for g in self._guards):  # an admitted class stored as a value
+            value = _unguard(value, 0)
+        return value
 
     def find_class(self, module: str, name: str) -> Any:
         # Python 3 writes protocol <= 2 pickles with Python 2 names (``__builtin__.set``);
@@ -96,7 +241,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module = _compat_pickle.IMPORT_MAPPING[module]
         obj = _resolve_safe(module, name)
         if obj is not None:
-            return obj
+            return self.guard(obj)
         if self._allow_pickle:
             # Still map numpy 1.x names so that trusting a file never needs numpy.core.
             if module.startswith("numpy.core.") and name in _NUMPY_CORE_NAMES:
@@ -114,6 +259,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise CorruptCacheError(f"{self._member}: pickle uses a persistent id, edflow never wrote one")
+
+
+def _unguard(value: Any, depth: int) -> Any:
+    """``value`` with guards (admitted classes stored as values) replaced by the classes."""
+    if type(value) is _Guard:
+        return value.target
+    if depth > 64:
+        return value
+    depth += 1
+    if type(value) is list:
+        value[:] = [_unguard(v, depth) for v in value]
+    elif isinstance(value, dict):
+        for k in list(value):
+            value[k] = _unguard(value[k], depth)
+    elif type(value) is tuple:
+        return tuple(_unguard(v, depth) for v in value)
+    elif type(value) in (set, frozenset):
+        return type(value)(_unguard(v, depth) for v in value)
+    return value
 
 
 def safe_loads(data: bytes, *, member: str, allow_pickle: bool = False) -> Any:
@@ -147,6 +311,7 @@ def safe_loads(data: bytes, *, member: str, allow_pickle: bool = False) -> Any:
     except (UnsafePickleError, CorruptCacheError):
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, OverflowError, UnicodeDecodeError) as exc:
+            KeyError, AttributeError, OverflowError, UnicodeDecodeError, MemoryError,
+            RecursionError) as exc:
         raise CorruptCacheError(f"{member}: not a valid pickle ({type(exc).__name__}: {exc})") from exc
 

@@ -38,6 +38,22 @@ STORABLE_KINDS = frozenset("biufcUSMm")
 
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
+#: Tuples nested deeper than this are refused when writing and are a
+#: :class:`~edcache.errors.CorruptCacheError` when reading. A tuple is a msgpack extension
+#: whose payload is unpacked by a call of its own: left unchecked, a file with tuples
+#: nested a few hundred deep exhausts the C stack of the reader (a segfault).
+MAX_TUPLE_DEPTH = 100
+
+#: Lists and dicts nested deeper than this (msgpack refuses 512 levels) are refused
+#: when writing; reading them needs no limit of ours (msgpack unpacks them without
+#: recursion and refuses what it cannot).
+MAX_NESTING = 500
+
+#: Tuples nested up to this depth are decoded recursively inside msgpack's extension
+#: hook (each level costs ~40 KiB of C stack); deeper ones are decoded afterwards in a
+#: loop, so a thread with a small stack can read any record edcache writes.
+_EAGER_TUPLE_DEPTH = 8
+
 
 def _is_storable_dtype(dtype: np.dtype) -> bool:
     return dtype.kind in STORABLE_KINDS and dtype.fields is None and dtype.subdtype is None
@@ -63,6 +79,7 @@ class Encoder:
         self._blobs: list[memoryview] = []
         self._blob_offsets: list[int] = []
         self._base = 0
+        self._tuple_depth = 0
         self._packer = msgpack.Packer(default=self._default, strict_types=True, use_bin_type=True)
 
     # -- public ---------------------------------------------------------------------
@@ -76,6 +93,7 @@ class Encoder:
         by the shard's columns and only referenced here.
         """
         self._blobs, self._blob_offsets, self._base = [], [], base_offset
+        self._tuple_depth = 0
         if column_refs:
             obj = {
                 k: msgpack.ExtType(EXT_COLUMN, column_refs[k].to_bytes(2, "little"))
@@ -87,8 +105,11 @@ class Encoder:
             record = self._packer.pack(obj)
         except OverflowError:
             self._packer.reset()
-            self._blobs, self._blob_offsets = [], []
+            self._blobs, self._blob_offsets, self._tuple_depth = [], [], 0
             record = self._packer.pack(_widen_ints(obj))
+        except BaseException:
+            self._packer.reset()  # a failed pack leaves partial bytes in the packer's buffer
+            raise
         return record, list(zip(self._blob_offsets, self._blobs))
 
     @property
@@ -130,8 +151,14 @@ class Encoder:
 
     def _pack_nested(self, obj: Any) -> bytes:
         # a nested packer shares our blob list, so arrays inside tuples still go to blobs
-        packer = msgpack.Packer(default=self._default, strict_types=True, use_bin_type=True)
-        return packer.pack(obj)
+        if self._tuple_depth >= MAX_TUPLE_DEPTH:
+            raise ValueError(f"tuples nested more than {MAX_TUPLE_DEPTH} deep")
+        self._tuple_depth += 1
+        try:
+            packer = msgpack.Packer(default=self._default, strict_types=True, use_bin_type=True)
+            return packer.pack(obj)
+        finally:
+            self._tuple_depth -= 1
 
 
 def raw_bytes(arr: np.ndarray) -> memoryview:
@@ -141,8 +168,11 @@ def raw_bytes(arr: np.ndarray) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
-def _widen_ints(obj: Any) -> Any:
+def _widen_ints(obj: Any, depth: int = 0) -> Any:
     """Replace ints msgpack cannot hold by EXT_BIGINT (slow path, rare)."""
+    if depth > MAX_NESTING:
+        raise ValueError(f"values nested more than {MAX_NESTING} deep")
+    depth += 1
     if isinstance(obj, bool):
         return obj
     if isinstance(obj, int) and not isinstance(obj, np.generic):
@@ -151,12 +181,12 @@ def _widen_ints(obj: Any) -> Any:
         nbytes = (obj.bit_length() + 8) // 8
         return msgpack.ExtType(EXT_BIGINT, obj.to_bytes(nbytes, "big", signed=True))
     if isinstance(obj, dict):
-        return {k: _widen_ints(v) for k, v in obj.items()}
+        return {k: _widen_ints(v, depth) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_widen_ints(v) for v in obj]
+        return [_widen_ints(v, depth) for v in obj]
     if type(obj) is tuple:
         # keep the tuple marker: pack items now, wrapped in EXT_TUPLE by a sentinel list
-        return _TupleOf([_widen_ints(v) for v in obj])
+        return _TupleOf([_widen_ints(v, depth) for v in obj])
     return obj
 
 
@@ -168,27 +198,74 @@ def _align(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
 
 
-def find_unsupported(obj: Any, allow_pickle: bool = False, path: tuple = ()) -> tuple[tuple, Any] | None:
-    """Return ``(key path, value)`` of the first value the codec cannot store, or None."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def find_problem(obj: Any, allow_pickle: bool = False) -> tuple[tuple, Any, str] | None:
+    """The first value the codec cannot store: ``(key path, value, what is wrong)``, or None.
+
+    Finds values of types the codec does not know (unless ``allow_pickle``), str (also
+    dict keys) that are not valid UTF-8, containers that contain themselves, and
+    nesting beyond :data:`MAX_TUPLE_DEPTH` tuples or :data:`MAX_NESTING` levels. Walks
+    without recursion, so any input gives an answer.
+    """
+    # each entry: (value, key path, nesting depth, tuple depth, ids of the containers
+    # above, whether the last element of the path is a dict key to check first)
+    stack: list[tuple[Any, tuple, int, int, frozenset, bool]] = [(obj, (), 0, 0, frozenset(), False)]
+    while stack:
+        value, path, depth, tuples, above, keyed = stack.pop()
+        if keyed:
+            k = path[-1]
             if not isinstance(k, (str, int, bytes, float, bool)) and k is not None:
-                return path + (k,), k
-            found = find_unsupported(v, allow_pickle, path + (k,))
-            if found:
-                return found
+                return path, k, _describe(k)
+            if isinstance(k, str) and not _is_utf8(k):
+                return path, k, _NOT_UTF8
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in above:
+                return path, value, f"a {type(value).__name__} that contains itself"
+            if type(value) is tuple:
+                tuples += 1
+                if tuples > MAX_TUPLE_DEPTH:
+                    return path, value, f"tuples nested more than {MAX_TUPLE_DEPTH} deep"
+            if depth >= MAX_NESTING:
+                return path, value, f"values nested more than {MAX_NESTING} deep"
+            inner = above | {id(value)}
+            is_dict = isinstance(value, dict)
+            items = list(value.items()) if is_dict else list(enumerate(value))
+            for k, v in reversed(items):  # depth first, in order
+                stack.append((v, path + (k,), depth + 1, tuples, inner, is_dict))
+            continue
+        if value is None or isinstance(value, (bytes, bool, int, float)):
+            continue
+        if isinstance(value, str):
+            if not _is_utf8(value):
+                return path, value, _NOT_UTF8
+            continue
+        if isinstance(value, (np.ndarray, np.generic)) and _is_storable_dtype(value.dtype):
+            continue
+        if not allow_pickle:
+            return path, value, _describe(value)
+    return None
+
+
+_NOT_UTF8 = (
+    "str that is not valid UTF-8 (it holds a lone surrogate, as os.fsdecode gives for a "
+    "file name that is not UTF-8)"
+)
+
+
+def find_unsupported(obj: Any, allow_pickle: bool = False, path: tuple = ()) -> tuple[tuple, Any] | None:
+    """Return ``(key path, value)`` of the first value the codec cannot store, or None
+    (see :func:`find_problem`)."""
+    found = find_problem(obj, allow_pickle)
+    if found is None:
         return None
-    if isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            found = find_unsupported(v, allow_pickle, path + (i,))
-            if found:
-                return found
-        return None
-    if obj is None or isinstance(obj, (str, bytes, bool, int, float)):
-        return None
-    if isinstance(obj, (np.ndarray, np.generic)) and _is_storable_dtype(obj.dtype):
-        return None
-    return None if allow_pickle else (path, obj)
+    return path + found[0], found[1]
 
 
 def format_key_path(path: tuple) -> str:
@@ -198,13 +275,25 @@ def format_key_path(path: tuple) -> str:
 
 def codec_error(index: int, example: Any, allow_pickle: bool, cause: BaseException) -> CodecError:
     """Build the error for an example the codec refused, naming index and key path."""
-    found = find_unsupported(example, allow_pickle)
+    found = find_problem(example, allow_pickle)
     if found is None:
         return CodecError(f"example {index}: cannot be stored by the safe codec: {cause}")
-    path, value = found
+    path, value, what = found
     where = f"key '{format_key_path(path)}'" if path else "the example itself"
+    if what == _NOT_UTF8:
+        return CodecError(
+            f"example {index}, {where}: cannot store a {what}. Store the name as bytes "
+            "(os.fsencode), or repair it (text.encode('utf-8', 'surrogateescape')"
+            ".decode('utf-8', 'replace'))."
+        )
+    if "nested" in what or "contains itself" in what:
+        return CodecError(
+            f"example {index}, {where}: cannot store {what}. The codec stores trees of dicts, "
+            f"lists and tuples at most {MAX_NESTING} levels deep (tuples at most "
+            f"{MAX_TUPLE_DEPTH}); flatten the value, or convert it to a numpy array."
+        )
     return CodecError(
-        f"example {index}, {where}: cannot store {_describe(value)}. The codec stores dicts, "
+        f"example {index}, {where}: cannot store {what}. The codec stores dicts, "
         "lists, tuples, str, bytes, int, float, bool, None, numpy arrays of numeric, bool, "
         "str or datetime dtype and numpy scalars; convert the value, or pass "
         "allow_pickle=True to store it as a pickle (then also required to read the cache)."
@@ -249,16 +338,52 @@ class Decoder:
 
     def decode(self, record: bytes | memoryview, row: int) -> Any:
         """Unpack one record; ``row`` selects the example's row in the columns."""
-        hook = self._hook(row)
+        state = _DecodeState()
+        hook = self._hook(row, state)
         try:
-            return msgpack.unpackb(record, ext_hook=hook, raw=False, strict_map_key=False)
+            value = msgpack.unpackb(record, ext_hook=hook, raw=False, strict_map_key=False)
+            if state.deferred:
+                value = _resolve_deferred(value, lambda d: self._expand(d, hook, state, row))
+            return value
         except (CorruptCacheError, UnsafePickleError):
             raise
         except Exception as exc:  # msgpack raises several types on garbage
             raise CorruptCacheError(f"{self.where}: undecodable record {row}: {exc}") from exc
 
-    def _hook(self, row: int) -> Callable[[int, bytes], Any]:
+    def _expand(
+        self, item: "_Deferred", hook: Callable[[int, bytes], Any], state: "_DecodeState", row: int
+    ) -> list:
+        """The items of a tuple whose decoding was deferred (their own deeper tuples may
+        be deferred again)."""
+        state.base, state.level = item.depth, 0
+        items = msgpack.unpackb(item.data, ext_hook=hook, raw=False, strict_map_key=False)
+        if not isinstance(items, list):
+            raise CorruptCacheError(f"{self.where}: malformed tuple in record {row}")
+        return items
+
+    def _hook(self, row: int, state: "_DecodeState | None" = None) -> Callable[[int, bytes], Any]:
+        if state is None:
+            state = _DecodeState()
+
         def hook(code: int, data: bytes) -> Any:
+            if code == EXT_TUPLE:
+                depth = state.base + state.level + 1
+                if depth > MAX_TUPLE_DEPTH:
+                    raise CorruptCacheError(
+                        f"{self.where}: record {row} has tuples nested more than {MAX_TUPLE_DEPTH} "
+                        "deep, which edcache never writes: the file is damaged or crafted"
+                    )
+                if state.level >= _EAGER_TUPLE_DEPTH:  # no deeper on the C stack: later, in a loop
+                    state.deferred = True
+                    return _Deferred(bytes(data), depth)
+                state.level += 1
+                try:
+                    items = msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False)
+                finally:
+                    state.level -= 1
+                if not isinstance(items, list):
+                    raise CorruptCacheError(f"{self.where}: malformed tuple in record {row}")
+                return tuple(items)
             if code == EXT_COLUMN:
                 col = int.from_bytes(data, "little")
                 if col >= len(self.columns):
@@ -284,8 +409,6 @@ class Decoder:
                 if len(raw) != dt.itemsize:
                     raise CorruptCacheError(f"{self.where}: bad scalar in record {row}")
                 return np.frombuffer(raw, dt, 1)[0]
-            if code == EXT_TUPLE:
-                return tuple(msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False))
             if code == EXT_BIGINT:
                 return int.from_bytes(data, "big", signed=True)
             if code == EXT_PICKLE:
@@ -299,3 +422,81 @@ class Decoder:
             raise CorruptCacheError(f"{self.where}: unknown extension type {code} in record {row}")
 
         return hook
+
+
+class _DecodeState:
+    """Tuple nesting while one record is decoded: ``level`` tuples deep on the C stack
+    (inside msgpack's hook), from ``base`` (the depth of the deferred tuple being
+    expanded); ``deferred`` once a tuple was left for later."""
+
+    __slots__ = ("base", "level", "deferred")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.level = 0
+        self.deferred = False
+
+
+class _Deferred:
+    """A tuple too deep to decode inside the hook: its payload and its nesting depth."""
+
+    __slots__ = ("data", "depth")
+
+    def __init__(self, data: bytes, depth: int) -> None:
+        self.data = data
+        self.depth = depth
+
+
+def _resolve_deferred(root: Any, expand: Callable[[_Deferred], list]) -> Any:
+    """``root`` with every :class:`_Deferred` replaced by the tuple of ``expand(it)``.
+
+    Walks with an explicit stack (no recursion): the lists and dicts of a freshly
+    decoded record are updated in place, tuples holding a replaced item are rebuilt.
+    """
+    stack = [_Frame("root", None, [root], None)]
+    while True:
+        frame = stack[-1]
+        if frame.pos < len(frame.items):
+            value = frame.items[frame.pos]
+            kind = type(value)
+            if kind is _Deferred:
+                child = _Frame("tuple", None, expand(value), None)
+                child.changed = True
+                stack.append(child)
+            elif kind is list:
+                stack.append(_Frame("list", value, value, None))
+            elif kind is dict:
+                child = _Frame("dict", value, list(value.values()), list(value))
+                if any(type(k) is _Deferred for k in child.keys):  # a deep tuple as a key
+                    child.keys = [_resolve_deferred(k, expand) for k in child.keys]
+                    child.changed = True
+                stack.append(child)
+            elif kind is tuple:
+                stack.append(_Frame("tuple", value, list(value), None))
+            else:
+                frame.pos += 1
+            continue
+        stack.pop()
+        if frame.kind == "root":
+            return frame.items[0]
+        result = frame.obj
+        if frame.changed:
+            if frame.kind == "tuple":
+                result = tuple(frame.items)
+            elif frame.kind == "dict":
+                result.clear()
+                result.update(zip(frame.keys, frame.items))
+        parent = stack[-1]
+        if frame.changed:
+            parent.items[parent.pos] = result
+            parent.changed = True
+        parent.pos += 1
+
+
+class _Frame:
+    __slots__ = ("kind", "obj", "items", "keys", "pos", "changed")
+
+    def __init__(self, kind: str, obj: Any, items: list, keys: list | None) -> None:
+        self.kind, self.obj, self.items, self.keys = kind, obj, items, keys
+        self.pos = 0
+        self.changed = False

@@ -2,7 +2,8 @@
 
 A key whose values form a regular numpy array (numbers, bools, strings, arrays of one
 shape) is stored as ``labels/<n>.npy`` and memory-mapped on read. Values that cannot
-(ragged arrays, ``None`` mixed in, bytes, nested containers) are stored as
+(ragged arrays, ``None`` mixed in, bytes, nested containers, strings ending in NUL,
+which numpy's ``U`` dtype would strip) are stored as
 ``labels/<n>.list``, a one-record shard, and come back as a Python list.
 """
 
@@ -38,6 +39,39 @@ def _category(value: Any) -> str:
     return "other"
 
 
+#: What a label error says about recovering.
+LABEL_ADVICE = (
+    "A label column holds one kind of value (numbers, bools, str or numpy arrays; None or "
+    "other values among them make it a list). Fix the dataset, then rebuild with "
+    "force_cache=True, keep_existing=False (CLI: --force --no-keep-existing): chunks already "
+    "cached keep the values they were computed with."
+)
+
+
+def _kinds(values: list) -> dict[str, int]:
+    """{kind: position of its first value}."""
+    first_at: dict[str, int] = {}
+    for i, v in enumerate(values):
+        first_at.setdefault(_category(v), i)
+    return first_at
+
+
+def check_label_kinds(key: str, values: list, start: int = 0) -> set[str]:
+    """Raise :class:`LabelError` if ``values`` (of examples ``start, start + 1, ...``)
+    mix kinds that cannot share a column (say str and int). Values that make the
+    column a list (``None``, containers) are never an error."""
+    first_at = _kinds(values)
+    cats = set(first_at)
+    if len(cats) > 1 and not cats & {"none", "other"}:
+        (a, ia), (b, ib) = sorted(first_at.items(), key=lambda kv: kv[1])[:2]
+        raise LabelError(
+            f"in_memory_key {key!r} has values of inconsistent types: "
+            f"{_CATEGORY_NAMES[a]} (index {start + ia}: {values[ia]!r}) and "
+            f"{_CATEGORY_NAMES[b]} (index {start + ib}: {values[ib]!r}). {LABEL_ADVICE}"
+        )
+    return cats
+
+
 def to_column(key: str, values: list) -> np.ndarray | list:
     """Turn the values of one key into a numpy array if they form one, else a list.
 
@@ -46,21 +80,11 @@ def to_column(key: str, values: list) -> np.ndarray | list:
     LabelError
         If values mix scalar types that cannot share a column (say str and int).
     """
-    first_at: dict[str, int] = {}
-    for i, v in enumerate(values):
-        first_at.setdefault(_category(v), i)
-    cats = set(first_at)
     if not values:
         return np.empty(0)
+    cats = check_label_kinds(key, values)
     if cats & {"none", "other"}:
         return list(values)
-    if len(cats) > 1:
-        (a, ia), (b, ib) = sorted(first_at.items(), key=lambda kv: kv[1])[:2]
-        raise LabelError(
-            f"in_memory_key {key!r} has values of inconsistent types: "
-            f"{_CATEGORY_NAMES[a]} (index {ia}: {values[ia]!r}) and "
-            f"{_CATEGORY_NAMES[b]} (index {ib}: {values[ib]!r})"
-        )
     (cat,) = cats
     if cat == "array":
         shape = values[0].shape
@@ -68,6 +92,10 @@ def to_column(key: str, values: list) -> np.ndarray | list:
             return list(values)
         column = np.stack(values)
     elif cat == "str":
+        if any(v.endswith("\x00") for v in values):
+            # numpy's U dtype pads with NULs and strips trailing ones on read: keep the
+            # values exactly, as a list
+            return list(values)
         column = np.array(values, dtype=str)
     else:
         column = np.asarray(values)

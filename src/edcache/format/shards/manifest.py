@@ -53,6 +53,9 @@ class Manifest:
     shard_table: dict[str, Any] | None = None
     parameters: str | None = None
     packed: dict[str, Any] | None = None
+    #: the dataset's configuration (:func:`edcache.fingerprint.dataset_fingerprint`);
+    #: None (and absent from the file) when not recorded
+    fingerprint: str | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -67,6 +70,8 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        if doc["fingerprint"] is None:  # manifests without one stay byte-identical
+            del doc["fingerprint"]
         doc["xxh3"] = checksum(_canonical(doc))  # of the text without this key
         return _canonical(doc)
 
@@ -99,6 +104,7 @@ class Manifest:
                 shard_table=doc.get("shard_table"),
                 parameters=doc.get("parameters"),
                 packed=doc.get("packed"),
+                fingerprint=doc.get("fingerprint"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCacheError(f"{where}: manifest field missing or wrong ({exc})") from exc
@@ -109,6 +115,7 @@ class Manifest:
             and m.chunk_size > 0
             and all(isinstance(k, str) for k in m.in_memory_keys)
             and all(isinstance(v, dict) for v in m.labels.values())
+            and (m.fingerprint is None or isinstance(m.fingerprint, str))
         ):
             raise CorruptCacheError(f"{where}: manifest values out of range")
         if m.packed is not None and not (

@@ -1,0 +1,147 @@
+"""A dataset's configuration, recorded with its cache so that a changed one is noticed.
+
+The class and the name of a dataset say which cache it uses; its *configuration*
+(``size=224`` against ``size=112``) decides what the examples are. A cache opened or
+resumed with another configuration would silently return (or mix in) examples of the
+old one, so :class:`~edcache.CachedDataset` records :func:`dataset_fingerprint` in the
+manifest and refuses a dataset whose fingerprint differs
+(:class:`~edcache.errors.CacheMismatchError`).
+
+What counts as configuration: the dataset object's public instance attributes whose
+values are simple (None, bool, int, float, str, paths, numpy scalars, and small lists,
+tuples and dicts of those). Everything else is left out: private attributes
+(``_cache``), large containers, arrays, callables, other objects (a model, an open
+file, a list of 100,000 file names), and the attributes that say where the cache is
+(``root``, ``name``; moving a cache must keep it usable) or that are checked on their
+own (``in_memory_keys``). A dataset may name more attributes to leave out in a class
+attribute ``fingerprint_exclude`` (e.g. a log directory), or define
+``cache_fingerprint()`` returning a JSON-able value to use instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["dataset_fingerprint", "fingerprint_differences"]
+
+#: Attributes never part of the fingerprint (where the cache is, what is checked apart).
+ALWAYS_EXCLUDED = frozenset({"root", "name", "in_memory_keys", "fingerprint_exclude"})
+#: Containers longer than this are not configuration (a file list, a table).
+MAX_ITEMS = 64
+#: Strings longer than this are not configuration either (a document, a blob).
+MAX_STR = 4096
+_MAX_DEPTH = 4
+
+
+class _Skip(Exception):
+    """The value is not simple configuration."""
+
+
+def _simple(value: Any, depth: int = 0) -> Any:
+    """``value`` as canonical JSON-able data, or raise :class:`_Skip`."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        value = value.item()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        # JSON has no NaN/inf: spell them, so that the string stays deterministic
+        return float(value) if math.isfinite(value) else repr(float(value))
+    if isinstance(value, str):
+        if len(value) > MAX_STR:
+            raise _Skip
+        return str(value)
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+        return _simple(os.fsdecode(path) if isinstance(path, bytes) else path, depth)
+    if depth >= _MAX_DEPTH:
+        raise _Skip
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_ITEMS:
+            raise _Skip
+        return [_simple(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if len(value) > MAX_ITEMS or not all(isinstance(k, str) for k in value):
+            raise _Skip
+        return {k: _simple(v, depth + 1) for k, v in sorted(value.items())}
+    raise _Skip
+
+
+def _attributes(dataset: Any) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    try:
+        attrs.update(vars(dataset))
+    except TypeError:  # no __dict__
+        pass
+    for cls in type(dataset).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in attrs and hasattr(dataset, slot):
+                attrs[slot] = getattr(dataset, slot)
+    return attrs
+
+
+def dataset_fingerprint(dataset: Any) -> str | None:
+    """The canonical JSON text of ``dataset``'s simple configuration attributes.
+
+    Deterministic across processes and machines (keys sorted, no addresses or hash
+    seeds). ``None`` if the dataset has no such attributes (nothing to compare), or
+    is ``None``.
+    """
+    if dataset is None:
+        return None
+    custom = getattr(dataset, "cache_fingerprint", None)
+    if callable(custom):
+        return json.dumps({"cache_fingerprint": _simple_or_repr(custom())}, sort_keys=True)
+    excluded = ALWAYS_EXCLUDED | set(getattr(dataset, "fingerprint_exclude", ()) or ())
+    config: dict[str, Any] = {}
+    for key, value in _attributes(dataset).items():
+        if not isinstance(key, str) or key.startswith("_") or key in excluded or callable(value):
+            continue
+        try:
+            config[key] = _simple(value)
+        except (_Skip, RecursionError, TypeError, ValueError):
+            continue
+    if not config:
+        return None
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _simple_or_repr(value: Any) -> Any:
+    try:
+        return _simple(value)
+    except _Skip:
+        return repr(value)
+
+
+def fingerprint_differences(recorded: str | None, current: str | None) -> list[str]:
+    """Human-readable differences between two fingerprints (``"size: 224 -> 112"``);
+    empty if they are equal. Either may be None (no attributes)."""
+    if recorded == current:
+        return []
+
+    def parse(text: str | None) -> dict[str, Any]:
+        if text is None:
+            return {}
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return {"?": text}
+        return doc if isinstance(doc, dict) else {"?": doc}
+
+    old, new = parse(recorded), parse(current)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key not in new:
+            out.append(f"{key}: {json.dumps(old[key])} -> (absent)")
+        elif key not in old:
+            out.append(f"{key}: (absent) -> {json.dumps(new[key])}")
+        elif old[key] != new[key]:
+            out.append(f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}")
+    return out or ["(the recorded configuration differs)"]
