@@ -74,28 +74,20 @@ def reference(tmp_path, name, length, dataset=SlowDataset) -> dict[str, bytes]:
     return tree(ds.path)
 
 
-#: live outcomes of open v2 bugs (strict xfail tests at the end of this file)
+#: live outcomes of known v2 bugs (none open: the two found here are fixed and have
+#: regression tests at the end of this file)
 KNOWN_BUGS: dict[str, int] = {}
 
 
 def batch_matches(batch, idx, dataset, where) -> None:
-    """assert_batch_equal, except the open bug of
-    test_get_batch_types_do_not_depend_on_timing (a bool column as a list), counted."""
-    try:
-        assert_batch_equal(batch, idx, dataset, where)
-    except AssertionError:
-        fixed = {k: (np.array(v, dtype=bool) if isinstance(v, list) and v and all(type(x) is bool for x in v) else v)
-                 for k, v in batch.items()}
-        assert_batch_equal(fixed, idx, dataset, where)
-        KNOWN_BUGS["bool column batched as a list"] = KNOWN_BUGS.get("bool column batched as a list", 0) + 1
+    """A batch read during a build equals the dataset's (a bool column is a bool array
+    whether it was gathered or collated: test_get_batch_types_do_not_depend_on_timing)."""
+    assert_batch_equal(batch, idx, dataset, where)
 
 
 def missing_file_race(exc: Exception) -> bool:
-    """The open bug of test_reader_follows_when_promotion_lands_between_replay_and_open."""
-    if isinstance(exc, CorruptCacheError) and str(exc).endswith((".data is missing", ".index is missing")):
-        KNOWN_BUGS["column file deleted between replay and open"] = \
-            KNOWN_BUGS.get("column file deleted between replay and open", 0) + 1
-        return True
+    """A column file promoted away between a reader's log replay and its open is followed,
+    never an error (test_reader_follows_when_promotion_lands_between_replay_and_open)."""
     return False
 
 
@@ -460,7 +452,7 @@ def test_reader_in_finalizing_window(tmp_path, kind):
     assert_labels(before.labels, dataset, length)
 
 
-# -- open v2 bugs found by the readers during a build --------------------------------------
+# -- v2 bugs found by the readers during a build (fixed; regression tests) ------------------
 class GatedMixed(MixedDataset):
     """:class:`MixedDataset` whose example 0 waits for :attr:`gate` (a threading.Event)."""
 
@@ -472,9 +464,6 @@ class GatedMixed(MixedDataset):
         return super().get_example(i)
 
 
-@pytest.mark.xfail(strict=True, reason="v2 bug: a reader following a build replays commits.log, then opens "
-                   "the files of that schema; a promotion in between deletes the old column file: "
-                   "CorruptCacheError 'columns/0003.data is missing' instead of following on")
 def test_reader_follows_when_promotion_lands_between_replay_and_open(tmp_path, monkeypatch):
     """Mixed dataset. A reader opens while nothing is committed; the build commits chunk 0
     (``score`` a fixed int column, 0003.data) and stops at example 9. The reader asks for
@@ -530,9 +519,6 @@ def test_reader_follows_when_promotion_lands_between_replay_and_open(tmp_path, m
     assert_example_equal(got, MixedDataset.expected(20))
 
 
-@pytest.mark.xfail(strict=True, reason="v2 bug: get_batch of a cache being built collates a Python-bool "
-                   "column as a list (fallback _collate) instead of a bool array (column gather) when the "
-                   "build commits between read_batch's check and the per-example reads")
 def test_get_batch_types_do_not_depend_on_timing(tmp_path, monkeypatch):
     """Uniform dataset, chunks 0 and 1 committed; the build completes just after
     ``read_batch`` looked at the log (simulated: its ``_follow`` misses it once):
