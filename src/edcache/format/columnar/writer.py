@@ -300,9 +300,10 @@ class ColumnarSink(ChunkSink):
         old = self.schema.columns[gid]
         if old.kind != ABSENT and old.files():
             new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py,
-                             stem=_next_stem(old.stem))
+                             stem=_next_stem(old.stem), wrap=new.wrap)
         else:
-            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py, stem=old.stem)
+            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py, stem=old.stem,
+                             wrap=new.wrap)
         n_chunks, cs = self.committed_chunks, self.chunk_size
         views = None
         if old.kind != ABSENT and n_chunks:
