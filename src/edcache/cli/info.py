@@ -45,6 +45,18 @@ def _manifest_lines(lines: list[str], manifest: object, complete: bool, committe
         lines.append(f"complete:    no ({committed} of {m.num_chunks} chunks committed)")  # type: ignore[attr-defined]
     pickles = "allowed" if m.allow_pickle else "none (safe codec only)"  # type: ignore[attr-defined]
     lines.append(f"pickles:     {pickles}")
+    identity = getattr(m, "identity", None)
+    if identity:
+        import json
+
+        try:
+            doc = json.loads(identity)
+            lines.append(f"identity:    class {doc.get('class')}, source {doc.get('source') or '?'}, "
+                         f"version {doc.get('version') if doc.get('version') is not None else '-'}")
+        except (ValueError, AttributeError):
+            lines.append(f"identity:    {identity}")
+    if getattr(m, "fingerprint", None):
+        lines.append(f"config:      {m.fingerprint}")  # type: ignore[attr-defined]
 
 
 def describe(path: str, *, allow_pickle: bool = False) -> str:
