@@ -13,7 +13,7 @@ tuples and dicts of those). Everything else is left out: private attributes
 (``_cache``), large containers, arrays, callables, other objects (a model, an open
 file, a list of 100,000 file names), and the attributes that say where the cache is
 (``root``, ``name``; moving a cache must keep it usable) or that are checked on their
-own (``in_memory_keys``). A dataset may name more attributes to leave out in a class
+own (``in_memory_keys``, ``cache_version``: see :func:`dataset_identity_record`). A dataset may name more attributes to leave out in a class
 attribute ``fingerprint_exclude`` (e.g. a log directory), or define
 ``cache_fingerprint()`` returning a JSON-able value to use instead.
 """
@@ -30,7 +30,7 @@ import numpy as np
 __all__ = ["dataset_fingerprint", "fingerprint_differences"]
 
 #: Attributes never part of the fingerprint (where the cache is, what is checked apart).
-ALWAYS_EXCLUDED = frozenset({"root", "name", "in_memory_keys", "fingerprint_exclude"})
+ALWAYS_EXCLUDED = frozenset({"root", "name", "in_memory_keys", "fingerprint_exclude", "cache_version"})
 #: Containers longer than this are not configuration (a file list, a table).
 MAX_ITEMS = 64
 #: Strings longer than this are not configuration either (a document, a blob).
