@@ -125,6 +125,22 @@ def wrapper(tag: str, pil: str = "image") -> Callable[[Any], Any]:
     return to_image_bytes
 
 
+def fixed_tensor_getter(tag: str, array: np.ndarray) -> Callable[[int], Any] | None:
+    """``r -> tensor`` of row ``r`` of a fixed column ``array`` (rows of at least one
+    dimension) holding tensors: one copy of the row, one ``torch.from_numpy`` (the
+    cheapest safe path: the tensor owns its memory). None for other tags."""
+    family, _, name = tag.partition(":")
+    if family != "torch":
+        return None
+    import torch
+
+    from_numpy = torch.from_numpy
+    if name == "bfloat16":
+        bf16 = torch.bfloat16
+        return lambda r: from_numpy(array[r].copy()).view(bf16)
+    return lambda r: from_numpy(array[r].copy())
+
+
 def stack_wrapped(tag: str, batch: np.ndarray, pil: str = "image") -> Any:
     """A gathered batch (a new array, not a view of a map) of a wrapped column: one
     tensor for tensors, a list of images (or the array) for images."""

@@ -46,10 +46,14 @@ class ColumnView:
         self.array: np.ndarray | None = None
         get = self._make_getter()
         if spec.wrap is not None:  # tensors (copies of the row) or PIL images
-            from ..wrap import wrapper
+            from ..wrap import fixed_tensor_getter, wrapper
 
-            conv, raw = wrapper(spec.wrap, pil), get
-            get = lambda r: conv(raw(r))  # noqa: E731
+            fast = fixed_tensor_getter(spec.wrap, self.array) if self.array is not None and spec.shape else None
+            if fast is not None:
+                get = fast
+            else:
+                conv, raw = wrapper(spec.wrap, pil), get
+                get = lambda r: conv(raw(r))  # noqa: E731
         self.get: Callable[[int], Any] = get
 
     def _bad(self, what: str) -> CorruptCacheError:
