@@ -82,6 +82,7 @@ def test_explicit_version_mismatch_is_refused(tmp_path):
     assert len(rebuilt) == len(ds)
     text = describe(str(tmp_path / "c"))
     assert "identity:" in text and "torch_datasets.Versioned" in text and "version 3" in text
+    assert "as torch:float32" in text
 
 
 MODULE = '''

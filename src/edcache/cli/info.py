@@ -88,7 +88,8 @@ def describe(path: str, *, allow_pickle: bool = False) -> str:
             shape = "" if col["shape"] is None else " (" + ", ".join(map(str, col["shape"])) + ")"
             dtype = f" {col['dtype']}" if col["dtype"] else ""
             key = "-" if col["key"] is None else repr(col["key"])
-            lines.append(f"  {key}: {col['kind']}{dtype}{shape}, {_size(col['bytes'])}")
+            wrap = f" as {col['wrap']}" if col.get("wrap") else ""
+            lines.append(f"  {key}: {col['kind']}{dtype}{shape}{wrap}, {_size(col['bytes'])}")
     try:
         labels = reader.labels
     except KeyError:

@@ -345,7 +345,8 @@ class ColumnarReader(CacheReader):
 
     def columns(self) -> list[dict[str, Any]]:
         """One entry per column: ``key``, ``kind``, ``dtype``, ``shape`` (fixed: of a row;
-        ragged: of an item along axis 0; varshape: ``ndim`` unknown dims), ``bytes``."""
+        ragged: of an item along axis 0; varshape: ``ndim`` unknown dims), ``bytes``, ``wrap``
+        (``torch:<dtype>``, ``pil:<mode>`` or None)."""
         out = []
         for gid, spec in enumerate(self._schema.columns):
             if gid == self._schema.layout_column:
@@ -363,7 +364,7 @@ class ColumnarReader(CacheReader):
             else:
                 shape = None
             out.append({"key": spec.key, "kind": kind, "dtype": spec.dtype, "shape": shape,
-                        "bytes": sum(self._ends.get(f, 0) for f in spec.files())})
+                        "bytes": sum(self._ends.get(f, 0) for f in spec.files()), "wrap": spec.wrap})
         return out
 
     # -- checksums -----------------------------------------------------------------------
