@@ -174,6 +174,26 @@ def test_tuple_and_list_examples_come_back_as_they_went_in(tmp_path):
     src = Tuples(tmp_path)
     for i in range(50):
         assert_same(ds[i], src[i])
+    for got, i in zip(ds[[3, 7, 9]], [3, 7, 9]):  # lists, slices, views, batches
+        assert_same(got, src[i])
+    assert_same(ds[5:7], [src[5], src[6]])
+    assert_same(ds.subset([9, 7])[1], src[7])
+    assert_same(ds.__getitems__([7, 8]), [src[7], src[8]])
+    images, labels = ds.get_batch([1, 2, 7])  # collated by position; the list example mixes in
+    assert labels.tolist() == [1, 2, 7] and images[1].shape == (2, 2)
+
+
+def test_uniform_tuple_examples_batch_column_wise(tmp_path):
+    class Pairs(Tuples):
+        def __getitem__(self, i):
+            return (np.full((2, 2), i, np.float32), i)
+
+    ds = CachedDataset(Pairs(tmp_path), chunk_size=8, num_workers=0, progress=False)
+    images, labels = ds.get_batch([4, 0, 4])
+    assert images.shape == (3, 2, 2) and images[:, 0, 0].tolist() == [4, 0, 4]
+    assert labels.tolist() == [4, 0, 4]
+    images, labels = ds.subset([10, 11]).get_batch([1])
+    assert labels.tolist() == [11]
 
 
 class ReusesBuffer(DatasetMixin):

@@ -92,10 +92,10 @@ def test_tuple_examples_come_back_as_tuples_and_labels_name_positions(tmp_path):
     assert cached.labels[1].tolist() == [i % 7 for i in range(len(raw))]
     view = cached.subset(cached.labels[1] == 2)
     assert [view[k][1] for k in range(len(view))] == [2] * len(view)
-    batch = cached.get_batch([0, 5, 6])
+    batch = cached.get_batch([0, 5, 6])  # tuple examples: a tuple of columns
+    assert type(batch) is tuple and len(batch) == 2
     assert isinstance(batch[0], torch.Tensor) and batch[0].shape == (3, 3, 8, 8)
     assert torch.equal(batch[0][1], raw[5][0]) and batch[1].tolist() == [0, 5, 6]
-    assert batch["index_"].tolist() == [0, 5, 6]
     reopened = edcache.CachedDataset.from_cache(path=tmp_path / "tv")
     assert_same(reopened[7], raw[7])
     assert reopened.labels[1][7] == 0

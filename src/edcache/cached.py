@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .dataset import DatasetMixin, check_cachable, checked_length, normalize_indices
+from .dataset import NUMPY_INTS, DatasetMixin, check_cachable, checked_length, int_array, int_list, normalize_indices
 from .errors import (
     CacheMismatchError,
     CacheNotFoundError,
@@ -557,25 +557,30 @@ class CachedDataset(DatasetMixin):
         return self._length
 
     def __getitem__(self, i: Any) -> Any:
-        # fast path for the common case: one int index (the DataLoader's per-example call)
-        if type(i) is int:
-            j = i + self._length if i < 0 else i
-            if 0 <= j < self._length:
-                reader = self._reader
-                if reader is None or self._generation != _fork_generation:
-                    reader = self.store
-                if not (self._append_labels or self._expand):
-                    # sets index_ in dict examples (as _finish would); tuples come back as stored
-                    if self.transform is None:
-                        return reader.row_indexed(j)
-                    return self.transform(reader.row_indexed(j))
-                return self._finish(reader.read(j), j)
+        # fast path for the common case: one int index (the DataLoader's per-example call),
+        # a Python int or a numpy integer (an element of an index array)
+        if type(i) is not int:
+            if type(i) not in NUMPY_INTS:
+                return super().__getitem__(i)
+            i = int(i)
+        j = i + self._length if i < 0 else i
+        if 0 <= j < self._length:
+            reader = self._reader
+            if reader is None or self._generation != _fork_generation:
+                reader = self.store
+            if not (self._append_labels or self._expand):
+                # sets index_ in dict examples (as _finish would); tuples come back as stored
+                if self.transform is None:
+                    return reader.row_indexed(j)
+                return self.transform(reader.row_indexed(j))
+            return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
     def _finish(self, example: Any, j: int) -> Any:
-        """``index_`` (and labels_) in dict examples; tuples and lists as stored; then
-        the transform."""
-        if type(example) is dict or self._append_labels or self._expand:
+        """As :class:`DatasetMixin` does for dicts (``index_``, labels, expand); tuple and
+        list examples come back as stored (edflow's ``index_`` contract is for dicts);
+        then the transform."""
+        if type(example) is dict:
             example = super()._finish(example, j)
         return example if self.transform is None else self.transform(example)
 
@@ -593,11 +598,11 @@ class CachedDataset(DatasetMixin):
         A packed cache is read example by example through the int fast path (there is
         nothing to group); chunk shards are visited once each, in shard order.
         """
-        indices = list(indices)
-        if all(type(i) is int for i in indices):
+        ints = int_list(indices)
+        if ints is not None:
             get = self.__getitem__
-            return [get(i) for i in indices]
-        return self[indices]
+            return [get(i) for i in ints]
+        return self[list(indices)]
 
     def subset(self, selection: Any, transform: Any = "inherit") -> "CachedSubset":
         """A view of some examples: ``selection`` is indices (negatives count from the
@@ -622,16 +627,38 @@ class CachedDataset(DatasetMixin):
         lists. ``index_`` holds the indices.
         """
         length = self._length
-        if not isinstance(indices, np.ndarray) and all(type(i) is int for i in indices):
-            indices = np.array(indices, dtype=np.int64)  # one conversion, checked vectorized
+        indices = int_array(indices)  # one conversion, checked vectorized
         idx = normalize_indices(indices, length)
         reader = self.store
         fast = getattr(reader, "read_batch", None)
+        columns = reader.read_columns(idx)
+        if columns is not None and columns[0] != "dict":  # tuple/list examples: by position
+            return tuple(columns[1].values())
         batch = fast(idx) if fast is not None else None
         if batch is None:
-            batch = _collate(reader.read_many(idx.tolist()))
+            examples = reader.read_many(idx.tolist())
+            if examples and all(type(ex) in (tuple, list) for ex in examples):
+                return _collate_positions(examples)
+            batch = _collate(examples)
         batch["index_"] = idx
         return batch
+
+    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+               num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
+               **dataloader_kwargs: Any) -> Any:
+        """Batches for a training loop: a :class:`~edcache.loader.CacheLoader` (needs torch).
+
+        Built on ``torch.utils.data.DataLoader``: workers read whole batches (one gather
+        per column) and send them as numpy arrays; the order depends only on ``seed``,
+        the epoch and ``rank``/``world_size``; ``state_dict()``/``load_state_dict()``
+        resume mid-epoch exactly, at any world size. ``dataloader_kwargs`` go to the
+        DataLoader (``pin_memory``, ``persistent_workers``, ...). See
+        :class:`~edcache.loader.CacheLoader` for the parameters.
+        """
+        from .loader import make_loader
+
+        return make_loader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                           num_workers=num_workers, rank=rank, world_size=world_size, **dataloader_kwargs)
 
     @property
     def labels(self) -> dict:
@@ -698,6 +725,14 @@ def _rebuild_pending(path: str) -> bool:
     from .format.legacy.zip_writer import rebuild_pending
 
     return rebuild_pending(path)
+
+
+def _collate_positions(examples: list) -> tuple:
+    """Tuple (or list) examples collated position by position, as :func:`_collate` does
+    per key; examples of different lengths keep only the common positions."""
+    width = min(len(ex) for ex in examples)
+    columns = _collate([{n: ex[n] for n in range(width)} for ex in examples])
+    return tuple(columns[n] for n in range(width))
 
 
 def _collate(examples: list[dict]) -> dict[str, Any]:

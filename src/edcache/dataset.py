@@ -27,6 +27,34 @@ def normalize_index(i: Any, length: int) -> int:
     return j
 
 
+#: numpy's integer scalar types (not bool): indices as fast as Python ints
+NUMPY_INTS = frozenset(t for t in np.sctypeDict.values() if isinstance(t, type) and issubclass(t, np.integer))
+
+
+def int_list(indices: Any) -> list[int] | None:
+    """``indices`` as a list of Python ints when they are ints, numpy integers or an
+    integer array (else None: the caller takes its general path)."""
+    if isinstance(indices, np.ndarray):
+        return indices.reshape(-1).tolist() if indices.dtype.kind in "iu" else None
+    indices = list(indices)
+    if all(type(i) is int for i in indices):
+        return indices
+    if all(type(i) is int or type(i) in NUMPY_INTS for i in indices):
+        return [int(i) for i in indices]
+    return None
+
+
+def int_array(indices: Any) -> Any:
+    """``indices`` as an int64 array when they are ints or numpy integers (else as
+    given, for :func:`normalize_indices` to check and report)."""
+    if isinstance(indices, np.ndarray):
+        return indices
+    indices = list(indices) if not isinstance(indices, list) else indices
+    if all(type(i) is int or type(i) in NUMPY_INTS for i in indices):
+        return np.array(indices, dtype=np.int64)
+    return indices
+
+
 def normalize_indices(indices: Any, length: int) -> np.ndarray:
     """:func:`normalize_index` for a sequence of indices, vectorized: an int64 array.
 

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .dataset import DatasetMixin, normalize_indices
+from .dataset import NUMPY_INTS, DatasetMixin, int_array, int_list, normalize_indices
 
 
 def _as_indices(selection: Any, length: int) -> np.ndarray:
@@ -71,6 +71,8 @@ class CachedSubset(DatasetMixin):
     def __getitem__(self, k: Any) -> Any:
         # fast path for one int (what a DataLoader asks for): one read, index_ = k
         n = len(self.indices)
+        if type(k) is not int and type(k) in NUMPY_INTS:
+            k = int(k)
         if type(k) is int and -n <= k < n and not (self._append_labels or self._expand):
             k = k + n if k < 0 else k
             example = self.parent.store.read_indexed(self.indices.item(k))
@@ -81,22 +83,25 @@ class CachedSubset(DatasetMixin):
         return super().__getitem__(k)
 
     def _finish(self, example: Any, j: int) -> Any:
-        if type(example) is dict or self._append_labels or self._expand:
+        """As :class:`DatasetMixin` does for dicts; tuple and list examples come back as
+        stored (``index_`` is for dicts only); then the transform."""
+        if type(example) is dict:
             example = super()._finish(example, j)
         transform = self.transform
         return example if transform is None else transform(example)
 
     def __getitems__(self, ks: Sequence[int]) -> list[dict]:
         """Batched fetch (what PyTorch's DataLoader calls)."""
-        return [self[k] for k in ks] if all(type(k) is int for k in ks) else self[list(ks)]
+        ints = int_list(ks)
+        return [self[k] for k in ints] if ints is not None else self[list(ks)]
 
     def get_batch(self, ks: Sequence[int]) -> dict[str, Any]:
         """A collated batch of view positions ``ks`` (see :meth:`CachedDataset.get_batch`);
         ``index_`` holds the positions in the view."""
-        ks_arr = normalize_indices(np.asarray(list(ks) if not isinstance(ks, np.ndarray) else ks,
-                                              dtype=np.int64), len(self))
+        ks_arr = normalize_indices(int_array(ks), len(self))
         batch = self.parent.get_batch(self.indices[ks_arr])
-        batch["index_"] = ks_arr
+        if isinstance(batch, dict):  # (tuple examples: a tuple of columns, no index_)
+            batch["index_"] = ks_arr
         return batch
 
     def subset(self, selection: Any, transform: Any = "inherit") -> "CachedSubset":
@@ -104,6 +109,23 @@ class CachedSubset(DatasetMixin):
         (with this view's transform unless ``transform`` is given)."""
         return CachedSubset(self.parent, self.indices[_as_indices(selection, len(self))],
                             transform=self._transform if isinstance(transform, str) else transform)
+
+    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+               num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
+               **dataloader_kwargs: Any) -> Any:
+        """Batches for a training loop: a :class:`~edcache.loader.CacheLoader` (needs torch).
+
+        Built on ``torch.utils.data.DataLoader``: workers read whole batches (one gather
+        per column) and send them as numpy arrays; the order depends only on ``seed``,
+        the epoch and ``rank``/``world_size``; ``state_dict()``/``load_state_dict()``
+        resume mid-epoch exactly, at any world size. ``dataloader_kwargs`` go to the
+        DataLoader (``pin_memory``, ``persistent_workers``, ...). See
+        :class:`~edcache.loader.CacheLoader` for the parameters.
+        """
+        from .loader import make_loader
+
+        return make_loader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                           num_workers=num_workers, rank=rank, world_size=world_size, **dataloader_kwargs)
 
     @property
     def labels(self) -> dict:

@@ -44,6 +44,11 @@ class CacheReader(ABC):
         len(self)``); formats may skip their own checks."""
         return self.read_indexed(index)
 
+    def read_columns(self, indices: Any) -> tuple[str, dict[Any, Any]] | None:
+        """``(container, {key or position: values})`` of ``indices`` read column-wise, or
+        None where the format cannot (the caller then reads example by example)."""
+        return None
+
     def read_many(self, indices: Sequence[int]) -> list[dict]:
         """Return several examples; formats may reorder reads internally."""
         return [self.read(int(i)) for i in indices]

@@ -432,10 +432,16 @@ class ColumnarReader(CacheReader):
         return [read(int(i)) for i in indices]
 
     def read_batch(self, indices: np.ndarray) -> dict[Any, Any] | None:
-        """Collate ``indices`` column by column when every example has the same dict,
-        tuple or list layout (else None): keyed by dict key or tuple position; one
-        gather per fixed column; variable arrays stacked when their shapes agree, else
-        lists; str, bytes and records as lists; tensor columns as one stacked tensor."""
+        """Collate ``indices`` column by column when every example has the same dict
+        layout (else None): one gather per fixed column; variable arrays stacked when
+        their shapes agree, else lists; str, bytes and records as lists."""
+        found = self.read_columns(indices)
+        return found[1] if found is not None and found[0] == "dict" else None
+
+    def read_columns(self, indices: np.ndarray) -> tuple[str, dict[Any, Any]] | None:
+        """``(container, {key: values})`` for ``indices`` when every example has the same
+        dict, tuple or list layout (else None): what :meth:`read_batch` returns, with the
+        container, and for tuple and list examples keyed by position."""
         n = len(indices)
         if n == 0:
             return None
@@ -450,14 +456,17 @@ class ColumnarReader(CacheReader):
         if self._views is None:
             self._setup()
         schema = self._schema
-        if schema.layout_column is not None or not schema.layouts or schema.layouts[0].container == "whole":
+        if schema.layout_column is not None or not schema.layouts \
+                or schema.layouts[0].container not in ("dict", "tuple", "list"):
             return None
         if self.verify:
             for c in np.unique(idx // self.manifest.chunk_size).tolist():
                 if c not in self._checked:
                     self.check_chunk(c)
         views = self._views
-        return {schema.columns[g].key: views[g].gather(idx) for g in schema.layouts[0].columns}  # type: ignore[index]
+        layout = schema.layouts[0]
+        return layout.container, {schema.columns[g].key: views[g].gather(idx)  # type: ignore[index]
+                                  for g in layout.columns}
 
     # -- labels --------------------------------------------------------------------------
     @property
