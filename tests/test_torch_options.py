@@ -53,8 +53,26 @@ def test_transform_on_from_cache_and_subsets(tmp_path):
     none = flipped.subset([3], transform=None)
     assert torch.equal(none[0][0], raw[3][0])
     assert torch.equal(pickle.loads(pickle.dumps(own))[0][0], raw[3][0] + 1)
+    with pytest.raises(ValueError, match="per-example transform"):
+        flipped.loader(4)
+    with pytest.raises(ValueError, match="per-example transform"):
+        view.loader(4)
     with pytest.raises(DatasetInterfaceError, match="transform must be callable"):
         edcache.CachedDataset.from_cache(path=tmp_path / "c", transform="flip")
+
+
+def test_cachable_passes_read_options_when_it_reopens(tmp_path):
+    calls = []
+
+    @edcache.cachable(str(tmp_path / "fn"), num_workers=0, progress=False, transform=add_one)
+    def make(n):
+        calls.append(n)
+        return TorchvisionStyle(n)
+
+    first, again = make(4), make(4)
+    assert calls == [4]
+    assert torch.equal(again[1][0], TorchvisionStyle(4)[1][0] + 1) and again.transform is add_one
+    assert torch.equal(first[1][0], again[1][0])
 
 
 def test_cache_path_and_root_name_forms(tmp_path):

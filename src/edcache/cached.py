@@ -850,7 +850,7 @@ def _cachable_zip(
                 f"{parameters_fingerprint(*recorded)}, not {params}. {hint}"
             )
         return PathCachedDataset(None, path, **{k: v for k, v in options.items()
-                                                if k in ("verify", "allow_pickle")})
+                                                if k in ("verify", "allow_pickle", "transform", "pil")})
     recorded = None if fresh else read_cachable_parameters(path, allow_pickle=allow_pickle)
     if recorded is not None:
         if _build_running(path):  # edflow's worker mode: the dataset itself, uncached
@@ -898,7 +898,7 @@ def cachable(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callab
                 if reader.complete:
                     reader.close()
                     return PathCachedDataset(None, path, **{k: v for k, v in options.items()
-                                                            if k in ("verify", "allow_pickle")})
+                                                            if k in ("verify", "allow_pickle", "transform", "pil")})
                 reader.close()
             return PathCachedDataset(fn(*args, **kwargs), path, _parameters=params, **options)
 
