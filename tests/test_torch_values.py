@@ -152,3 +152,12 @@ def test_importing_edcache_imports_neither_torch_nor_pil():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_none_after_an_array_in_the_same_chunk_stays_none(tmp_path):
+    # (a None in a column whose rows so far went into the chunk's block was taken for a
+    # row of the block: it read back as zeros)
+    examples = [(torch.ones(2),), (None,), (np.zeros(0, bool),), (None,)]
+    cached = _cache(examples, tmp_path / "c")
+    for i, ex in enumerate(examples):
+        assert_same(cached[i], ex)

@@ -135,9 +135,11 @@ class _Values:
                 return
             self._unbuffer()
             value = value.copy()  # the dataset may reuse its array
-        elif t not in _SIMPLE and not isinstance(value, np.generic):
-            # containers and anything else: encoded now, so later changes do not leak in
-            value = _Encoded(_encode(value, encoder, where, self.key))
+        else:
+            self._unbuffer()  # not an array: the column is not one block
+            if t not in _SIMPLE and not isinstance(value, np.generic):
+                # containers and anything else: encoded now, so later changes do not leak in
+                value = _Encoded(_encode(value, encoder, where, self.key))
         self.rows.append(row)
         self.values.append(value)
 
@@ -206,6 +208,8 @@ def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: b
                 else:
                     col.add(row, value, count, encoder, index)
             elif t in simple:
+                if col.buf is not None:  # (None marks a row in the block: a real None must not)
+                    col._unbuffer()
                 col.rows.append(row)
                 col.values.append(value)
             else:
@@ -296,7 +300,8 @@ def _wrapped_kind(col: _Values, spec: ColumnSpec) -> tuple[ColumnSpec, list[Any]
             return ColumnSpec(col.key, FIXED, values[0].dtype.str, (), wrap=tag), values, None
     out = []
     for r, v in zip(col.rows, values):
-        v = buf[r] if v is None else v  # type: ignore[index]
+        if v is None and buf is not None:
+            v = buf[r]
         out.append(Tagged(tagged[r], v) if r in tagged else v)
     return ColumnSpec(col.key, RECORD), out, None
 
