@@ -10,10 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("PIL")
 
-from torch.utils.data import DataLoader  # noqa: E402
-
-import edcache  # noqa: E402
-from torch_datasets import (  # noqa: E402
+from torch.utils.data import DataLoader
+from torch_datasets import (
     DictOfTensors,
     ListNoLocation,
     PilImages,
@@ -21,6 +19,8 @@ from torch_datasets import (  # noqa: E402
     assert_same,
     list_collate,
 )
+
+import edcache
 
 
 def _cached(kind, tmp_path):

@@ -13,12 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader
+from torch_datasets import TorchvisionStyle, Versioned, add_one, scale_and_flip
 
-import edcache  # noqa: E402
-from edcache.cli.info import describe  # noqa: E402
-from edcache.errors import CacheMismatchError, DatasetInterfaceError  # noqa: E402
-from torch_datasets import TorchvisionStyle, Versioned, add_one, scale_and_flip  # noqa: E402
+import edcache
+from edcache.cli.info import describe
+from edcache.errors import CacheMismatchError, DatasetInterfaceError
 
 
 @pytest.mark.parametrize("mode", ["fork", "spawn"])

@@ -15,7 +15,7 @@ def image_tensor(i: int, shape=(3, 8, 8)) -> torch.Tensor:
 class TorchvisionStyle:
     """``(image_tensor, label)`` like torchvision's datasets: no root, no name."""
 
-    in_memory_keys = [1]
+    in_memory_keys = (1,)
 
     def __init__(self, n: int = 40) -> None:
         self.n = n

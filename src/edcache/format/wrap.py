@@ -20,7 +20,8 @@ anything else in a cache file is a :class:`~edcache.errors.CorruptCacheError`.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -53,7 +53,7 @@ class ColumnView:
                 get = fast
             else:
                 conv, raw = wrapper(spec.wrap, pil), get
-                get = lambda r: conv(raw(r))  # noqa: E731
+                get = lambda r: conv(raw(r))
         self.get: Callable[[int], Any] = get
 
     def _bad(self, what: str) -> CorruptCacheError:
