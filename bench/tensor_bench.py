@@ -81,6 +81,35 @@ def time_epoch(ds, repeat: int) -> float:
     return statistics.median(times)
 
 
+def copy_cost(ds, order, repeat: int) -> None:
+    """What the safe tensor costs per row: the row's copy plus ``torch.from_numpy``,
+    against a numpy view (what the dict path hands out) and an unsafe tensor viewing the
+    read-only map (what edcache never hands out)."""
+    import warnings
+
+    column = ds.store._views[0].array  # the fixed image column, (n, 32, 32, 3) uint8
+    from_numpy = torch.from_numpy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # from_numpy of a read-only array warns
+        for label, fn in (("numpy view", column.__getitem__),
+                          ("row copy", lambda r: column[r].copy()),
+                          ("tensor of a copy", lambda r: from_numpy(column[r].copy())),
+                          ("tensor viewing the map (unsafe)", lambda r: from_numpy(column[r]))):
+            t = time_calls(fn, order, repeat)
+            print(f"  per row: {label:32s} {t * 1e6:6.2f} us")
+
+
+def time_calls(fn, order, repeat: int) -> float:
+    """Median seconds per ``fn(i)``."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for i in order:
+            fn(i)
+        times.append((time.perf_counter() - t0) / len(order))
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20_000)
@@ -101,6 +130,7 @@ def main() -> None:
             res[name] = (get, epoch)
             print(f"{name:6s} ds[i] {get * 1e6:7.2f} us   DataLoader epoch {epoch:6.3f} s "
                   f"({args.n / epoch:,.0f} examples/s)")
+        copy_cost(caches["tuple"], order, args.repeat)
         (g_d, e_d), (g_t, e_t) = res["dict"], res["tuple"]
         print(f"ratio tuple/dict: ds[i] {g_t / g_d:.2f}x (target <= 1.2x), "
               f"DataLoader throughput {e_d / e_t:.2f} of dict's (target >= 0.90)")
