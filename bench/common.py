@@ -16,7 +16,16 @@ PAGE = 4096
 SEED = 20240611
 
 # name -> (n in the full run, n in the quick run, fields)
-# field: (key, kind, dtype, shape); kind in {"array", "int", "float", "str"}
+# field: (key, kind, dtype, shape); kind in {"array", "vararray", "int", "float", "str"}
+# "vararray": an array whose first dimension varies per example, 0 .. shape[0] (the
+# shape given is the largest); "gen": "ragged" shapes share one generator, so
+# "ragged_fixed" holds the same values as "ragged", zero-padded to the largest shape.
+_RAGGED_FIELDS = [
+    ("image", "array", "uint8", (32, 32, 3)),
+    ("boxes", "vararray", "float32", (20, 4)),
+    ("tokens", "vararray", "int32", (40,)),
+    ("label", "int", "int64", ()),
+]
 SHAPES: dict[str, dict[str, Any]] = {
     "small": {
         "n": 100_000,
@@ -41,6 +50,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "fields": [("data", "array", "float32", (262_144,))],
         "in_memory_keys": [],
     },
+    "ragged": {
+        "n": 100_000,
+        "quick_n": 10_000,
+        "gen": "ragged",
+        "fields": _RAGGED_FIELDS,
+        "in_memory_keys": ["label"],
+    },
+    "ragged_fixed": {
+        "n": 100_000,
+        "quick_n": 10_000,
+        "gen": "ragged",
+        "fields": [(k, "array" if kind == "vararray" else kind, dt, shp) for k, kind, dt, shp in _RAGGED_FIELDS],
+        "in_memory_keys": ["label"],
+    },
 }
 
 
@@ -48,11 +71,16 @@ def shape_n(shape: str, quick: bool) -> int:
     return SHAPES[shape]["quick_n" if quick else "n"]
 
 
-def raw_example_bytes(shape: str) -> int:
-    """Payload bytes of one example: array bytes + 8 per number + len of the str."""
+def is_ragged(shape: str) -> bool:
+    """Whether some field of ``shape`` has a per-example shape."""
+    return any(kind == "vararray" for _, kind, _, _ in SHAPES[shape]["fields"])
+
+
+def _fixed_bytes(shape: str) -> int:
+    """Bytes of one example with every array at its largest shape."""
     total = 0
     for key, kind, dtype, shp in SHAPES[shape]["fields"]:
-        if kind == "array":
+        if kind in ("array", "vararray"):
             total += int(np.prod(shp)) * np.dtype(dtype).itemsize
         elif kind in ("int", "float"):
             total += 8
@@ -61,10 +89,42 @@ def raw_example_bytes(shape: str) -> int:
     return total
 
 
+# the ragged generator: examples are generated in blocks of this many, one seed per block
+_RAGGED_BLOCK = 4096
+
+
+def _ragged_lengths(block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes k, token count) of the examples of one block (a stream of its own, so the
+    lengths are known without generating the data)."""
+    rng = np.random.default_rng([SEED, 1, block])
+    return rng.integers(0, 21, _RAGGED_BLOCK), rng.integers(0, 41, _RAGGED_BLOCK)
+
+
+def raw_example_bytes(shape: str, n: int | None = None) -> float:
+    """Payload bytes of one example: array bytes + 8 per number + len of the str. For
+    shapes with variable-shape arrays, the actual mean over examples ``0 .. n-1`` (the
+    full run's N when ``n`` is None)."""
+    if not is_ragged(shape):
+        return _fixed_bytes(shape)
+    n = SHAPES[shape]["n"] if n is None else n
+    fields = {k: (dt, shp) for k, kind, dt, shp in SHAPES[shape]["fields"] if kind == "vararray"}
+    per_box = 4 * np.dtype(fields["boxes"][0]).itemsize
+    per_tok = np.dtype(fields["tokens"][0]).itemsize
+    fixed = _fixed_bytes(shape) - fields["boxes"][1][0] * per_box - fields["tokens"][1][0] * per_tok
+    var = 0
+    for b0 in range(0, n, _RAGGED_BLOCK):
+        k, t = _ragged_lengths(b0 // _RAGGED_BLOCK)
+        m = min(_RAGGED_BLOCK, n - b0)
+        var += int(k[:m].sum()) * per_box + int(t[:m].sum()) * per_tok
+    return fixed + var / max(n, 1)
+
+
 def make_examples(shape: str, n: int) -> list[dict]:
     """The same examples for every store (example i does not depend on ``n``): random,
     incompressible arrays, each example with its own buffer, generated in blocks from
     one seed."""
+    if SHAPES[shape].get("gen") == "ragged":
+        return _make_ragged(shape, n)
     fields = SHAPES[shape]["fields"]
     block = max(1, (64 << 20) // raw_example_bytes(shape))
     out: list[dict] = []
@@ -95,6 +155,32 @@ def make_examples(shape: str, n: int) -> list[dict]:
                     ex[key] = f"example-{i:07d}"
             out.append(ex)
         del columns
+    return out
+
+
+def _make_ragged(shape: str, n: int) -> list[dict]:
+    """``ragged``: boxes (k, 4) float32 with k in 0..20 and tokens (t,) int32 with t in
+    0..40 per example; ``ragged_fixed``: the same values zero-padded to (20, 4) and (40,)
+    (no lengths stored: the same fields, so the two read paths compare like for like)."""
+    ragged = is_ragged(shape)
+    B = _RAGGED_BLOCK
+    out: list[dict] = []
+    for b0 in range(0, n, B):
+        blk = b0 // B
+        ks, ts = _ragged_lengths(blk)
+        rng = np.random.default_rng([SEED, 2, blk])
+        images = rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8)
+        boxes = rng.standard_normal((B, 20, 4), dtype=np.float32)
+        tokens = rng.integers(0, 2**31 - 1, (B, 40), dtype=np.int32)
+        labels = rng.integers(0, 1000, B)
+        for j in range(min(B, n - b0)):
+            k, t = int(ks[j]), int(ts[j])
+            if ragged:
+                bx, tk = boxes[j, :k].copy(), tokens[j, :t].copy()
+            else:
+                bx, tk = np.zeros((20, 4), np.float32), np.zeros(40, np.int32)
+                bx[:k], tk[:t] = boxes[j, :k], tokens[j, :t]
+            out.append({"image": images[j].copy(), "boxes": bx, "tokens": tk, "label": int(labels[j])})
     return out
 
 

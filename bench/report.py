@@ -20,6 +20,15 @@ LABELS = {
 }
 
 
+RAGGED_NOTES = {
+    "ragged": "Variable shapes: `boxes` float32 (k, 4) with k in 0..20 and `tokens` int32 (t,) with t in 0..40 per example, "
+              "next to `image` 32x32x3 uint8 and `label`; raw = the actual mean payload. DataLoader: variable fields padded to the "
+              "longest in the batch, lengths in `<key>_len` (collate_fn; `get_batch` loader likewise).",
+    "ragged_fixed": "The same values as `ragged`, zero-padded to `boxes` (20, 4) and `tokens` (40,) (no lengths): the reference "
+                    "for ragged `ds[i]` time.",
+}
+
+
 def fmt_rate(x: float | None) -> str:
     if x is None:
         return "–"
@@ -126,6 +135,8 @@ def shape_table(shape: str, res: dict) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
         if w.get("note"):
             notes.append(f"{LABELS.get(st, st)}: {w['note']}")
+        for nt in dict.fromkeys(_get(r, "read", "notes") or []):
+            notes.append(f"{LABELS.get(st, st)}: {nt}")
     ceil = _get(res, "memory", "dataloader_ceiling", "eps")
     if ceil:
         notes.append(
@@ -167,7 +178,8 @@ def shape_table(shape: str, res: dict) -> list[str]:
     return lines
 
 
-def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
+def targets(results: dict) -> list[tuple[str, str, str, str, bool | None]]:
+    """(issue, figure, target, measured, met) rows; met is None when not measured."""
     sh = results.get("shapes", {})
     out = []
 
@@ -175,49 +187,76 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
         x, y = rate(sh.get(shape, {}), a, fig), rate(sh.get(shape, {}), b, fig)
         return x / y if x and y else None
 
-    def add(name, target, value, ok, fmt=fmt_ratio):
-        out.append((name, target, fmt(value) if value is not None else "n/a", None if value is None else ok(value)))
+    def add(issue, name, target, value, ok, fmt=fmt_ratio):
+        out.append((issue, name, target, fmt(value) if value is not None else "n/a", None if value is None else ok(value)))
+
+    def write_ratio(shape):
+        we, wl = _get(sh, shape, "edcache", "write", "write_eps"), _get(sh, shape, "lmdb", "write", "write_eps")
+        return we / wl if we and wl else None
 
     r1, r2 = ratio("small", "random_page"), ratio("small", "random_page", b="memory")
-    out.append(("small, random, touch-page", ">= 1.3x LMDB and >= 0.7x floor",
+    out.append(("5", "small, random, touch-page", ">= 1.3x LMDB and >= 0.7x floor",
                 f"{fmt_ratio(r1) if r1 else 'n/a'} LMDB, {fmt_ratio(r2) if r2 else 'n/a'} floor",
                 None if r1 is None or r2 is None else (r1 >= 1.3 and r2 >= 0.7)))
-    add("medium, random, touch-page", ">= 3x LMDB", ratio("medium", "random_page"), lambda v: v >= 3)
-    add("large, random, touch-page", ">= 10x LMDB", ratio("large", "random_page"), lambda v: v >= 10)
-    add("large, random, full touch", ">= 1.0x LMDB", ratio("large", "random_full"), lambda v: v >= 1.0)
+    add("5", "medium, random, touch-page", ">= 3x LMDB", ratio("medium", "random_page"), lambda v: v >= 3)
+    add("5", "large, random, touch-page", ">= 10x LMDB", ratio("large", "random_page"), lambda v: v >= 10)
+    add("5", "large, random, full touch", ">= 1.0x LMDB", ratio("large", "random_full"), lambda v: v >= 1.0)
     s = sh.get("small", {})
     gb, loop = _get(s, "edcache", "read", "batch256", "get_batch", "eps"), _get(s, "edcache", "read", "batch256", "loop", "eps")
-    add("`get_batch(256)` small", ">= 5x the per-example loop", gb / loop if gb and loop else None, lambda v: v >= 5)
+    add("5", "`get_batch(256)` small", ">= 5x the per-example loop", gb / loop if gb and loop else None, lambda v: v >= 5)
     de, dl = _get(s, "edcache", "dataloader", "eps"), _get(s, "lmdb", "dataloader", "eps")
-    add("DataLoader end-to-end, small", ">= 1.5x LMDB", de / dl if de and dl else None, lambda v: v >= 1.5)
+    add("5", "DataLoader end-to-end, small", ">= 1.5x LMDB", de / dl if de and dl else None, lambda v: v >= 1.5)
     ceil = _get(s, "memory", "dataloader_ceiling", "eps")
     if ceil and dl:
-        out.append(("  (DataLoader ceiling: constant example, no storage)", "-", f"{fmt_rate(ceil)}/s = {ceil / dl:.2f}x LMDB's loader", None))
+        out.append(("5", "  (DataLoader ceiling: constant example, no storage)", "-", f"{fmt_rate(ceil)}/s = {ceil / dl:.2f}x LMDB's loader", None))
     db = _get(s, "edcache", "dataloader_batched", "eps")
     if db:
-        add("DataLoader end-to-end, small, over `get_batch` (batch_size=None)", ">= 1.5x LMDB (per-example LMDB loader)",
+        add("5", "DataLoader end-to-end, small, over `get_batch` (batch_size=None)", ">= 1.5x LMDB (per-example LMDB loader)",
             db / dl if dl else None, lambda v: v >= 1.5)
     sc = _get(results, "scale", "open") or {}
     n = sc.get("n")
-    add(f"open, {n or '?'} examples", "<= 2 ms", sc.get("open_ms"), lambda v: v <= 2, lambda v: f"{v:.2f} ms (first {sc.get('open_first_ms', 0):.2f} ms)")
-    add(f"labels of {n or '?'} examples", "<= 20 ms", sc.get("labels_ms"), lambda v: v <= 20, lambda v: f"{v:.2f} ms (first {sc.get('labels_first_ms', 0):.2f} ms)")
+    add("5, 10", f"open, {n or '?'} examples", "<= 2 ms (10: O(1) in N)", sc.get("open_ms"), lambda v: v <= 2,
+        lambda v: f"{v:.2f} ms (first {sc.get('open_first_ms', 0):.2f} ms)")
+    add("5", f"labels of {n or '?'} examples", "<= 20 ms", sc.get("labels_ms"), lambda v: v <= 20, lambda v: f"{v:.2f} ms (first {sc.get('labels_first_ms', 0):.2f} ms)")
     b = results.get("build") or {}
-    add("build overhead vs raw compute (1 worker)", "<= 5%", b.get("overhead_w1_pct"), lambda v: v <= 5,
+    add("5", "build overhead vs raw compute (1 worker)", "<= 5%", b.get("overhead_w1_pct"), lambda v: v <= 5,
         lambda v: f"{v:.1f}% wall, {b.get('cpu_overhead_w1_pct', float('nan')):.1f}% CPU (in-process: {b.get('overhead_w0_pct', float('nan')):.1f}% wall, {b.get('cpu_overhead_w0_pct', float('nan')):.1f}% CPU)")
     sp = b["build_w1_s"] / b["build_w2_s"] if b.get("build_w1_s") and b.get("build_w2_s") else None
-    add("build, 2 workers vs 1 (CPU-bound)", ">= 1.8x", sp, lambda v: v >= 1.8)
-    we, wl = _get(s, "edcache", "write", "write_eps"), _get(s, "lmdb", "write", "write_eps")
-    add("write, small, 1 process", ">= LMDB", we / wl if we and wl else None, lambda v: v >= 1.0)
+    add("5", "build, 2 workers vs 1 (CPU-bound)", ">= 1.8x", sp, lambda v: v >= 1.8)
+    add("5, 10", "write, small, 1 process", ">= 1.0x LMDB", write_ratio("small"), lambda v: v >= 1.0)
     ratios = {k: _get(v, "edcache", "write", "disk_ratio") for k, v in sh.items()}
     ratios = {k: v for k, v in ratios.items() if v is not None}
-    add("disk / raw, uncompressed", "<= 1.05", max(ratios.values()) if ratios else None, lambda v: v <= 1.05,
+    add("5", "disk / raw, uncompressed", "<= 1.05", max(ratios.values()) if ratios else None, lambda v: v <= 1.05,
         lambda v: ", ".join(f"{k} {x:.3f}" for k, x in ratios.items()))
     uss = {k: _get(v, "edcache", "dataloader", "uss_growth_frac") for k, v in sh.items()}
     dirty = {k: _get(v, "edcache", "dataloader", "dirty_growth_frac") for k, v in sh.items()}
     uss = {k: v for k, v in uss.items() if v is not None}
     worst = max(max(uss.values()), max(dirty[k] for k in uss)) if uss else None
-    add("DataLoader worker USS growth over an epoch (USS and private dirty)", "< 5% of data read", worst, lambda v: v < 0.05,
+    add("5", "DataLoader worker USS growth over an epoch (USS and private dirty)", "< 5% of data read", worst, lambda v: v < 0.05,
         lambda v: ", ".join(f"{k} USS {x * 100:.1f}% / dirty {dirty.get(k, 0) * 100:.1f}%" for k, x in uss.items()))
+    # issue 10 (format v2)
+    for shape in ("medium", "large", "ragged"):
+        add("10", f"write, {shape}, 1 process", ">= 1.0x LMDB", write_ratio(shape), lambda v: v >= 1.0)
+    for shape, want in (("small", 3), ("medium", 4), ("large", 8)):
+        add("10", f"{shape}, random, touch-page", f">= {want}x LMDB", ratio(shape, "random_page"), lambda v, w=want: v >= w)
+    # time per ds[i] of the ragged data over the same data with fixed shapes (= rate
+    # fixed / rate ragged), same run; LMDB's in brackets for scale
+    rr, rf = rate(sh.get("ragged", {}), "edcache", "random_page"), rate(sh.get("ragged_fixed", {}), "edcache", "random_page")
+    lr, lf = rate(sh.get("ragged", {}), "lmdb", "random_page"), rate(sh.get("ragged_fixed", {}), "lmdb", "random_page")
+    add("10", "random `ds[i]`, touch-page, ragged vs ragged_fixed (time)", "<= 1.3x", rf / rr if rr and rf else None, lambda v: v <= 1.3,
+        lambda v: f"{fmt_ratio(v)} ({1e6 / rr:.2f} vs {1e6 / rf:.2f} µs; LMDB {fmt_ratio(lf / lr) if lr and lf else 'n/a'})")
+    bd = results.get("build_disk") or {}
+    if bd.get("peak_ratio") is not None:
+        add("10", f"peak disk during a build / final size (medium, {bd.get('workers')} workers, polled every 20 ms)",
+            "<= 1.05 (+ chunks in flight)", max(bd["peak_ratio"], bd.get("peak_alloc_ratio", 0)), lambda v: v <= 1.05,
+            lambda v: f"{bd['peak_ratio']:.3f} apparent, {bd.get('peak_alloc_ratio', float('nan')):.3f} allocated "
+                      f"(peak {bd['peak_bytes'] / 2**20:.1f} MiB, final {bd['final_bytes'] / 2**20:.1f} MiB, {bd.get('samples')} samples)")
+    else:
+        out.append(("10", "peak disk during a build / final size", "<= 1.05 (+ chunks in flight)", "n/a", None))
+    scb = _get(results, "scale", "build") or {}
+    files, fields = scb.get("files"), scb.get("fields")
+    add("10", f"files in a {scb.get('n') or '?'}-example cache ({fields or '?'} fields)", "O(columns): <= 2 per field + 4",
+        files, lambda v: fields is not None and v <= 2 * fields + 4, lambda v: f"{v} files")
     return out
 
 
@@ -237,10 +276,13 @@ def write_report(results: dict, outdir: str) -> tuple[str, str]:
     sh = results.get("shapes", {})
     for shape, res in sh.items():
         n = next((x["write"]["n"] for x in res.values() if "n" in x.get("write", {})), None)
-        lines += [f"<!-- n={n} -->"] + shape_table(f"{shape} (N={n})", res)
-    lines += ["## Targets (issue 5)", "", "| figure | target | measured (edcache) | met |", "|---|---|---|---|"]
-    for name, target, val, ok in targets(results):
-        lines.append(f"| {name} | {target} | {val} | {'yes' if ok else ('–' if target == '-' else ('n/a' if ok is None else '**no**'))} |")
+        tbl = shape_table(f"{shape} (N={n})", res)
+        if shape in RAGGED_NOTES:
+            tbl[2:2] = [RAGGED_NOTES[shape], ""]
+        lines += [f"<!-- n={n} -->"] + tbl
+    lines += ["## Targets (issues 5 and 10)", "", "| issue | figure | target | measured (edcache) | met |", "|---|---|---|---|---|"]
+    for issue, name, target, val, ok in targets(results):
+        lines.append(f"| {issue} | {name} | {target} | {val} | {'yes' if ok else ('–' if target == '-' else ('n/a' if ok is None else '**no**'))} |")
     b = results.get("build")
     lines += ["", "## Build (CPU-bound toy dataset)", ""]
     if b and "raw_s" in b:
@@ -259,13 +301,26 @@ def write_report(results: dict, outdir: str) -> tuple[str, str]:
                 )
     else:
         lines.append(f"not run: {b}")
+    bd = results.get("build_disk")
+    if bd and "peak_bytes" in bd:
+        lines += ["", (
+            f"Peak disk during a build of the medium shape ({bd['n']} examples of 256x256x3 uint8 + label, "
+            f"num_workers={bd['workers']}, {bd['build_s']:.2f} s; cache directory polled every 20 ms, {bd['samples']} samples): "
+            f"apparent size peak {bd['peak_bytes'] / 2**20:.1f} MiB / final {bd['final_bytes'] / 2**20:.1f} MiB = {bd['peak_ratio']:.3f}; "
+            f"allocated blocks peak {bd['peak_alloc'] / 2**20:.1f} MiB / final {bd['final_alloc'] / 2**20:.1f} MiB = {bd['peak_alloc_ratio']:.3f}; "
+            f"{bd['files']} files; one chunk of images is {bd['chunk_bytes'] / 2**20:.1f} MiB."
+        )]
+    elif bd:
+        lines += ["", f"Peak disk during a build: not run: {bd}"]
     sc = results.get("scale")
     lines += ["", "## Scale (tiny examples)", ""]
     if sc and "open" in sc and "open_ms" in sc["open"]:
         bb, o = sc["build"], sc["open"]
         lines.append(
             f"{o['n']:,} examples: build {bb['build_s']:.1f} s ({fmt_rate(bb['build_eps'])}/s, default workers), "
-            f"{bb['nbytes'] / 2**20:.1f} MiB on disk; open (from_cache) {o['open_ms']:.2f} ms (first {o['open_first_ms']:.2f} ms); "
+            f"{bb['nbytes'] / 2**20:.1f} MiB on disk"
+            + (f" in {bb['files']} files ({bb.get('fields')} fields)" if "files" in bb else "")
+            + f"; open (from_cache) {o['open_ms']:.2f} ms (first {o['open_first_ms']:.2f} ms); "
             f"all labels {o['labels_ms']:.2f} ms (first {o['labels_first_ms']:.2f} ms); RSS after import {o['rss_after_import_mb']:.0f} MiB, "
             f"after open {o['rss_after_open_mb']:.0f} MiB, after labels {o['rss_after_labels_mb']:.0f} MiB."
         )

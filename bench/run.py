@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small data, short timings (~2-3 min)")
     ap.add_argument("--only", default=",".join(ORDER), help="comma-separated stores (%(default)s)")
-    ap.add_argument("--shapes", default="small,medium,large", help="comma-separated shapes (%(default)s)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes (%(default)s)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: reads,dataloader,build,scale")
     ap.add_argument("--workdir", default="/tmp/edcache-bench", help="where the stores are written (%(default)s)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory (%(default)s)")
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
                  "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "shapes": {},
         "build": None,
+        "build_disk": None,
         "scale": None,
     }
     out_json = os.path.join(args.out, "results.json")
@@ -231,6 +232,13 @@ def main(argv=None) -> int:
         print("== build (CPU-bound toy dataset)", flush=True)
         results["build"] = runner.task(
             "build", 900, path=os.path.join(workdir, "build"), n=400 if quick else 1200, ms=3.0, workers=[0, 1, 2]
+        )
+        save()
+        print("== build, peak disk (medium shape)", flush=True)
+        from bench.common import shape_n
+
+        results["build_disk"] = runner.task(
+            "build_disk", 900, path=os.path.join(workdir, "build_disk"), n=shape_n("medium", quick), workers=2
         )
         save()
     if "scale" not in skip and "edcache" in stores:

@@ -62,3 +62,20 @@ class Tiny(_Base):
 
     def get_example(self, i: int) -> dict:
         return {"label": i % 1000, "x": i * 0.5, "y": i % 7, "z": -i}
+
+
+class Images(_Base):
+    """The medium shape (256x256x3 uint8 random image + int label), generated per index,
+    for the peak-disk figure of a build."""
+
+    in_memory_keys = ["label"]
+
+    def __init__(self, root: str, name: str, n: int) -> None:
+        self.root, self.name, self.n = root, name, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get_example(self, i: int) -> dict:
+        rng = np.random.default_rng([20240611, 3, i])
+        return {"image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), "label": i % 1000}

@@ -17,9 +17,10 @@ ways: default reads (``CachedDataset.from_cache`` + every example + labels),
 
 and any other exception type is a bug (the helper re-raises it).
 
-Every helper takes the dataset class (``dataset=``, default :class:`SlowDataset`, whose
-caches keep the chunk-shard layout); :class:`UniformDataset` gives caches whose complete
-state is packed into one ``packed.shard`` (script: ``--dataset uniform`` or ``all``).
+Every helper takes the dataset class (``dataset=``, default :class:`SlowDataset`); the
+script's ``--dataset`` picks ``slow``, ``uniform``, ``ragged``, ``mixed`` or ``all``. The
+caches are format v2: column data and index files, label files, ``manifest.json``,
+``checksums.npy`` (complete) and ``commits.log`` (incomplete).
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def cache_files(cache_dir: str) -> list[str]:
 
 
 def file_kind(rel: str) -> str:
-    if rel.startswith("shards/"):
-        return "shard"
-    if rel.endswith(".npy"):
+    if rel.startswith("columns/"):
+        return "column .data" if rel.endswith(".data") else "column .index"
+    if rel.endswith(".npy") and rel.startswith("labels/"):
         return "label .npy"
     if rel.endswith(".list"):
         return "label .list"
@@ -182,16 +183,60 @@ def manifest_field_damage(manifest_bytes: bytes, rng: random.Random) -> tuple[by
 
 
 def commit_line_damage(log: bytes, rng: random.Random) -> tuple[bytes, str]:
-    """A commit log with one record's field changed (still well-formed JSON)."""
+    """A commit log with one record's field changed (still well-formed JSON, written as
+    edcache writes its lines): a chunk record's chunk number, one end offset or one
+    checksum; a schema record's column (kind, dtype, shape, stem) or segment; a header
+    parameter."""
     lines = log.split(b"\n")
     n = rng.randrange(len(lines) - 1)
     rec = json.loads(lines[n])
-    key = rng.choice(["c", "n", "h"])
-    value = rng.choice([0, 1, 2, 3, 4, -1, 10**9, rec["n"] + 1, rec["n"] - 16, "0" * 16,
-                        "ffffffffffffffff", None, "x"])
-    rec[key] = value
-    lines[n] = json.dumps(rec).encode()
-    return b"\n".join(lines), f"line {n}: {key} = {value!r}"
+    if "c" in rec:
+        key = rng.choice(["c", "e", "h"])
+        if key == "c":
+            value = rng.choice([rec["c"] + 1, rec["c"] - 1, 0, 99, -1, None, "0"])
+            rec["c"] = value
+            desc = f"c = {value!r}"
+        else:
+            j = rng.randrange(len(rec[key]))
+            old = rec[key][j]
+            value = (rng.choice([old + 1, old - 1, old + 16, max(old - 16, 0), 0, 10**9, -1, None])
+                     if key == "e" else rng.choice(["0" * 16, "ffffffffffffffff", f"{int(old, 16) ^ 1:016x}", "x"]))
+            rec[key][j] = value
+            desc = f"{key}[{j}] = {value!r}"
+    elif "schema" in rec:
+        cols = rec["schema"]["columns"]
+        col = rng.choice(cols)
+        key = rng.choice(["kind", "dtype", "shape", "stem", "key", "segments"])
+        if key == "segments" and rec["segments"]:
+            f = rng.choice(sorted(rec["segments"]))
+            rec["segments"][f] = rng.choice([[], [[0, "0" * 16]], None])
+            desc = f"segments[{f}] = {rec['segments'][f]!r}"
+        else:
+            key = "kind" if key == "segments" else key
+            value = rng.choice({"kind": ["fixed", "ragged", "record", "str", "none"],
+                                "dtype": ["<f8", "|u1", "<i2", "|O"], "shape": [[], [2], [4, 4, 3], [1]],
+                                "stem": ["0000", "9999", "0001.1"], "key": ["label", "x", None]}[key])
+            col[key] = value
+            desc = f"schema column {col.get('stem')}: {key} = {value!r}"
+    else:
+        key = rng.choice(["length", "chunk_size", "dataset", "in_memory_keys", "build"])
+        value = rng.choice([0, 1, 24, 39, 41, "x", None, [], ["label"]])
+        rec[key] = value
+        desc = f"header {key} = {value!r}"
+    lines[n] = json.dumps(rec, separators=(",", ":")).encode()
+    return b"\n".join(lines), f"line {n}: {desc}"[:80]
+
+
+def table_damage(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """``checksums.npy`` as a valid .npy with one entry changed (an end or a checksum)."""
+    import io
+
+    table = np.load(io.BytesIO(data), allow_pickle=False).copy()
+    c, j, k = (rng.randrange(n) for n in table.shape)
+    table[c, j, k] ^= np.uint64(rng.choice([1, 8, 1 << 20]))
+    buf = io.BytesIO()
+    np.save(buf, table, allow_pickle=False)
+    return buf.getvalue(), f"valid table, [{c}, {j}, {'end' if k == 0 else 'xxh3'}] changed"
 
 
 def label_npy_damage(rng: random.Random) -> tuple[bytes, str]:
@@ -242,6 +287,8 @@ def random_damage(cache_dir: str, rng: random.Random, kind: str | None = None,
             payload, desc = manifest_field_damage(data, rng)
         elif file == "commits.log" and data.count(b"\n") >= 1:
             payload, desc = commit_line_damage(data, rng)
+        elif file == "checksums.npy":
+            payload, desc = table_damage(data, rng)
         elif file.endswith(".npy"):
             payload, desc = label_npy_damage(rng)
         else:
@@ -348,13 +395,27 @@ def check_with_verify_cache(cache_dir: str) -> str:
 MODES = ("default", "verify=True", "edcache verify")
 
 
+def open_peak(reference: str) -> int:
+    """Peak allocation of opening an intact copy of ``reference`` and reading example 0."""
+    with tempfile.TemporaryDirectory(prefix="edc-fuzz-") as root:
+        shutil.copytree(reference, os.path.join(root, "cached", NAME))
+        tracemalloc.start()
+        try:
+            CachedDataset.from_cache(root, NAME)[0]
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+
 def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bool = False,
-              dataset: type = SlowDataset) -> dict[str, str] | None:
+              dataset: type = SlowDataset, memory_slack: int = 0) -> dict[str, str] | None:
     """Apply ``damage`` to a copy of ``reference`` (a cache of ``dataset``); the outcome
     of each read mode.
 
     Returns None if the damage changed nothing. With ``measure_memory`` the peak
-    allocation of the default reads is checked against the cache's size.
+    allocation of the default reads is checked against the cache's size (plus
+    ``memory_slack``: what opening an intact cache allocates beyond 4 MiB, while an open
+    v2 bug makes every open allocate 64 MiB).
     """
     with tempfile.TemporaryDirectory(prefix="edc-fuzz-") as root:
         cache_dir = os.path.join(root, "cached", NAME)
@@ -369,7 +430,7 @@ def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bo
             out["default"] = read_everything(root, complete, verify=False, dataset=dataset)
             if measure_memory:
                 _, peak = tracemalloc.get_traced_memory()
-                limit = 2 * total + (4 << 20)
+                limit = 2 * total + (4 << 20) + memory_slack
                 if peak > limit:
                     raise UnexpectedException(f"reading allocated {peak} bytes (cache: {total} bytes)")
         finally:
@@ -382,12 +443,13 @@ def run_trial(reference: str, damage: Damage, complete: bool, measure_memory: bo
 
 def reference_states(base: str, dataset: type) -> dict[str, tuple[str, bool]]:
     """The reference caches of ``dataset`` under ``base``: state name -> (cache dir,
-    complete). The state names of a :class:`UniformDataset` say ``packed``."""
-    prefix = "" if dataset is SlowDataset else f"{dataset.__name__} "
-    complete = "packed" if dataset is not SlowDataset else "complete"
+    complete). State names are ``complete`` / ``incomplete`` for :class:`SlowDataset`,
+    else prefixed with the dataset's kind (``mixed complete``)."""
+    kind = next(k for k, cls in DATASETS.items() if cls is dataset)
+    prefix = "" if dataset is SlowDataset else f"{kind} "
     return {
-        f"{prefix}{complete}": (build_reference(os.path.join(base, f"{prefix}c"), True, dataset), True),
-        f"{prefix}incomplete": (build_reference(os.path.join(base, f"{prefix}i"), False, dataset), False),
+        f"{prefix}complete": (build_reference(os.path.join(base, f"{kind}-c"), True, dataset), True),
+        f"{prefix}incomplete": (build_reference(os.path.join(base, f"{kind}-i"), False, dataset), False),
     }
 
 
@@ -476,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=50, help="damages per (cache, file kind, damage kind)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
-    p.add_argument("--dataset", choices=["slow", "uniform", "all"], default="slow",
-                   help="slow (the default, the docs' table): chunk-shard caches; uniform: packed caches")
+    p.add_argument("--dataset", choices=[*DATASETS, "all"], default="all",
+                   help="which datasets' reference caches to damage (default: all four)")
     args = p.parse_args(argv)
     datasets = tuple(DATASETS.values()) if args.dataset == "all" else (DATASETS[args.dataset],)
     table, misses = run_matrix(args.trials, args.seed, args.progress, datasets)

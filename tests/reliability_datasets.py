@@ -3,9 +3,12 @@
 Importable by subprocesses (``PYTHONPATH=src:tests``) so that the class identity a cache
 records is the same in every process: ``reliability_datasets.SlowDataset``.
 
-Two datasets: :class:`SlowDataset` (mixed schema: records, blobs, nested values; its
-caches keep the chunk-shard layout) and :class:`UniformDataset` (one all-column schema:
-its complete caches are packed into ``packed.shard``). Each class carries its own
+Four datasets (format v2 gives every cache the same columnar layout):
+:class:`SlowDataset` (every value kind the codec stores: nested records, ragged arrays,
+a list label), :class:`UniformDataset` (fixed-shape arrays, numbers, str and bytes:
+every column fixed or str/bytes), :class:`RaggedDataset` (a detection dataset: boxes
+``(k, 4)``, token ids, crops of any shape) and :class:`MixedDataset` (keys present in
+some examples only, columns promoted mid-build, nested dicts). Each class carries its own
 ``example`` / ``expected`` / ``expected_labels`` so helpers can take the class as a
 parameter.
 
@@ -34,7 +37,7 @@ def example(i: int) -> dict:
     """Example ``i``: every kind of value the codec stores, deterministic in ``i``."""
     rng = np.random.default_rng(i)
     return {
-        "image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),  # fixed shape: a shard column
+        "image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),  # fixed shape
         "feature": rng.standard_normal(i % 5 + 1).astype(np.float32),  # ragged: a blob
         "label": i % 7,
         "split": "train" if i % 4 else "val",
@@ -132,8 +135,8 @@ UNIFORM_KEYS = ["label", "name", "raw"]
 
 def uniform_example(i: int) -> dict:
     """Example ``i`` of :class:`UniformDataset`: the same keys and value kinds in every
-    example, each one a shard column (fixed-shape array, int, float, bool, numpy scalar,
-    str and bytes of varying length, None), so a complete cache is packed."""
+    example (fixed-shape array, int, float, bool, numpy scalar, str and bytes of varying
+    length, None): every column is fixed, str, bytes or none."""
     rng = np.random.default_rng(10_000 + i)
     return {
         "image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),
@@ -155,7 +158,7 @@ def uniform_expected(i: int) -> dict:
 
 class UniformDataset(SlowDataset):
     """:class:`SlowDataset` (same constructor, ``delay``, ``count_dir``, ``fail_at``) with
-    the examples of :func:`uniform_example`: its complete caches are packed."""
+    the examples of :func:`uniform_example`."""
 
     in_memory_keys = UNIFORM_KEYS
     columnar = True
@@ -178,8 +181,115 @@ class UniformDataset(SlowDataset):
         }
 
 
+RAGGED_KEYS = ["label", "name"]
+
+
+def ragged_example(i: int) -> dict:
+    """Example ``i`` of :class:`RaggedDataset` (a detection dataset): a small image,
+    ``k`` boxes ``(k, 4)`` float32 with ``k`` in 0..20 and a variable number of int32
+    token ids (ragged columns), a crop whose two axes both vary (a varshape column), an
+    int label and a str name (str label file)."""
+    rng = np.random.default_rng(20_000 + i)
+    k = int(rng.integers(0, 21))
+    return {
+        "image": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+        "boxes": rng.random((k, 4), dtype=np.float32),
+        "tokens": rng.integers(0, 30_000, int(rng.integers(1, 17)), dtype=np.int32),
+        "crop": rng.integers(0, 255, (int(rng.integers(1, 5)), int(rng.integers(1, 5))), dtype=np.uint8),
+        "label": i % 5,
+        "name": f"img_{i:05d}.jpg",
+    }
+
+
+def ragged_expected(i: int) -> dict:
+    ex = ragged_example(i)
+    ex["index_"] = i
+    return ex
+
+
+class RaggedDataset(SlowDataset):
+    """Variable-shape fields in every example (see :func:`ragged_example`)."""
+
+    in_memory_keys = RAGGED_KEYS
+    columnar = True
+
+    @staticmethod
+    def example(i: int) -> dict:
+        return ragged_example(i)
+
+    @staticmethod
+    def expected(i: int) -> dict:
+        return ragged_expected(i)
+
+    @staticmethod
+    def expected_labels(length: int) -> dict[str, object]:
+        exs = [ragged_example(i) for i in range(length)]
+        return {"label": np.array([e["label"] for e in exs]), "name": np.array([e["name"] for e in exs])}
+
+
+MIXED_KEYS = ["label", "tag"]
+
+
+def mixed_example(i: int) -> dict:
+    """Example ``i`` of :class:`MixedDataset`: keys present in some examples only
+    (``caption``, ``depth``: a per-row layout column), key order that varies, nested
+    dicts, and fields whose kind changes with the index, so that with chunks of 8 a
+    column is promoted mid-build: ``score`` is an int up to example 11, then a float32
+    array (fixed -> record in chunk 1); ``feat`` is ``(2, 3)`` float32 below 8 (fixed),
+    ``(k, 3)`` below 20 (ragged from chunk 1) and any 2-d shape after (varshape from
+    chunk 2); ``note`` is None in chunk 0, then str (a none column becomes a record)."""
+    rng = np.random.default_rng(30_000 + i)
+    ex: dict = {"label": i % 3}
+    if i % 3 == 0:
+        ex["caption"] = f"a photo of {i} " + "ü" * (i % 5)
+    ex["tag"] = ["cat", "dog", "bird"][i % 3]
+    ex["score"] = i * 7 if i < 12 else rng.random(3).astype(np.float32)
+    if i < 8:
+        ex["feat"] = rng.standard_normal((2, 3)).astype(np.float32)
+    elif i < 20:
+        ex["feat"] = rng.standard_normal((i % 4, 3)).astype(np.float32)
+    else:
+        ex["feat"] = rng.standard_normal((i % 3 + 1, i % 2 + 1)).astype(np.float32)
+    ex["note"] = None if i < 8 else f"n{i}"
+    ex["meta"] = {"id": i, "nested": {"ok": bool(i % 2), "v": [i, (i, "x")]},
+                  "opt": None if i % 4 else b"\x00" * (i % 7)}
+    if i % 5 == 1:
+        ex["depth"] = rng.integers(0, 9, (2, 2), dtype=np.int16)
+    if i % 7 == 3:  # another key order: another layout
+        ex = {"tag": ex.pop("tag"), **ex}
+    return ex
+
+
+def mixed_expected(i: int) -> dict:
+    ex = mixed_example(i)
+    ex["index_"] = i
+    return ex
+
+
+class MixedDataset(SlowDataset):
+    """Mixed schema (see :func:`mixed_example`)."""
+
+    in_memory_keys = MIXED_KEYS
+    columnar = False
+
+    @staticmethod
+    def example(i: int) -> dict:
+        return mixed_example(i)
+
+    @staticmethod
+    def expected(i: int) -> dict:
+        return mixed_expected(i)
+
+    @staticmethod
+    def expected_labels(length: int) -> dict[str, object]:
+        exs = [mixed_example(i) for i in range(length)]
+        return {"label": np.array([e["label"] for e in exs]), "tag": np.array([e["tag"] for e in exs])}
+
+
 #: dataset classes by the name the CLI and parametrized tests use
-DATASETS = {"slow": SlowDataset, "uniform": UniformDataset}
+DATASETS = {"slow": SlowDataset, "uniform": UniformDataset, "ragged": RaggedDataset, "mixed": MixedDataset}
+#: the dataset kind each class is built as by the CLI (``--kind``)
+KIND_OF = {cls: kind for kind, cls in DATASETS.items()}
 
 
 class BadDataset(SlowDataset):
@@ -252,9 +362,10 @@ def assert_example_equal(got: object, want: object, where: str = "") -> None:
 
 
 def assert_batch_equal(batch: dict, indices, dataset: type, where: str = "") -> None:
-    """``CachedDataset.get_batch(indices)`` of an all-column cache (e.g. a packed
-    :class:`UniformDataset` cache): numbers and fixed-shape arrays stacked in arrays of
-    the stored dtype, str / bytes / None fields as lists, ``index_`` the indices."""
+    """``CachedDataset.get_batch(indices)`` of an all-column cache (e.g. a
+    :class:`UniformDataset` or :class:`RaggedDataset` cache): numbers and arrays of one
+    shape stacked in arrays of the stored dtype, arrays of several shapes, str / bytes /
+    None fields as lists, ``index_`` the indices."""
     indices = [int(i) for i in indices]
     exs = [dataset.expected(i) for i in indices]
     assert set(batch) == set(exs[0]), f"{where}: batch keys {sorted(batch)}"
@@ -262,6 +373,11 @@ def assert_batch_equal(batch: dict, indices, dataset: type, where: str = "") -> 
         want = [ex[key] for ex in exs]
         got = batch[key]
         if isinstance(want[0], (str, bytes, type(None))):
+            assert isinstance(got, list), f"{where}/{key}: {type(got)}"
+            assert_example_equal(got, want, f"{where}/{key}")
+            continue
+        if isinstance(want[0], np.ndarray) and any(w.shape != want[0].shape for w in want):
+            # a variable-shape column: a list of the arrays when their shapes differ
             assert isinstance(got, list), f"{where}/{key}: {type(got)}"
             assert_example_equal(got, want, f"{where}/{key}")
             continue
@@ -300,10 +416,11 @@ def cli(argv: list[str] | None = None) -> None:
     b.add_argument("--force", action="store_true")
     b.add_argument("--no-keep-existing", action="store_true")
     b.add_argument("--other-class", action="store_true")
-    b.add_argument("--uniform", action="store_true", help="build a UniformDataset (packed when complete)")
+    b.add_argument("--uniform", action="store_true", help="build a UniformDataset (same as --kind uniform)")
+    b.add_argument("--kind", choices=sorted(DATASETS), default="slow", help="which dataset to build")
     b.add_argument("--ready-file", help="touched once the dataset object exists")
     args = p.parse_args(argv)
-    cls = OtherDataset if args.other_class else UniformDataset if args.uniform else SlowDataset
+    cls = OtherDataset if args.other_class else UniformDataset if args.uniform else DATASETS[args.kind]
     ds = cls(args.root, args.name, args.length, args.delay, args.count_dir, args.fail_at)
     if args.ready_file:
         open(args.ready_file, "w").close()
@@ -337,3 +454,44 @@ def subprocess_env() -> dict[str, str]:
 
 #: ``sys.executable -c CLI_CODE build ...`` runs :func:`cli`.
 CLI_CODE = "import reliability_datasets as r; r.cli()"
+
+
+_V2_VERIFY: list[bool] = []
+
+
+def verify_supports_v2() -> bool:
+    """Whether ``edcache verify`` checks format-v2 caches (it is being written): a tiny
+    v2 cache built in a temporary folder must verify clean. Suites skip their
+    ``edcache verify`` assertions (not their read checks) until it does."""
+    if not _V2_VERIFY:
+        import shutil
+        import tempfile
+
+        from edcache.verify import verify_cache
+
+        tmp = tempfile.mkdtemp(prefix="edcache-v2probe-")
+        try:
+            ds = CachedDataset(UniformDataset(tmp, "probe", 4), chunk_size=2, num_workers=0, progress=False)
+            try:
+                _V2_VERIFY.append(bool(verify_cache(ds.path).ok))
+            except Exception:
+                _V2_VERIFY.append(False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _V2_VERIFY[0]
+
+
+def committed_count(cache_dir: str) -> int | None:
+    """Chunks of a format-v2 cache a resume keeps: None before the first manifest,
+    every chunk when complete, else the committed prefix of ``commits.log``."""
+    from edcache.format.columnar.log import read_log
+    from edcache.format.columnar.manifest import read_manifest
+
+    try:
+        m = read_manifest(cache_dir)
+    except FileNotFoundError:
+        return None
+    if m.complete:
+        return m.num_chunks
+    state = read_log(cache_dir)
+    return state.committed if state is not None else 0

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from edcache import CachedDataset, DatasetMixin
+from edcache import CachedDataset
 from edcache.errors import (
     CacheMismatchError,
     CodecError,
@@ -18,9 +18,18 @@ from edcache.errors import (
     ExampleError,
     LabelError,
 )
-from edcache.format.shards.manifest import read_commits, read_manifest
+from reliability_datasets import committed_count
 
-from reliability_datasets import BadDataset, OtherDataset, SlowDataset, computations
+from reliability_datasets import (
+    BadDataset,
+    Calibration,
+    MixedDataset,
+    OtherDataset,
+    RaggedDataset,
+    SlowDataset,
+    assert_example_equal,
+    computations,
+)
 
 CHUNK = 8
 LENGTH = 40
@@ -31,8 +40,7 @@ def build(ds, workers=0, **kw):
 
 
 def committed(cache_dir: str) -> set[int]:
-    m = read_manifest(cache_dir)
-    return set(range(m.num_chunks)) if m.complete else set(read_commits(cache_dir, m.num_chunks))
+    return set(range(committed_count(cache_dir) or 0))
 
 
 # -- the dataset interface -------------------------------------------------------------
@@ -206,10 +214,12 @@ class PlainListDataset:
 
 
 def test_getitem_returning_non_dict_plain(tmp_path):
-    with pytest.raises(CodecError) as err:
-        build(PlainListDataset(str(tmp_path)))
-    assert str(err.value) == "example 12 is a list, not a dict; datasets must return a dict per example"
-    assert committed(os.path.join(str(tmp_path), "cached", "plain")) == {0}
+    """Not an error in format v2 (tuple and list examples are stored as they are): the
+    list at index 12 comes back as that list, the dicts as dicts with ``index_``."""
+    ds = build(PlainListDataset(str(tmp_path)))
+    assert ds.complete and committed(ds.path) == set(range(LENGTH // CHUNK))
+    assert ds[12] == [12] and type(ds[12]) is list
+    assert ds[11] == {"i": 11, "index_": 11} and ds[13] == {"i": 13, "index_": 13}
 
 
 CODEC_MESSAGE = (
@@ -362,3 +372,77 @@ def test_good_indices_still_work(small):
     assert [e["index_"] for e in small[np.array([0, 19, -20])]] == [0, 19, 0]
     assert [e["index_"] for e in small[18:40]] == [18, 19]
     assert small[np.int64(3)]["index_"] == 3
+
+
+# -- the variable-shape and mixed-schema datasets -----------------------------------------
+class OptionalKeyDataset(MixedDataset):
+    """``caption`` (present in every 3rd example only) asked for as an in_memory_key."""
+
+    in_memory_keys = ["label", "caption"]
+
+
+class BadMixedDataset(MixedDataset):
+    """An unstorable value deep inside a nested dict of example 19 (while ``broken``)."""
+
+    broken = True
+    fingerprint_exclude = ("delay", "count_dir", "fail_at", "broken")
+
+    def get_example(self, i):
+        ex = super().get_example(i)
+        if i == 19 and self.broken:
+            ex["meta"]["nested"]["v"].append({"calib": Calibration()})
+        return ex
+
+
+class DriftingRaggedDataset(RaggedDataset):
+    """From example 16 on, ``boxes`` are float64 ``(k, 5)`` and ``label`` a numpy int16:
+    not an error, the columns are promoted (to record)."""
+
+    @staticmethod
+    def example(i):
+        ex = RaggedDataset.example(i)
+        if i >= 16:
+            ex["boxes"] = np.arange(5 * (i % 3), dtype=np.float64).reshape(-1, 5)
+            ex["label"] = np.int16(i)
+        return ex
+
+    @classmethod
+    def expected(cls, i):
+        ex = cls.example(i)
+        ex["index_"] = i
+        return ex
+
+
+def test_optional_key_as_in_memory_key(tmp_path):
+    with pytest.raises(LabelError) as err:
+        build(OptionalKeyDataset(str(tmp_path), "opt", LENGTH))
+    assert str(err.value) == (
+        "example 1 has no in_memory_key 'caption' (it has ['label', 'tag', 'score', 'feat', 'note', "
+        "'meta', 'depth', 'index_'])"
+    )
+    assert committed(os.path.join(str(tmp_path), "cached", "opt")) == set()
+
+
+def test_unstorable_value_deep_in_mixed_example(tmp_path):
+    with pytest.raises(CodecError) as err:
+        build(BadMixedDataset(str(tmp_path), "deep", LENGTH))
+    assert str(err.value) == CODEC_MESSAGE.replace("example 17, key 'meta/calib'",
+                                                   "example 19, key 'meta/nested/v/2/calib'")
+    cache_dir = os.path.join(str(tmp_path), "cached", "deep")
+    kept = committed(cache_dir)
+    assert kept == {0, 1}
+    count = tmp_path / "count"
+    count.mkdir()
+    fixed = BadMixedDataset(str(tmp_path), "deep", LENGTH, count_dir=str(count))
+    fixed.broken = False
+    cached = build(fixed)
+    assert not {i // CHUNK for i in computations(str(count))} & kept
+    assert cached.complete
+
+
+def test_kind_drift_mid_build_is_not_an_error(tmp_path):
+    cached = build(DriftingRaggedDataset(str(tmp_path), "drift", LENGTH))
+    for i in range(LENGTH):
+        assert_example_equal(cached[i], DriftingRaggedDataset.expected(i), f"example {i}")
+    labels = cached.labels["label"]
+    assert [int(v) for v in labels] == [DriftingRaggedDataset.example(i)["label"] for i in range(LENGTH)]

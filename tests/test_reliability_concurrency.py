@@ -7,9 +7,14 @@
   holds the build lock is killed mid-build.
 * A ``torch`` DataLoader with four workers reads a cache while another process resumes
   its build.
-* A reader opened (and reading) while a :class:`UniformDataset` build runs keeps
-  returning correct examples and batches after the build packed its chunks into
-  ``packed.shard`` and deleted ``shards/``.
+* A reader opened (and reading) while a build runs follows it across column promotions
+  (a mixed-schema build rewrites a column under a new stem and unlinks the old file)
+  and completion, returning correct examples and batches; arrays read before stay valid.
+* Stale readers: opened incomplete and used after completion, opened complete and used
+  while another process starts the cache over, opened in the window between the last
+  commit and the complete manifest.
+
+Every test runs on format v2 with the four datasets of ``reliability_datasets``.
 """
 
 from __future__ import annotations
@@ -25,18 +30,17 @@ import numpy as np
 import pytest
 
 from edcache import CachedDataset
-from edcache.errors import CacheNotFoundError, IncompleteCacheError
+from edcache.errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError
 from edcache.verify import verify_cache
 
 from reliability_datasets import (
     CLI_CODE,
     DATASETS,
+    MixedDataset,
     SlowDataset,
-    UniformDataset,
     assert_batch_equal,
     assert_example_equal,
     computations,
-    expected,
     subprocess_env,
 )
 from test_reliability_crash import kill_group, tree
@@ -44,11 +48,12 @@ from test_reliability_crash import kill_group, tree
 CHUNK = 8
 
 
-def builder(root, name, length, *, delay, workers=2, count_dir=None, ready=None, uniform=False):
+KINDS = ["slow", "uniform", "ragged", "mixed"]
+
+
+def builder(root, name, length, *, delay, workers=2, count_dir=None, ready=None, kind="slow"):
     args = [sys.executable, "-c", CLI_CODE, "build", root, name, str(length), "--delay", str(delay),
-            "--chunk-size", str(CHUNK), "--workers", str(workers)]
-    if uniform:
-        args.append("--uniform")
+            "--chunk-size", str(CHUNK), "--workers", str(workers), "--kind", kind]
     if count_dir:
         args += ["--count-dir", count_dir]
     if ready:
@@ -63,17 +68,42 @@ def finish(proc, timeout=180):
     return out.decode()
 
 
-def reference(tmp_path, name, length) -> dict[str, bytes]:
-    ds = CachedDataset(SlowDataset(str(tmp_path / "ref"), name, length), chunk_size=CHUNK,
+def reference(tmp_path, name, length, dataset=SlowDataset) -> dict[str, bytes]:
+    ds = CachedDataset(dataset(str(tmp_path / "ref"), name, length), chunk_size=CHUNK,
                        num_workers=0, progress=False)
     return tree(ds.path)
 
 
+#: live outcomes of known v2 bugs (none open: the two found here are fixed and have
+#: regression tests at the end of this file)
+KNOWN_BUGS: dict[str, int] = {}
+
+
+def batch_matches(batch, idx, dataset, where) -> None:
+    """A batch read during a build equals the dataset's (a bool column is a bool array
+    whether it was gathered or collated: test_get_batch_types_do_not_depend_on_timing)."""
+    assert_batch_equal(batch, idx, dataset, where)
+
+
+def missing_file_race(exc: Exception) -> bool:
+    """A column file promoted away between a reader's log replay and its open is followed,
+    never an error (test_reader_follows_when_promotion_lands_between_replay_and_open)."""
+    return False
+
+
+def assert_labels(labels, dataset, length):
+    for key, want in dataset.expected_labels(length).items():
+        got = labels[key]
+        assert_example_equal(list(got) if isinstance(want, list) else np.asarray(got), want, f"labels[{key!r}]")
+
+
 # -- readers during a build -----------------------------------------------------------------
 @pytest.mark.timeout(180)
-def test_readers_during_build_see_only_committed_data(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_readers_during_build_see_only_committed_data(tmp_path, kind):
+    dataset = DATASETS[kind]
     root, name, length = str(tmp_path / "r"), "live", 480
-    proc = builder(root, name, length, delay=0.004)
+    proc = builder(root, name, length, delay=0.004, kind=kind)
     rng = random.Random(0)
     early = None  # a reader opened while the build runs, used again after it completes
     reads = incomplete = 0
@@ -92,14 +122,29 @@ def test_readers_during_build_see_only_committed_data(tmp_path):
                     except IncompleteCacheError:
                         incomplete += 1
                         continue
-                    assert_example_equal(got, expected(i), f"example {i} during the build")
+                    except CorruptCacheError as exc:
+                        if not missing_file_race(exc):
+                            raise
+                        if reader is early:
+                            early = ds
+                        continue
+                    assert_example_equal(got, dataset.expected(i), f"example {i} during the build")
                     reads += 1
+            if dataset.columnar:
+                idx = rng.sample(range(length), 6)
+                try:
+                    batch_matches(ds.get_batch(idx), idx, dataset, "batch during the build")
+                except IncompleteCacheError:
+                    incomplete += 1
+                except CorruptCacheError as exc:
+                    if not missing_file_race(exc):
+                        raise
             try:  # refused until the build completes (it may complete in between)
                 labels = ds.labels
             except IncompleteCacheError:
                 incomplete += 1
             else:
-                assert np.array_equal(labels["label"], np.arange(length) % 7)
+                assert_labels(labels, dataset, length)
         finish(proc)
     finally:
         if proc.poll() is None:
@@ -107,19 +152,21 @@ def test_readers_during_build_see_only_committed_data(tmp_path):
     assert early is not None and incomplete > 0, "no reader ran during the build"
     # the reader opened mid-build now reads everything, labels included
     for i in range(length):
-        assert_example_equal(early[i], expected(i), f"example {i} after the build")
-    assert np.array_equal(early.labels["label"], np.arange(length) % 7)
-    print(f"\nreaders during a build: {reads} correct reads, {incomplete} refused as not yet cached")
+        assert_example_equal(early[i], dataset.expected(i), f"example {i} after the build")
+    assert_labels(early.labels, dataset, length)
+    print(f"\nreaders during a build ({kind}): {reads} correct reads, {incomplete} refused as not yet cached; "
+          f"open v2 bugs seen so far: {KNOWN_BUGS}")
 
 
 # -- four builders at once ----------------------------------------------------------------
 @pytest.mark.timeout(180)
-def test_four_processes_build_the_same_cache_once(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_four_processes_build_the_same_cache_once(tmp_path, kind):
     root, name, length = str(tmp_path / "r"), "four", 240
     count = tmp_path / "count"
     count.mkdir()
-    want = reference(tmp_path, name, length)
-    procs = [builder(root, name, length, delay=0.003, count_dir=str(count)) for _ in range(4)]
+    want = reference(tmp_path, name, length, DATASETS[kind])
+    procs = [builder(root, name, length, delay=0.003, count_dir=str(count), kind=kind) for _ in range(4)]
     for p in procs:
         finish(p)
     counts = computations(str(count))
@@ -130,19 +177,21 @@ def test_four_processes_build_the_same_cache_once(tmp_path):
     cache_dir = os.path.join(root, "cached", name)
     assert tree(cache_dir) == want
     assert verify_cache(cache_dir).ok
-    print(f"\nfour builders: one cache, {length} examples computed once each by {len(pids)} worker processes")
+    print(f"\nfour builders ({kind}): one cache, {length} examples computed once each by {len(pids)} worker "
+          "processes")
 
 
 @pytest.mark.timeout(180)
-def test_four_processes_builder_killed_others_finish(tmp_path):
+@pytest.mark.parametrize("kind", ["mixed", pytest.param("slow", marks=pytest.mark.long)])
+def test_four_processes_builder_killed_others_finish(tmp_path, kind):
     """The process building is SIGKILLed; a waiting one takes over and resumes."""
     root, name, length = str(tmp_path / "r"), "takeover", 480
     count = tmp_path / "count"
     count.mkdir()
-    want = reference(tmp_path, name, length)
-    procs = [builder(root, name, length, delay=0.004, count_dir=str(count))]
+    want = reference(tmp_path, name, length, DATASETS[kind])
+    procs = [builder(root, name, length, delay=0.004, count_dir=str(count), kind=kind)]
     time.sleep(0.3)  # let the first one take the lock
-    procs += [builder(root, name, length, delay=0.004, count_dir=str(count)) for _ in range(3)]
+    procs += [builder(root, name, length, delay=0.004, count_dir=str(count), kind=kind) for _ in range(3)]
     deadline = time.monotonic() + 60
     while len(os.listdir(count)) < 100 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -177,18 +226,21 @@ def _identity(batch):
 
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
-def test_dataloader_four_workers_while_build_resumes(tmp_path):
+@pytest.mark.parametrize("kind", ["mixed", pytest.param("slow", marks=pytest.mark.long)])
+def test_dataloader_four_workers_while_build_resumes(tmp_path, kind):
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader, Subset
 
+    dataset = DATASETS[kind]
+    expected = dataset.expected
     root, name, length = str(tmp_path / "r"), "loader", 480
     with pytest.raises(Exception):  # a first build that stops at index 200
-        CachedDataset(SlowDataset(root, name, length, fail_at=200), chunk_size=CHUNK,
+        CachedDataset(dataset(root, name, length, fail_at=200), chunk_size=CHUNK,
                       num_workers=0, progress=False)
     ds = CachedDataset.from_cache(root, name)
     assert not ds.complete
     committed = list(range(200 // CHUNK * CHUNK))
-    proc = builder(root, name, length, delay=0.004)
+    proc = builder(root, name, length, delay=0.004, kind=kind)
     epochs = 0
     try:
         while proc.poll() is None or epochs < 2:
@@ -216,72 +268,80 @@ def test_dataloader_four_workers_while_build_resumes(tmp_path):
     assert seen == list(range(length))
     for i in range(0, length, 3):  # and in this process, through the reader opened before
         assert_example_equal(ds[i], expected(i))
-    print(f"\nDataLoader(num_workers=4): {epochs} epochs over committed data during a resumed build")
+    print(f"\nDataLoader(num_workers=4, {kind}): {epochs} epochs over committed data during a resumed build")
 
 
 # -- a reader whose manifest went stale ------------------------------------------------------
-@pytest.mark.parametrize("kind", ["slow", "uniform"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_reader_opened_incomplete_reads_after_completion(tmp_path, kind):
     """Opened mid-build (no chunk read yet), used after the build finished and deleted
-    commits.log (and, packed, shards/): every example reads (no spurious 'not cached
-    yet'). A second reader that read committed chunks before also reads on."""
+    commits.log: every example reads (no spurious 'not cached yet'). A second reader
+    that read committed chunks before also reads on (for the mixed-schema dataset the
+    resumed build promotes columns whose old files that reader has mapped)."""
     dataset = DATASETS[kind]
     root, name, length = str(tmp_path), "stale", 40
     with pytest.raises(Exception):
-        CachedDataset(dataset(root, name, length, fail_at=20), chunk_size=CHUNK,
+        CachedDataset(dataset(root, name, length, fail_at=9), chunk_size=CHUNK,
                       num_workers=0, progress=False)
     old = CachedDataset.from_cache(root, name)
     used = CachedDataset.from_cache(root, name)
     assert not old.complete
-    early = {i: used[i] for i in (0, 9, 15)}  # chunks 0 and 1 mapped before completion
+    early = {i: used[i] for i in (0, 5, 7)}  # chunk 0 mapped before completion
     CachedDataset(dataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
-    assert ("packed.shard" in os.listdir(old.path)) == (kind == "uniform")
+    assert "commits.log" not in os.listdir(old.path)
     for reader in (old, used):
         for i in range(length):
             assert_example_equal(reader[i], dataset.expected(i))
-    for i, ex in early.items():  # what was read before the chunk shards were deleted
+        assert_labels(reader.labels, dataset, length)
+    for i, ex in early.items():  # what was read before completion (and promotions)
         assert_example_equal(ex, dataset.expected(i))
-    if kind == "uniform":
-        assert not os.path.exists(os.path.join(old.path, "shards"))
+    if dataset.columnar:
         idx = [39, 0, 17, 17, 8]
         for reader in (old, used):
             assert_batch_equal(reader.get_batch(idx), idx, dataset)
 
 
-@pytest.mark.parametrize("kind", ["slow", "uniform"])
-def test_reader_opened_complete_reads_during_forced_rebuild(tmp_path, kind):
-    """Opened on a complete cache; another process starts force_cache=True (shards.idx is
-    removed while it runs; a packed cache is kept as it is): the old reader reads kept
-    chunks, never reports damage."""
-    from edcache.format.shards import dataset_identity, prepare_cache_dir
+@pytest.mark.parametrize("kind", KINDS)
+def test_reader_opened_complete_reads_during_start_over(tmp_path, kind):
+    """Opened (and read) on a complete cache; another process starts it over
+    (``force_cache=True, keep_existing=False``: new log, incomplete manifest, old column
+    files unlinked) and is still running: the old reader keeps reading the old build
+    correctly (it holds the unlinked files), never reports damage; a new reader sees
+    an incomplete cache."""
+    from edcache.format.columnar import dataset_identity, prepare_cache_dir
 
     dataset = DATASETS[kind]
     root, name, length = str(tmp_path), "rebuild", 40
     ds = CachedDataset(dataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
-    before = tree(ds.path)
     old = CachedDataset.from_cache(root, name)
+    first = old[3]
     sink = prepare_cache_dir(ds.path, length=length, chunk_size=CHUNK,
                              dataset=dataset_identity(dataset(root, name, length)),
-                             in_memory_keys=dataset.in_memory_keys, allow_pickle=False, keep_existing=True)
-    sink.close()  # the rebuild is "running": manifest incomplete, every chunk in commits.log
-    assert not os.path.exists(os.path.join(ds.path, "shards.idx"))
-    if kind == "uniform":
-        assert tree(ds.path) == before and "packed.shard" in before  # kept untouched
+                             in_memory_keys=dataset.in_memory_keys, allow_pickle=False, keep_existing=False)
+    sink.close()  # the rebuild is "running": manifest incomplete, nothing committed
+    assert os.listdir(os.path.join(ds.path, "columns")) == []
     for i in range(length):
         assert_example_equal(old[i], dataset.expected(i))
+    assert_example_equal(first, dataset.expected(3))
+    assert_labels(old.labels, dataset, length)
+    new = CachedDataset.from_cache(root, name)
+    assert not new.complete
+    with pytest.raises(IncompleteCacheError):
+        new[0]
 
 
-# -- a reader while a uniform build packs its chunks ----------------------------------------
+# -- a reader following a build across promotions --------------------------------------------
 @pytest.mark.timeout(180)
-def test_reader_during_uniform_build_switches_to_packed(tmp_path):
-    """A reader opened while a UniformDataset build runs reads committed examples and
-    batches from chunk shards (only from the first half of the examples, so the chunks of
-    the second half are never mapped); after the build packed everything and deleted
-    ``shards/``, the same reader returns every example and batch correctly (those of the
-    second half can only come from packed.shard), and arrays read before stay valid."""
-    root, name, length = str(tmp_path / "r"), "uni", 480
+@pytest.mark.parametrize("kind", ["ragged", "mixed"])
+def test_reader_follows_build_across_promotions(tmp_path, kind):
+    """A reader opened while a build runs reads committed examples (and batches) from the
+    first half; the mixed-schema build promotes ``score`` and ``feat`` after the reader
+    mapped them (in chunks 1 and 2) and adds columns. After the build, the same reader
+    returns every example and batch correctly, and arrays read before stay valid."""
+    dataset = DATASETS[kind]
+    root, name, length = str(tmp_path / "r"), "follow", 480
     half = length // 2
-    proc = builder(root, name, length, delay=0.004, uniform=True)
+    proc = builder(root, name, length, delay=0.004, kind=kind)
     rng = random.Random(1)
     ds = None
     kept: list[tuple[int, dict]] = []  # examples read during the build, checked again later
@@ -294,88 +354,194 @@ def test_reader_during_uniform_build_switches_to_packed(tmp_path):
                 except CacheNotFoundError:
                     time.sleep(0.01)
                     continue
-            idx = rng.sample(range(half), 8)
+            idx = [0] + rng.sample(range(half), 7)
             try:
                 for i in idx:
                     got = ds[i]
-                    assert_example_equal(got, UniformDataset.expected(i), f"example {i} during the build")
+                    assert_example_equal(got, dataset.expected(i), f"example {i} during the build")
                     reads += 1
                     if len(kept) < 50:
                         kept.append((i, got))
-                assert_batch_equal(ds.get_batch(idx), idx, UniformDataset, "batch during the build")
-                batches += 1
+                if dataset.columnar:
+                    batch_matches(ds.get_batch(idx), idx, dataset, "batch during the build")
+                    batches += 1
             except IncompleteCacheError:
                 incomplete += 1
+            except CorruptCacheError as exc:
+                if not missing_file_race(exc):
+                    raise
+                ds = None  # open it again
             time.sleep(0.002)
         finish(proc)
     finally:
         if proc.poll() is None:
             kill_group(proc)
-    assert ds is not None and reads > 0 and batches > 0, "no read succeeded during the build"
+    assert reads > 0, "no read succeeded during the build"
+    if ds is None:  # dropped by the open race bug in the last round
+        ds = CachedDataset.from_cache(root, name)
     cache_dir = os.path.join(root, "cached", name)
-    assert sorted(os.listdir(cache_dir)) == ["labels", "manifest.json", "packed.shard"]
-    # first access after the build: a batch over mapped (deleted) chunk shards and
-    # unmapped chunks, which switches the reader to packed.shard in mid-batch
+    assert "commits.log" not in os.listdir(cache_dir)
     idx = [3, half + 5, 1, length - 1, half - 1]
-    assert_batch_equal(ds.get_batch(idx), idx, UniformDataset, "first batch after the build")
+    if dataset.columnar:
+        assert_batch_equal(ds.get_batch(idx), idx, dataset, "first batch after the build")
     for i in list(range(half, length)) + list(range(half)):
-        assert_example_equal(ds[i], UniformDataset.expected(i), f"example {i} after the build")
-    assert ds.complete  # the reader saw the complete manifest (when it missed a chunk)
+        assert_example_equal(ds[i], dataset.expected(i), f"example {i} after the build")
+    assert ds.complete
     for i, got in kept:
-        assert_example_equal(got, UniformDataset.expected(i), f"example {i} read during the build")
-    for _ in range(5):
-        idx = rng.sample(range(length), 32) + [length - 1, 0]
-        assert_batch_equal(ds.get_batch(idx), idx, UniformDataset, "batch after the build")
-    assert_batch_equal(ds.get_batch(list(range(length))), range(length), UniformDataset, "all")
-    labels = ds.labels
-    assert np.array_equal(labels["label"], np.arange(length) % 7)
-    assert list(labels["name"]) == [UniformDataset.expected(i)["name"] for i in range(length)]
-    print(f"\nreader during a uniform (packed) build: {reads} reads and {batches} batches during the "
-          f"build, {incomplete} refused as not cached yet; all correct after the switch to packed.shard")
+        assert_example_equal(got, dataset.expected(i), f"example {i} read during the build")
+    assert_labels(ds.labels, dataset, length)
+    print(f"\nreader during a {kind} build: {reads} reads and {batches} batches during the build, "
+          f"{incomplete} refused as not cached yet; all correct after completion; open v2 bugs seen so far: "
+          f"{KNOWN_BUGS}")
 
 
-def _build_killed_after_packing(root: str, name: str, length: int) -> None:
+def _build_killed_before_complete_manifest(root: str, name: str, length: int, dataset: type) -> None:
     """Build in a forked child that is SIGKILLed right before it writes the complete
-    manifest: packing committed (log record), shards/ deleted, manifest incomplete."""
+    manifest: every chunk committed in commits.log, labels and checksums.npy written,
+    manifest incomplete."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
-            import edcache.format.shards.sink as sink
+            import edcache.format.columnar.writer as writer
 
-            sink.ShardSink._mark_complete = lambda self: os.kill(os.getpid(), signal.SIGKILL)
-            CachedDataset(UniformDataset(root, name, length), chunk_size=CHUNK, num_workers=0,
-                          progress=False)
+            real = writer.write_manifest
+
+            def write_manifest(cache_dir, manifest):
+                if manifest.complete:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real(cache_dir, manifest)
+            writer.write_manifest = write_manifest
+            CachedDataset(dataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
-def test_reader_in_packing_window(tmp_path):
-    """The state between deleting shards/ and writing the complete manifest (a live
-    build passes through it; a kill there leaves it until the next build) is a valid
-    cache (``edcache verify`` is clean) holding every example in packed.shard: readers
-    opened before and in it read every example and batch. (Found by this suite: the
-    reader used to look for the deleted chunk shards; fixed in 873904f.)"""
+@pytest.mark.parametrize("kind", KINDS)
+def test_reader_in_finalizing_window(tmp_path, kind):
+    """The state between the last commit and the complete manifest (a live build passes
+    through it; a kill there leaves it until the next build) is a valid cache (``edcache
+    verify`` is clean) holding every example: readers opened before and in it read every
+    example and batch; the next build computes nothing."""
+    dataset = DATASETS[kind]
     root, name, length = str(tmp_path), "window", 40
     with pytest.raises(Exception):
-        CachedDataset(UniformDataset(root, name, length, fail_at=20), chunk_size=CHUNK,
+        CachedDataset(dataset(root, name, length, fail_at=20), chunk_size=CHUNK,
                       num_workers=0, progress=False)
     before = CachedDataset.from_cache(root, name)  # opened while incomplete, nothing read
-    _build_killed_after_packing(root, name, length)
+    _build_killed_before_complete_manifest(root, name, length, dataset)
     cache_dir = os.path.join(root, "cached", name)
-    assert "packed.shard" in os.listdir(cache_dir) and not os.path.exists(os.path.join(cache_dir, "shards"))
-    assert verify_cache(cache_dir).ok
+    assert "commits.log" in os.listdir(cache_dir)
+    report = verify_cache(cache_dir)
+    assert report.ok, str(report)
     after = CachedDataset.from_cache(root, name)
     for reader in (after, before):
         for i in range(length):
-            assert_example_equal(reader[i], UniformDataset.expected(i), f"example {i}")
-    fresh = CachedDataset.from_cache(root, name, verify=True)  # a batch as the first access
-    idx = [39, 2, 20, 20]
-    assert_batch_equal(fresh.get_batch(idx), idx, UniformDataset)
-    # the next build only completes the manifest: nothing computed
+            assert_example_equal(reader[i], dataset.expected(i), f"example {i}")
+    if dataset.columnar:
+        fresh = CachedDataset.from_cache(root, name, verify=True)  # a batch as the first access
+        idx = [39, 2, 20, 20]
+        assert_batch_equal(fresh.get_batch(idx), idx, dataset)
+    # the next build only writes labels, checksums and the manifest: nothing computed
     count = os.path.join(root, "count")
     os.mkdir(count)
-    CachedDataset(UniformDataset(root, name, length, count_dir=count), chunk_size=CHUNK,
+    CachedDataset(dataset(root, name, length, count_dir=count), chunk_size=CHUNK,
                   num_workers=0, progress=False)
     assert os.listdir(count) == [] and verify_cache(cache_dir).ok
+    assert_labels(before.labels, dataset, length)
+
+
+# -- v2 bugs found by the readers during a build (fixed; regression tests) ------------------
+class GatedMixed(MixedDataset):
+    """:class:`MixedDataset` whose example 0 waits for :attr:`gate` (a threading.Event)."""
+
+    gate = None
+
+    def get_example(self, i):
+        if i == 0 and GatedMixed.gate is not None:
+            GatedMixed.gate.wait(30)
+        return super().get_example(i)
+
+
+def test_reader_follows_when_promotion_lands_between_replay_and_open(tmp_path, monkeypatch):
+    """Mixed dataset. A reader opens while nothing is committed; the build commits chunk 0
+    (``score`` a fixed int column, 0003.data) and stops at example 9. The reader asks for
+    example 20: between its log replay (which names 0003.data) and opening the files,
+    the build resumes, promotes ``score`` (0003.data deleted) and completes. Seen live
+    in ``test_reader_follows_build_across_promotions[mixed]``."""
+    import threading
+
+    import edcache.format.columnar.reader as reader_module
+
+    root, name, length = str(tmp_path), "race", 40
+    GatedMixed.gate = threading.Event()
+    failed = []
+
+    def first_build():
+        try:
+            CachedDataset(GatedMixed(root, name, length, fail_at=9), chunk_size=CHUNK, num_workers=0,
+                          progress=False)
+        except Exception as exc:  # noqa: BLE001 - the planned failure at example 9
+            failed.append(exc)
+
+    thread = threading.Thread(target=first_build)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ds = CachedDataset.from_cache(root, name)  # nothing committed yet
+                break
+            except CacheNotFoundError:
+                time.sleep(0.01)
+    finally:
+        GatedMixed.gate.set()
+        thread.join(60)
+        GatedMixed.gate = None
+    assert failed, "the first build should stop at example 9"
+    real = reader_module.read_log
+    calls = []
+
+    def racing(path, state=None):
+        calls.append(path)
+        got = real(path, state)
+        if len(calls) == 2:  # the replay inside _load: the build goes on before the opens
+            monkeypatch.setattr(reader_module, "read_log", real)
+            CachedDataset(GatedMixed(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
+        return got
+
+    monkeypatch.setattr(reader_module, "read_log", racing)
+    try:
+        got = ds[20]
+    except IncompleteCacheError:  # acceptable: "not cached yet", then a retry reads it
+        got = ds[20]
+    assert_example_equal(got, MixedDataset.expected(20))
+
+
+def test_get_batch_types_do_not_depend_on_timing(tmp_path, monkeypatch):
+    """Uniform dataset, chunks 0 and 1 committed; the build completes just after
+    ``read_batch`` looked at the log (simulated: its ``_follow`` misses it once):
+    ``get_batch([0, 30])['flag']`` is a list, with an up-to-date reader a bool array.
+    Seen live in ``test_readers_during_build_see_only_committed_data[uniform]``."""
+    from reliability_datasets import UniformDataset
+
+    root, name, length = str(tmp_path), "types", 40
+    with pytest.raises(Exception):
+        CachedDataset(UniformDataset(root, name, length, fail_at=20), chunk_size=CHUNK, num_workers=0,
+                      progress=False)
+    ds = CachedDataset.from_cache(root, name)
+    ds[0]
+    CachedDataset(UniformDataset(root, name, length), chunk_size=CHUNK, num_workers=0, progress=False)
+    reader = ds.store
+    real = type(reader)._follow
+    missed = []
+
+    def late_follow(self):
+        if not missed:
+            missed.append(1)  # the commit lands right after this look
+            return
+        real(self)
+
+    monkeypatch.setattr(type(reader), "_follow", late_follow)
+    assert_batch_equal(ds.get_batch([0, 30]), [0, 30], UniformDataset)

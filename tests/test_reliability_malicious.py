@@ -1,9 +1,11 @@
-"""Malicious files (issue 6, suite 3): a new-format cache whose files are replaced, one at a
-time, by pickles whose ``__reduce__`` would create a marker file. Opening, reading,
-labels, ``verify``, ``info`` and ``convert`` never execute them. Also for a packed cache
-(:class:`UniformDataset`: ``packed.shard``), including a well-formed packed.shard full of
-pickled records whose size and checksum the manifest was rewritten to match. (The
-edflow zip side is covered by tests/test_legacy_*.)
+"""Malicious files (issue 6, suite 3): a format-v2 cache whose files (column data and
+index files, labels, manifest, checksums.npy, commits.log) are replaced, one at a time,
+by pickles whose ``__reduce__`` would create a marker file. Opening, reading, labels,
+``verify``, ``info`` and ``convert`` never execute them. For the four datasets (mixed
+values, uniform, variable-shape, mixed-schema), complete and incomplete; plus a
+well-formed record column of pickled values whose sizes and checksums a rewritten
+manifest and ``checksums.npy`` vouch for. (The edflow zip side is covered by
+tests/test_legacy_*.)
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import pytest
 
 from edcache import CachedDataset
 from edcache.errors import EdcacheError, UnsafePickleError
-from edcache.format.shards.manifest import read_manifest, write_manifest
+from edcache.format.columnar.manifest import read_manifest, write_manifest
 from edcache.verify import verify_cache
 
-from reliability_datasets import DATASETS, SlowDataset, UniformDataset, uniform_example
+from reliability_datasets import DATASETS, MixedDataset, SlowDataset, mixed_example
 
 NAME = "evil"
 
@@ -53,7 +55,14 @@ def payloads(marker: str) -> dict[str, bytes]:
 
 
 #: reference state -> (complete, dataset kind)
-STATES = {"complete": (True, "slow"), "incomplete": (False, "slow"), "packed": (True, "uniform")}
+STATES = {
+    "slow-complete": (True, "slow"), "slow-incomplete": (False, "slow"),
+    "uniform-complete": (True, "uniform"), "ragged-complete": (True, "ragged"),
+    "mixed-complete": (True, "mixed"), "mixed-incomplete": (False, "mixed"),
+}
+#: CI plants 2 of the 9 payloads in each file (rotating, so every payload lands in
+#: some files); ``-m long`` plants all 9 in every file
+CI_PAYLOADS = 2
 
 
 def _build(root: str, complete: bool, dataset: type = SlowDataset) -> str:
@@ -107,7 +116,7 @@ def _every_operation(root: str, cache_dir: str, marker: str, dataset: type = Slo
         ds.labels
 
     def verify():
-        report = verify_cache(cache_dir, deep=True)
+        report = verify_cache(cache_dir, deep=True)  # (format v2 or not: it must not unpickle)
         if not report.ok:
             raise EdcacheError(str(report))
 
@@ -136,19 +145,21 @@ def references(tmp_path_factory):
     base = tmp_path_factory.mktemp("evil-ref")
     refs = {state: _build(str(base / state), complete, DATASETS[kind])
             for state, (complete, kind) in STATES.items()}
-    assert "packed.shard" in os.listdir(refs["packed"]) and "shards" not in os.listdir(refs["packed"])
+    for state, path in refs.items():
+        files = _cache_files(path)
+        assert any(f.startswith("columns/") for f in files), (state, files)
+        assert ("commits.log" in files) == (not STATES[state][0]), (state, files)
     return refs
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("state", ["complete", "incomplete", "packed"])
-def test_no_payload_ever_runs(references, tmp_path, state):
+def _no_payload_ever_runs(references, tmp_path, state, per_file):
     ref = references[state]
     dataset = DATASETS[STATES[state][1]]
     marker = str(tmp_path / "PWNED")
     tried = 0
-    for rel in _cache_files(ref):
-        for kind, data in payloads(marker).items():
+    every = list(payloads(marker).items())
+    for n, rel in enumerate(_cache_files(ref)):
+        for kind, data in [every[(n * per_file + k) % len(every)] for k in range(per_file)]:
             root = str(tmp_path / f"case-{tried}")
             cache_dir = os.path.join(root, "cached", NAME)
             shutil.copytree(ref, cache_dir)
@@ -164,7 +175,21 @@ def test_no_payload_ever_runs(references, tmp_path, state):
                 pass
             assert not os.path.exists(marker), f"a payload in {rel} ran during a rebuild"
             tried += 1
-    print(f"\nmalicious ({state}): {tried} files x payloads planted, 0 payloads executed")
+    print(f"\nmalicious ({state}): {tried} plantings ({len(_cache_files(ref))} files x {per_file} payloads), "
+          "0 payloads executed")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("state", sorted(STATES))
+def test_no_payload_ever_runs(references, tmp_path, state):
+    _no_payload_ever_runs(references, tmp_path, state, CI_PAYLOADS)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("state", sorted(STATES))
+def test_no_payload_ever_runs_long(references, tmp_path, state):
+    _no_payload_ever_runs(references, tmp_path, state, len(payloads("x")))
 
 
 def test_pickled_value_in_shard_needs_opt_in(tmp_path):
@@ -193,44 +218,80 @@ def test_pickled_value_in_shard_needs_opt_in(tmp_path):
     ds = CachedDataset.from_cache(root, NAME)
     with pytest.raises(UnsafePickleError, match="holds a pickled value"):
         ds[3]
-    assert verify_cache(path, deep=True).ok  # bytes intact; decoding refused, nothing run
+    assert verify_cache(path).ok  # bytes intact
+    deep = verify_cache(path, deep=True)  # decoding refused (the manifest lies), nothing run
+    assert not deep.ok and "pickled value" in str(deep) and (0, 8) in deep.damaged_ranges, str(deep)
     assert not os.path.exists(marker)
 
 
-def test_pickled_records_in_packed_shard_never_run(references, tmp_path):
-    """packed.shard replaced by a well-formed shard of 24 records holding pickled values
-    (ext 6), and the manifest rewritten (checksummed) to record its size and checksum:
-    every read refuses the pickles (the manifest says allow_pickle=False), nothing runs,
-    and a forced rebuild does not run them either."""
-    from edcache.format.shards.shard import checksum, encode_shard
+def _forge_record_column(cache_dir: str, key: str, values: list) -> None:
+    """Replace the record column ``key`` by a well-formed one holding ``values``
+    (encoded with allow_pickle=True) and rewrite ``checksums.npy`` and the manifest
+    (sizes, per-chunk checksums, the table's checksum) to vouch for it."""
+    import xxhash
 
+    from edcache.format.columnar.records import encode_row
+    from edcache.format.shards.codec import Encoder
+
+    m = read_manifest(cache_dir)
+    spec = next(c for c in m.schema.columns if c.key == key)
+    assert spec.kind == "record", spec
+    data_rel, index_rel = spec.files()
+    enc = Encoder(allow_pickle=True)
+    rows = [encode_row(v, enc) for v in values]  # pickling runs nothing
+    offsets = np.cumsum([0] + [len(r) for r in rows]).astype("<u8")
+    data, index = b"".join(rows), offsets.tobytes()
+    for rel, blob in ((data_rel, data), (index_rel, index)):
+        with open(os.path.join(cache_dir, rel), "wb") as f:
+            f.write(blob)
+    files = m.schema.files()
+    table = np.load(os.path.join(cache_dir, "checksums.npy"))
+    cs = m.chunk_size
+    for c in range(m.num_chunks):
+        stop = min((c + 1) * cs, m.length)
+        d0, d1 = int(offsets[c * cs]), int(offsets[stop])
+        i0, i1 = (0 if c == 0 else 8 * (c * cs + 1)), 8 * (stop + 1)
+        for rel, blob, a, b in ((data_rel, data, d0, d1), (index_rel, index, i0, i1)):
+            j = files.index(rel)
+            table[c, j] = (b, xxhash.xxh3_64_intdigest(blob[a:b]))
+    buf = io.BytesIO()
+    np.save(buf, table, allow_pickle=False)
+    with open(os.path.join(cache_dir, "checksums.npy"), "wb") as f:
+        f.write(buf.getvalue())
+    m.files = [(f, len(data) if f == data_rel else len(index) if f == index_rel else n) for f, n in m.files]
+    m.table = {"nbytes": len(buf.getvalue()), "xxh3": xxhash.xxh3_64_hexdigest(buf.getvalue())}
+    write_manifest(cache_dir, m)  # a manifest that vouches for the planted file
+
+
+def test_pickled_records_in_forged_column_never_run(references, tmp_path):
+    """The ``meta`` record column of a complete mixed-schema cache replaced by a
+    well-formed column of 24 rows holding pickled values (ext 6), with
+    ``checksums.npy`` and the manifest rewritten (checksummed) to record its sizes and
+    per-chunk checksums: every read refuses the pickles (the manifest says
+    allow_pickle=False), ``verify=True`` too, nothing runs, and a forced rebuild does
+    not run them either."""
     marker = str(tmp_path / "PWNED")
     root = str(tmp_path / "r")
     cache_dir = os.path.join(root, "cached", NAME)
-    shutil.copytree(references["packed"], cache_dir)
-    examples = []
+    shutil.copytree(references["mixed-complete"], cache_dir)
+    values = []
     for i in range(24):
-        ex = uniform_example(i)
-        ex["trap"] = Payload(marker) if i % 2 else ShellPayload(marker)
-        examples.append(ex)
-    data = encode_shard(examples, 0, None, allow_pickle=True)  # pickling runs nothing
-    with open(os.path.join(cache_dir, "packed.shard"), "wb") as f:
-        f.write(data)
-    m = read_manifest(cache_dir)
-    m.packed = {"nbytes": len(data), "xxh3": checksum(data)}
-    write_manifest(cache_dir, m)  # a manifest that vouches for the planted file
+        meta = dict(mixed_example(i)["meta"])
+        meta["trap"] = Payload(marker) if i % 2 else ShellPayload(marker)
+        values.append(meta)
+    _forge_record_column(cache_dir, "meta", values)
     assert not os.path.exists(marker)
-    refused = _every_operation(root, cache_dir, marker, UniformDataset)
+    refused = _every_operation(root, cache_dir, marker, MixedDataset)
     assert refused >= 4, "reads of pickled records were not refused"
     for verify in (False, True):
-        ds = CachedDataset.from_cache(root, NAME, verify=verify)
+        ds = CachedDataset.from_cache(root, NAME, verify=verify)  # checksums match: opens
         for i in (0, 1, 23):
             with pytest.raises(UnsafePickleError, match="holds a pickled value"):
                 ds[i]
         with pytest.raises(UnsafePickleError):
             ds.get_batch([0, 1])
     try:
-        CachedDataset(UniformDataset(root, NAME, 24), chunk_size=8, num_workers=0, progress=False,
+        CachedDataset(MixedDataset(root, NAME, 24), chunk_size=8, num_workers=0, progress=False,
                       force_cache=True)
     except EdcacheError:
         pass

@@ -34,7 +34,14 @@ class HFStore(Store):
 
         feats = {}
         for key, kind, dtype, shp in SHAPES[self.shape]["fields"]:
-            if kind == "array":
+            if kind == "vararray":
+                # a variable number of rows: a list of fixed-length rows (boxes), or a
+                # variable-length list of numbers (tokens)
+                inner = hd.Value(dtype)
+                for d in reversed(shp[1:]):
+                    inner = hd.Sequence(inner, length=d)
+                feats[key] = hd.Sequence(inner)
+            elif kind == "array":
                 if len(shp) == 3:
                     feats[key] = hd.Array3D(shape=shp, dtype=dtype)
                 elif len(shp) == 2:

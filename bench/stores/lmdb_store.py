@@ -31,7 +31,7 @@ class LmdbStore(Store):
     def write(self, examples, n):
         import lmdb
 
-        raw = n * raw_example_bytes(self.shape)
+        raw = n * raw_example_bytes(self.shape, n)
         env = lmdb.open(self.path, map_size=int(raw * 2 + (1 << 30)), subdir=True, readahead=False, meminit=False)
         txn = env.begin(write=True)
         dumps, proto = pickle.dumps, 5

@@ -11,7 +11,7 @@ import os
 import sys
 import types
 
-from ..common import SHAPES
+from ..common import SHAPES, is_ragged
 from .base import Skip, Store
 
 NOTE = None
@@ -73,7 +73,10 @@ class MDSStore(Store):
     def columns(self):
         cols = {}
         for key, kind, dtype, shp in SHAPES[self.shape]["fields"]:
-            if kind == "array":
+            if kind == "vararray":
+                # MDS's ndarray encoding without a shape stores each sample's shape
+                cols[key] = f"ndarray:{dtype}"
+            elif kind == "array":
                 cols[key] = f"ndarray:{dtype}:" + ",".join(str(s) for s in shp)
             elif kind == "int":
                 cols[key] = "int64"
@@ -88,8 +91,16 @@ class MDSStore(Store):
         from streaming import MDSWriter
 
         with MDSWriter(out=self.path, columns=self.columns(), compression=None, size_limit=1 << 26, progress_bar=False) as w:
-            for ex in examples:
-                w.write(ex)
+            for i, ex in enumerate(examples):
+                try:
+                    w.write(ex)
+                except ValueError as e:
+                    if not is_ragged(self.shape):
+                        raise
+                    # the ndarray encoding stores variable shapes, but no array with 0
+                    # elements (mosaicml/streaming#695); a user would have to invent an
+                    # encoding of their own for the examples with no boxes / no tokens
+                    raise Skip(f"MDS ndarray columns refuse empty arrays (example {i}: {e})") from None
 
     def _dataset(self, shuffle=False):
         _import_streaming()

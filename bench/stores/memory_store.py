@@ -21,7 +21,8 @@ class MemoryStore(Store):
         return self.data[i]
 
     def nbytes(self):
-        return shape_n(self.shape, self.quick) * raw_example_bytes(self.shape)
+        n = shape_n(self.shape, self.quick)
+        return int(n * raw_example_bytes(self.shape, n))
 
     def data_files(self):
         return None

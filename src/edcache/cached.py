@@ -744,6 +744,8 @@ def _collate(examples: list[dict]) -> dict[str, Any]:
             batch[key] = np.stack(values)
         elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
             batch[key] = np.asarray(values)
+        elif all(type(v) is bool for v in values):  # as a bool column gathers
+            batch[key] = np.asarray(values, dtype=bool)
         else:
             batch[key] = values
     return batch

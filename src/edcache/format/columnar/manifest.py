@@ -213,7 +213,11 @@ def peek_version(cache_dir: str) -> int | None:
     """The format version a manifest declares (None if absent or unreadable)."""
     try:
         with open(os.path.join(cache_dir, MANIFEST), "rb") as f:
-            doc = json.loads(f.read(MAX_MANIFEST_BYTES))
+            # read what is there (f.read(n) would allocate n bytes first)
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                return None
+            doc = json.loads(f.read(size))
         version = doc.get("version") if isinstance(doc, dict) else None
         return version if type(version) is int else None
     except (OSError, ValueError, UnicodeDecodeError):

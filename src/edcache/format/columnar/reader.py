@@ -149,6 +149,7 @@ class ColumnarReader(CacheReader):
         self._fds: dict[str, int] = {}
         self._state: LogState | None = None
         self._reopen = False
+        self._retries = 0
         self._load()
 
     # -- opening ---------------------------------------------------------------------------
@@ -179,7 +180,14 @@ class ColumnarReader(CacheReader):
                 try:
                     self._fds[f] = open_fd(os.path.join(self.path, f))
                 except FileNotFoundError:
+                    if not m.complete and self._retries < 5:
+                        # a build promoted the column between our replay and this open: its
+                        # next schema record names the new file; look again
+                        self._retries += 1
+                        self._state = None
+                        return self._load()
                     raise CorruptCacheError(f"{os.path.join(self.path, f)} is missing") from None
+        self._retries = 0
         self._views: dict[int, ColumnView] | None = None
         self._maps: list[Any] = []
         self._labels: Labels | None = None
