@@ -225,7 +225,8 @@ def test_getitem_returning_non_dict_plain(tmp_path):
 CODEC_MESSAGE = (
     "example 17, key 'meta/calib': cannot store value of type reliability_datasets.Calibration. "
     "The codec stores dicts, lists, tuples, str, bytes, int, float, bool, None, numpy arrays of "
-    "numeric, bool, str or datetime dtype and numpy scalars; convert the value, or pass "
+    "numeric, bool, str or datetime dtype, numpy scalars, torch tensors and PIL images; "
+    "convert the value, or pass "
     "allow_pickle=True to store it as a pickle (then also required to read the cache)."
 )
 

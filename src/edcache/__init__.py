@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cached import CachedDataset, PathCachedDataset, cachable
+from .cached import CachedDataset, PathCachedDataset, cachable, cache
 from .dataset import ConcatenatedDataset, DatasetMixin
 from .errors import EdcacheError
 
@@ -36,6 +36,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     # Caching datasets
+    "cache",
     "CachedDataset",
     "PathCachedDataset",
     "cachable",

@@ -110,6 +110,21 @@ class CachedDataset(DatasetMixin):
         Where to compute chunks instead of the local pool or ``scheduler``: an
         :class:`~edcache.build.executors.Executor`, or a function returning one (called
         only if a build is needed).
+    path : str or None
+        The cache directory. Given, the dataset needs no ``root`` or ``name``; None
+        (default): ``<dataset.root>/cached/<dataset.name>``.
+    transform : callable or None
+        Applied to every example after it is read (``ds[i]``, ``ds[[i, j]]``,
+        ``__getitems__``; not ``get_batch``), in the process that reads it (a DataLoader
+        worker). It pickles with the dataset: with ``spawn`` workers it must be
+        picklable (a module-level function or class, not a lambda).
+    pil : str
+        ``"image"`` (default): PIL images come back as images; ``"array"``: as their
+        uint8 (mode-dependent) pixel arrays, read-only views of the cache.
+    fingerprint : str, int or None
+        An explicit version of what the dataset computes (default: the dataset's
+        ``cache_version`` attribute, if any). Recorded in the cache; opening it with
+        another version raises :class:`~edcache.errors.CacheMismatchError`.
 
     Notes
     -----
@@ -131,8 +146,11 @@ class CachedDataset(DatasetMixin):
     mp_context: str | None = None
     progress = True
     executor: Any = None
+    transform: Callable[[Any], Any] | None = None
+    pil = "image"
     _parameters: str | None = None
     _fingerprint: str | None = None
+    _identity: str | None = None
 
     def __init__(
         self,
@@ -150,10 +168,17 @@ class CachedDataset(DatasetMixin):
         mp_context: str | None = None,
         progress: bool = True,
         executor: Any = None,
+        path: str | os.PathLike | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        pil: str = "image",
+        fingerprint: str | int | None = None,
         _path: str | None = None,
         _parameters: str | None = None,
     ) -> None:
+        if _path is None and path is not None:
+            _path = os.fspath(path)
         check_cachable(dataset, needs_location=_path is None)
+        _check_read_options(transform, pil)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise DatasetInterfaceError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.base_dataset = dataset
@@ -183,10 +208,13 @@ class CachedDataset(DatasetMixin):
         self.mp_context = mp_context
         self.progress = progress
         self.executor = executor
+        self.transform = transform
+        self.pil = pil
         self._parameters = _parameters
-        from .fingerprint import dataset_fingerprint
+        from .fingerprint import dataset_fingerprint, dataset_identity_record
 
         self._fingerprint = dataset_fingerprint(dataset)
+        self._identity = dataset_identity_record(dataset, fingerprint)
         self._length = checked_length(dataset)
         self._path = _path or self._choose_path(_legacy)
         self._legacy = self._path.endswith(".zip")
@@ -221,7 +249,7 @@ class CachedDataset(DatasetMixin):
         zip build are then removed without asking for it).
         """
         try:
-            reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
+            reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle, pil=self.pil)
         except CacheNotFoundError:
             return False
         except CorruptCacheError:
@@ -279,6 +307,7 @@ class CachedDataset(DatasetMixin):
                     f"the cache at {self._path} was built from {manifest.dataset}, not {ident}. {hint}"
                 )
             self._check_fingerprint(manifest)
+            self._check_identity(manifest)
             if self._parameters is not None and manifest.parameters != self._parameters:
                 raise CacheMismatchError(
                     f"the cache at {self._path} was built for the arguments {manifest.parameters}, "
@@ -302,31 +331,70 @@ class CachedDataset(DatasetMixin):
                 "--force --no-keep-existing), or give this configuration its own name."
             )
 
+    def _check_identity(self, manifest: Any) -> None:
+        """Refuse a cache of another explicit version; warn (never silently reuse, never
+        rebuild) when the dataset class's source changed and no version says otherwise."""
+        from .fingerprint import identity_problems
+
+        if self.base_dataset is None:
+            return
+        error, warning = identity_problems(getattr(manifest, "identity", None), self._identity)
+        name = type(self.base_dataset).__name__
+        if error:
+            raise CacheMismatchError(
+                f"the cache at {self._path} was built by another version of {name} ({error}). "
+                "Rebuild it with force_cache=True, keep_existing=False (CLI: --force "
+                "--no-keep-existing), or give this version its own path."
+            )
+        if warning:
+            warnings.warn(
+                f"the cache at {self._path} may be stale: {warning}. If the examples are still "
+                f"what {name} computes, set {name}.cache_version (or pass fingerprint=) to record "
+                "that; otherwise rebuild with force_cache=True, keep_existing=False.",
+                UserWarning, stacklevel=4,
+            )
+
     @classmethod
     def from_cache(
         cls,
-        root: str,
-        name: str,
+        root: str | None = None,
+        name: str | None = None,
         _legacy: bool | None = None,
         *,
+        path: str | os.PathLike | None = None,
         verify: bool = False,
         allow_pickle: bool = False,
+        transform: Callable[[Any], Any] | None = None,
+        pil: str = "image",
     ) -> "CachedDataset":
-        """Open the cache ``<root>/cached/<name>`` without the original dataset.
+        """Open the cache ``<root>/cached/<name>`` (or the one at ``path``) without the
+        original dataset.
 
         ``_legacy=None`` opens whatever exists (new format first, then the edflow zip
         ``<name>.zip``); ``True`` prefers the zip; ``False`` opens a directory (the new
-        format or an edflow examples folder).
+        format or an edflow examples folder). ``transform`` and ``pil`` are as for
+        :class:`CachedDataset`.
         """
+        _check_read_options(transform, pil)
+        if path is not None:
+            path = os.fspath(path)
+            return cls._from_path(path, root=os.path.dirname(os.path.abspath(path)), verify=verify,
+                                  allow_pickle=allow_pickle, transform=transform, pil=pil)
+        if root is None or name is None:
+            raise TypeError("from_cache needs root and name, or path")
         path = find_cache(os.fspath(root), name, _legacy)
         if path is None:
             directory, zip_path = cache_paths(os.fspath(root), name)
             raise CacheNotFoundError(f"no cache named {name!r} under {root} ({directory} or {zip_path})")
-        return cls._from_path(path, root=os.fspath(root), verify=verify, allow_pickle=allow_pickle)
+        return cls._from_path(path, root=os.fspath(root), verify=verify, allow_pickle=allow_pickle,
+                              transform=transform, pil=pil)
 
     @classmethod
-    def _from_path(cls, path: str, *, root: str, verify: bool, allow_pickle: bool) -> "CachedDataset":
+    def _from_path(cls, path: str, *, root: str, verify: bool, allow_pickle: bool,
+                   transform: Callable[[Any], Any] | None = None, pil: str = "image") -> "CachedDataset":
         self = cls.__new__(cls)
+        self.transform = transform
+        self.pil = pil
         self.base_dataset = None
         self._root = root
         self._path = path
@@ -340,7 +408,7 @@ class CachedDataset(DatasetMixin):
                 "finished: the zip there is the old cache. Construct CachedDataset(dataset) "
                 "(or call the @cachable function) to finish the rebuild"
             )
-        self._reader = open_reader(path, verify=verify, allow_pickle=allow_pickle)
+        self._reader = open_reader(path, verify=verify, allow_pickle=allow_pickle, pil=pil)
         self._generation = _fork_generation
         _quiet_collate_warning()
         self._length = len(self._reader)
@@ -436,6 +504,7 @@ class CachedDataset(DatasetMixin):
                 keep_existing=self.keep_existing,
                 parameters=self._parameters,
                 fingerprint=self._fingerprint,
+                identity=self._identity,
             )
         num_workers = default_num_workers() if self.num_workers is None else self.num_workers
         executor = self._executor(num_workers)
@@ -468,7 +537,8 @@ class CachedDataset(DatasetMixin):
     def store(self) -> CacheReader:
         """The reader of the cache for this process (re-opened after a fork or unpickling)."""
         if self._reader is None or self._generation != _fork_generation:
-            self._reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle)
+            self._reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle,
+                                       pil=self.pil)
             self._generation = _fork_generation
             _quiet_collate_warning()
         return self._reader
@@ -500,24 +570,27 @@ class CachedDataset(DatasetMixin):
                 reader = self.store
             if not (self._append_labels or self._expand):
                 # sets index_ in dict examples (as _finish would); tuples come back as stored
-                return reader.row_indexed(j)
+                if self.transform is None:
+                    return reader.row_indexed(j)
+                return self.transform(reader.row_indexed(j))
             return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
+    def _finish(self, example: Any, j: int) -> Any:
+        """As :class:`DatasetMixin` does for dicts (``index_``, labels, expand); tuple and
+        list examples come back as stored (edflow's ``index_`` contract is for dicts);
+        then the transform."""
+        if type(example) is dict:
+            example = super()._finish(example, j)
+        return example if self.transform is None else self.transform(example)
+
     def get_example(self, i: int) -> dict:
-        """Example ``i`` as stored in the cache."""
+        """Example ``i`` as stored in the cache (without the transform)."""
         return self.store.read(i)
 
     def _get_many(self, indices: list[int]) -> list[dict]:
         examples = self.store.read_many(indices)
         return [self._finish(ex, j) for ex, j in zip(examples, indices)]
-
-    def _finish(self, example: Any, j: int) -> Any:
-        """As :class:`DatasetMixin` does for dicts (``index_``, labels, expand); tuple and
-        list examples come back as stored (edflow's ``index_`` contract is for dicts)."""
-        if type(example) is not dict:
-            return example
-        return super()._finish(example, j)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """Batched fetch (what PyTorch's DataLoader calls): the examples of ``indices``.
@@ -531,18 +604,20 @@ class CachedDataset(DatasetMixin):
             return [get(i) for i in ints]
         return self[list(indices)]
 
-    def subset(self, selection: Any) -> "CachedSubset":
+    def subset(self, selection: Any, transform: Any = "inherit") -> "CachedSubset":
         """A view of some examples: ``selection`` is indices (negatives count from the
         end) or a boolean mask over the whole cache, e.g.
         ``ds.subset(ds.labels["split"] == "train")``.
 
         The view's ``labels`` are this cache's columns at those indices, its ``index_``
         is the position in the view (``view.indices`` maps back); it is picklable and
-        reads through this dataset's per-process reader. See :class:`CachedSubset`.
+        reads through this dataset's per-process reader. ``transform``: applied to the
+        view's examples instead of this dataset's transform (None: no transform; by
+        default the view uses this dataset's). See :class:`CachedSubset`.
         """
         from .subset import CachedSubset, _as_indices
 
-        return CachedSubset(self, _as_indices(selection, self._length))
+        return CachedSubset(self, _as_indices(selection, self._length), transform=transform)
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
         """A collated batch of ``indices``: a dict of arrays and lists.
@@ -618,6 +693,28 @@ class CachedDataset(DatasetMixin):
         return f"{type(self).__name__}({self._path!r}, {self._length} examples)"
 
 
+def _check_read_options(transform: Any, pil: Any) -> None:
+    from .format.wrap import PIL_OPTIONS
+
+    if transform is not None and not callable(transform):
+        raise DatasetInterfaceError(f"transform must be callable or None, not {transform!r}")
+    if pil not in PIL_OPTIONS:
+        raise DatasetInterfaceError(f"pil must be one of {', '.join(map(repr, PIL_OPTIONS))}, not {pil!r}")
+
+
+def cache(dataset: Any, path: str | os.PathLike | None = None, **options: Any) -> CachedDataset:
+    """Cache any map-style dataset (``__len__`` + ``__getitem__``) at directory ``path``
+    and return the :class:`CachedDataset` that reads it::
+
+        train = edcache.cache(MyTorchDataset(...), "/data/cache/train", transform=augment)
+
+    Without ``path`` the dataset must have ``root`` and ``name`` (edflow's layout).
+    ``options`` are those of :class:`CachedDataset` (``num_workers``, ``transform``,
+    ``pil``, ``fingerprint``, ``in_memory_keys`` comes from the dataset, ...).
+    """
+    return CachedDataset(dataset, path=path, **options)
+
+
 def _name_of(path: str) -> str:
     """The cache name a path implies: its last component without ``.zip``."""
     name = os.path.basename(os.fspath(path).rstrip(os.sep))
@@ -670,7 +767,7 @@ class PathCachedDataset(CachedDataset):
             allow_pickle = kwargs.get("allow_pickle", False)
             fresh = CachedDataset._from_path(
                 path, root=os.path.dirname(path), verify=kwargs.get("verify", False),
-                allow_pickle=allow_pickle,
+                allow_pickle=allow_pickle, transform=kwargs.get("transform"), pil=kwargs.get("pil", "image"),
             )
             self.__dict__.update(fresh.__dict__)
             if self._legacy:  # edflow's cachable recorded the length in path + ".p"
@@ -755,7 +852,7 @@ def _cachable_zip(
                 f"{parameters_fingerprint(*recorded)}, not {params}. {hint}"
             )
         return PathCachedDataset(None, path, **{k: v for k, v in options.items()
-                                                if k in ("verify", "allow_pickle")})
+                                                if k in ("verify", "allow_pickle", "transform", "pil")})
     recorded = None if fresh else read_cachable_parameters(path, allow_pickle=allow_pickle)
     if recorded is not None:
         if _build_running(path):  # edflow's worker mode: the dataset itself, uncached
@@ -803,7 +900,7 @@ def cachable(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callab
                 if reader.complete:
                     reader.close()
                     return PathCachedDataset(None, path, **{k: v for k, v in options.items()
-                                                            if k in ("verify", "allow_pickle")})
+                                                            if k in ("verify", "allow_pickle", "transform", "pil")})
                 reader.close()
             return PathCachedDataset(fn(*args, **kwargs), path, _parameters=params, **options)
 

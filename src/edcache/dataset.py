@@ -330,9 +330,14 @@ def check_cachable(dataset: Any, *, needs_location: bool = True) -> None:
             f"{type(dataset).__name__}.name must be a non-empty string without '/', not {dataset.name!r}"
         )
     keys = getattr(dataset, "in_memory_keys", [])
-    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+    if not isinstance(keys, (list, tuple)):
         raise DatasetInterfaceError(
             f"{type(dataset).__name__}.in_memory_keys must be a list of str, not {keys!r}"
+        )
+    if not all(isinstance(k, str) or (type(k) is int and k >= 0) for k in keys):
+        raise DatasetInterfaceError(
+            f"{type(dataset).__name__}.in_memory_keys must be a list of str (dict keys) or "
+            f"non-negative int (positions of tuple examples), not {keys!r}"
         )
 
 

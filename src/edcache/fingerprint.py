@@ -13,7 +13,7 @@ tuples and dicts of those). Everything else is left out: private attributes
 (``_cache``), large containers, arrays, callables, other objects (a model, an open
 file, a list of 100,000 file names), and the attributes that say where the cache is
 (``root``, ``name``; moving a cache must keep it usable) or that are checked on their
-own (``in_memory_keys``). A dataset may name more attributes to leave out in a class
+own (``in_memory_keys``, ``cache_version``: see :func:`dataset_identity_record`). A dataset may name more attributes to leave out in a class
 attribute ``fingerprint_exclude`` (e.g. a log directory), or define
 ``cache_fingerprint()`` returning a JSON-able value to use instead.
 """
@@ -30,7 +30,7 @@ import numpy as np
 __all__ = ["dataset_fingerprint", "fingerprint_differences"]
 
 #: Attributes never part of the fingerprint (where the cache is, what is checked apart).
-ALWAYS_EXCLUDED = frozenset({"root", "name", "in_memory_keys", "fingerprint_exclude"})
+ALWAYS_EXCLUDED = frozenset({"root", "name", "in_memory_keys", "fingerprint_exclude", "cache_version"})
 #: Containers longer than this are not configuration (a file list, a table).
 MAX_ITEMS = 64
 #: Strings longer than this are not configuration either (a document, a blob).
@@ -145,3 +145,57 @@ def fingerprint_differences(recorded: str | None, current: str | None) -> list[s
         elif old[key] != new[key]:
             out.append(f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}")
     return out or ["(the recorded configuration differs)"]
+
+
+# -- identity: class, class source, explicit version (issue 12 item 6) ------------------
+def _class_source_hash(cls: type) -> str | None:
+    """xxh3 of the source of ``cls`` (None where it has none: builtins, the REPL, ...)."""
+    import inspect
+
+    import xxhash
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return None
+    return xxhash.xxh3_64_hexdigest(source.encode("utf-8", "surrogatepass"))
+
+
+def dataset_identity_record(dataset: Any, version: Any = None) -> str | None:
+    """The canonical JSON text of what identifies ``dataset``'s code: ``class``
+    (module.qualname), ``source`` (a hash of the class's source, or null) and
+    ``version`` (``version``, else the dataset's ``cache_version`` attribute, else null).
+    None for no dataset."""
+    if dataset is None:
+        return None
+    if version is None:
+        version = getattr(dataset, "cache_version", None)
+    if version is not None and not isinstance(version, (str, int)) or isinstance(version, bool):
+        raise TypeError(f"a cache version (fingerprint= or cache_version) is a str or int, not {version!r}")
+    cls = type(dataset)
+    doc = {"class": f"{cls.__module__}.{cls.__qualname__}", "source": _class_source_hash(cls),
+           "version": version}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def identity_problems(recorded: str | None, current: str | None) -> tuple[str | None, str | None]:
+    """``(error, warning)`` comparing a recorded identity with the current one: an error
+    when the explicit versions differ; a warning when, without an explicit version, the
+    class's source changed. Either is None; both are None when nothing was recorded."""
+    if recorded is None or current is None or recorded == current:
+        return None, None
+    try:
+        old, new = json.loads(recorded), json.loads(current)
+    except ValueError:
+        return None, None
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None, None
+    if old.get("version") != new.get("version"):
+        return (f"version {json.dumps(old.get('version'))} -> {json.dumps(new.get('version'))}"), None
+    if new.get("version") is None and old.get("source") and new.get("source") \
+            and old.get("source") != new.get("source"):
+        return None, (
+            f"the source of {new.get('class')} changed since the cache was built (source hash "
+            f"{old.get('source')} -> {new.get('source')})"
+        )
+    return None, None

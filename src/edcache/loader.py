@@ -455,6 +455,12 @@ def _distributed_defaults() -> tuple[int, int]:
 
 def make_loader(dataset: Any, batch_size: int, **options: Any) -> CacheLoader:
     """:class:`CacheLoader` over ``dataset``; what ``ds.loader(...)`` calls."""
+    if getattr(dataset, "transform", None) is not None:
+        raise ValueError(
+            f"{type(dataset).__name__} has a per-example transform, which ds.loader() (whole "
+            "batches read column-wise) would not apply: iterate DataLoader(ds, ...) instead, "
+            "which applies it in the workers, or apply it to the loader's batches"
+        )
     return CacheLoader(dataset, batch_size, **options)
 
 

@@ -41,10 +41,16 @@ class CachedSubset(DatasetMixin):
         The cached dataset.
     indices : array-like of int
         Indices into ``parent`` (already normalized: non-negative, in range).
+    transform : callable, None or "inherit"
+        Applied to each example read through the view; ``"inherit"`` (default): the
+        parent's ``transform``; None: none.
     """
 
-    def __init__(self, parent: Any, indices: np.ndarray) -> None:
+    def __init__(self, parent: Any, indices: np.ndarray, transform: Any = "inherit") -> None:
+        if transform != "inherit" and transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, None or 'inherit', not {transform!r}")
         self.parent = parent
+        self._transform = transform
         self.indices = np.ascontiguousarray(indices, dtype=np.int64)
         self.indices.setflags(write=False)
         self._view_labels: dict | None = None
@@ -56,6 +62,12 @@ class CachedSubset(DatasetMixin):
         """Example ``indices[k]`` of the cache, as stored."""
         return self.parent.get_example(self.indices.item(k))
 
+    @property
+    def transform(self) -> Any:
+        """The transform applied to examples read through this view (or None)."""
+        t = self._transform
+        return getattr(self.parent, "transform", None) if isinstance(t, str) else t
+
     def __getitem__(self, k: Any) -> Any:
         # fast path for one int (what a DataLoader asks for): one read, index_ = k
         n = len(self.indices)
@@ -66,8 +78,17 @@ class CachedSubset(DatasetMixin):
             example = self.parent.store.read_indexed(self.indices.item(k))
             if type(example) is dict:
                 example["index_"] = k
-                return example
+            transform = self.transform
+            return example if transform is None else transform(example)
         return super().__getitem__(k)
+
+    def _finish(self, example: Any, j: int) -> Any:
+        """As :class:`DatasetMixin` does for dicts; tuple and list examples come back as
+        stored (``index_`` is for dicts only); then the transform."""
+        if type(example) is dict:
+            example = super()._finish(example, j)
+        transform = self.transform
+        return example if transform is None else transform(example)
 
     def __getitems__(self, ks: Sequence[int]) -> list[dict]:
         """Batched fetch (what PyTorch's DataLoader calls)."""
@@ -83,16 +104,11 @@ class CachedSubset(DatasetMixin):
             batch["index_"] = ks_arr
         return batch
 
-    def _finish(self, example: Any, j: int) -> Any:
-        """As :class:`DatasetMixin` does for dicts; tuple and list examples come back as
-        stored (``index_`` is for dicts only)."""
-        if type(example) is not dict:
-            return example
-        return super()._finish(example, j)
-
-    def subset(self, selection: Any) -> "CachedSubset":
-        """A view of positions ``selection`` (indices or a boolean mask) of this view."""
-        return CachedSubset(self.parent, self.indices[_as_indices(selection, len(self))])
+    def subset(self, selection: Any, transform: Any = "inherit") -> "CachedSubset":
+        """A view of positions ``selection`` (indices or a boolean mask) of this view
+        (with this view's transform unless ``transform`` is given)."""
+        return CachedSubset(self.parent, self.indices[_as_indices(selection, len(self))],
+                            transform=self._transform if isinstance(transform, str) else transform)
 
     def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
@@ -132,6 +148,7 @@ class CachedSubset(DatasetMixin):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_transform", "inherit")
         self.__dict__.update(state)
         self.indices.setflags(write=False)
 

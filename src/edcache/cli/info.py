@@ -45,6 +45,18 @@ def _manifest_lines(lines: list[str], manifest: object, complete: bool, committe
         lines.append(f"complete:    no ({committed} of {m.num_chunks} chunks committed)")  # type: ignore[attr-defined]
     pickles = "allowed" if m.allow_pickle else "none (safe codec only)"  # type: ignore[attr-defined]
     lines.append(f"pickles:     {pickles}")
+    identity = getattr(m, "identity", None)
+    if identity:
+        import json
+
+        try:
+            doc = json.loads(identity)
+            lines.append(f"identity:    class {doc.get('class')}, source {doc.get('source') or '?'}, "
+                         f"version {doc.get('version') if doc.get('version') is not None else '-'}")
+        except (ValueError, AttributeError):
+            lines.append(f"identity:    {identity}")
+    if getattr(m, "fingerprint", None):
+        lines.append(f"config:      {m.fingerprint}")  # type: ignore[attr-defined]
 
 
 def describe(path: str, *, allow_pickle: bool = False) -> str:
@@ -76,7 +88,8 @@ def describe(path: str, *, allow_pickle: bool = False) -> str:
             shape = "" if col["shape"] is None else " (" + ", ".join(map(str, col["shape"])) + ")"
             dtype = f" {col['dtype']}" if col["dtype"] else ""
             key = "-" if col["key"] is None else repr(col["key"])
-            lines.append(f"  {key}: {col['kind']}{dtype}{shape}, {_size(col['bytes'])}")
+            wrap = f" as {col['wrap']}" if col.get("wrap") else ""
+            lines.append(f"  {key}: {col['kind']}{dtype}{shape}{wrap}, {_size(col['bytes'])}")
     try:
         labels = reader.labels
     except KeyError:

@@ -51,7 +51,8 @@ def cache_paths(root: str, name: str) -> tuple[str, str]:
 
 
 def open_reader(
-    path: str, *, legacy: bool | None = None, verify: bool = False, allow_pickle: bool = False
+    path: str, *, legacy: bool | None = None, verify: bool = False, allow_pickle: bool = False,
+    pil: str = "image",
 ) -> CacheReader:
     """Open the cache at ``path`` (a directory, or a ``.zip`` for edflow's layout).
 
@@ -73,7 +74,7 @@ def open_reader(
     if is_shard_cache(path):
         if peek_version(path) == 1:  # format v1 (read-only)
             return ShardCacheReader(path, verify=verify, allow_pickle=allow_pickle)
-        return ColumnarReader(path, verify=verify, allow_pickle=allow_pickle)
+        return ColumnarReader(path, verify=verify, allow_pickle=allow_pickle, pil=pil)
     if os.path.isdir(path):
         from .legacy import LegacyFolderReader, is_legacy_folder
 

@@ -14,7 +14,7 @@ touches the disk, and is only ever unpickled by the coordinator that asked for i
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from ..shards.codec import (
     find_unsupported,
     format_key_path,
 )
+from ..wrap import Tagged, unwrap
 from .records import encode_row
 from .schema import (
     ABSENT,
@@ -90,7 +91,7 @@ def layout_key(example: Any) -> LayoutKey:
 class _Values:
     """The values of one key in one chunk, owned by the chunk (copied on arrival)."""
 
-    __slots__ = ("buf", "key", "nbuf", "rows", "shape", "values")
+    __slots__ = ("buf", "key", "nbuf", "rows", "shape", "tagged", "values")
 
     def __init__(self, key: Any) -> None:
         self.key = key
@@ -100,9 +101,22 @@ class _Values:
         self.buf: np.ndarray | None = None
         self.nbuf = 0
         self.shape: tuple = ()  # of one row of buf
+        #: row -> tag of the rows that were tensors or PIL images (stored as their arrays)
+        self.tagged: dict[int, str] | None = None
 
     def add(self, row: int, value: Any, count: int, encoder: Encoder, where: int) -> None:
         t = type(value)
+        if t is not np.ndarray and t not in _SIMPLE and not isinstance(value, np.generic):
+            try:
+                wrapped = unwrap(value)
+            except TypeError:
+                wrapped = None  # the codec below names the problem
+            if wrapped is not None:
+                tag, value = wrapped
+                if self.tagged is None:
+                    self.tagged = {}
+                self.tagged[row] = tag
+                t = np.ndarray
         if t is np.ndarray:
             buf = self.buf
             if buf is not None and value.shape == buf.shape[1:] and value.dtype == buf.dtype:
@@ -121,9 +135,11 @@ class _Values:
                 return
             self._unbuffer()
             value = value.copy()  # the dataset may reuse its array
-        elif t not in _SIMPLE and not isinstance(value, np.generic):
-            # containers and anything else: encoded now, so later changes do not leak in
-            value = _Encoded(_encode(value, encoder, where, self.key))
+        else:
+            self._unbuffer()  # not an array: the column is not one block
+            if t not in _SIMPLE and not isinstance(value, np.generic):
+                # containers and anything else: encoded now, so later changes do not leak in
+                value = _Encoded(_encode(value, encoder, where, self.key))
         self.rows.append(row)
         self.values.append(value)
 
@@ -192,6 +208,8 @@ def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: b
                 else:
                     col.add(row, value, count, encoder, index)
             elif t in simple:
+                if col.buf is not None:  # (None marks a row in the block: a real None must not)
+                    col._unbuffer()
                 col.rows.append(row)
                 col.values.append(value)
             else:
@@ -268,10 +286,33 @@ def _kind_of(col: _Values) -> ColumnSpec:
     return ColumnSpec(key, RECORD)
 
 
+def _wrapped_kind(col: _Values, spec: ColumnSpec) -> tuple[ColumnSpec, list[Any], np.ndarray | None]:
+    """The kind of a column some of whose rows were tensors or images: the array kind
+    with the tag when every row has the same tag, else records (each tensor or image
+    tagged for the codec)."""
+    tagged, values, buf = col.tagged or {}, col.values, col.buf
+    tags = set(tagged.values())
+    if len(tags) == 1 and len(tagged) == len(col.rows):
+        tag = tags.pop()
+        if spec.kind in (FIXED, RAGGED, VARSHAPE) and spec.py == "array":
+            return replace(spec, wrap=tag), values, buf
+        if buf is None and len({(v.dtype, v.ndim) for v in values}) == 1 and values[0].ndim == 0:
+            return ColumnSpec(col.key, FIXED, values[0].dtype.str, (), wrap=tag), values, None
+    out = []
+    for r, v in zip(col.rows, values):
+        if v is None and buf is not None:
+            v = buf[r]
+        out.append(Tagged(tagged[r], v) if r in tagged else v)
+    return ColumnSpec(col.key, RECORD), out, None
+
+
 def _finish_column(col: _Values, start: int, count: int, encoder: Encoder) -> ChunkColumn:
     spec = _kind_of(col)
+    values, buf = col.values, col.buf
+    if col.tagged:
+        spec, values, buf = _wrapped_kind(col, spec)
     try:
-        return ChunkColumn(spec, column_parts(spec, col.rows, col.values, count, encoder, col.buf))
+        return ChunkColumn(spec, column_parts(spec, col.rows, values, count, encoder, buf))
     except CodecError:
         raise
     except (TypeError, ValueError, OverflowError, UnicodeError) as exc:

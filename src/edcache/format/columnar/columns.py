@@ -37,13 +37,24 @@ class ColumnView:
     """
 
     def __init__(self, spec: ColumnSpec, data: Any, index: Any, rows: int, *,
-                 allow_pickle: bool = False, where: str = "column") -> None:
+                 allow_pickle: bool = False, where: str = "column", pil: str = "image") -> None:
         self.spec, self.rows, self.where = spec, rows, where
         self.data, self.index = data, index
         self.allow_pickle = allow_pickle
+        self.pil = pil
         #: the column as one array ``(rows, *shape)`` for fixed columns, else None
         self.array: np.ndarray | None = None
-        self.get: Callable[[int], Any] = self._make_getter()
+        get = self._make_getter()
+        if spec.wrap is not None:  # tensors (copies of the row) or PIL images
+            from ..wrap import fixed_tensor_getter, wrapper
+
+            fast = fixed_tensor_getter(spec.wrap, self.array) if self.array is not None and spec.shape else None
+            if fast is not None:
+                get = fast
+            else:
+                conv, raw = wrapper(spec.wrap, pil), get
+                get = lambda r: conv(raw(r))
+        self.get: Callable[[int], Any] = get
 
     def _bad(self, what: str) -> CorruptCacheError:
         return CorruptCacheError(f"{self.where} is damaged: {what}")
@@ -140,8 +151,23 @@ class ColumnView:
     def gather(self, rows: np.ndarray) -> Any:
         """The values at ``rows``: one array ``(len(rows), ...)`` for fixed columns and
         for variable arrays whose shapes agree, else a list."""
+        wrap = self.spec.wrap
         if self.array is not None:
-            return self.array.take(rows, axis=0)
+            out = self.array.take(rows, axis=0)
+            if wrap is None:
+                return out
+            from ..wrap import stack_wrapped
+
+            return stack_wrapped(wrap, out, self.pil)
+        if wrap is not None:
+            from ..wrap import stack_wrapped, wrapper
+
+            raw = self._make_getter()
+            arrays = [raw(r) for r in rows.tolist()]
+            if arrays and all(a.shape == arrays[0].shape for a in arrays):
+                return stack_wrapped(wrap, np.stack(arrays), self.pil)
+            conv = wrapper(wrap, self.pil)
+            return [conv(a) for a in arrays]
         get = self.get
         values = [get(r) for r in rows.tolist()]
         if self.spec.kind in (RAGGED, VARSHAPE) and values:

@@ -100,6 +100,8 @@ class Manifest:
     chunk_size: int
     dataset: str = ""
     fingerprint: str | None = None
+    #: JSON text {"class", "source", "version"} (see edcache.fingerprint.dataset_identity_record)
+    identity: str | None = None
     in_memory_keys: list[Any] = field(default_factory=list)
     allow_pickle: bool = False
     parameters: str | None = None
@@ -125,7 +127,7 @@ class Manifest:
         """The fields that identify a build (also the commit log's header)."""
         return {
             "length": self.length, "chunk_size": self.chunk_size, "dataset": self.dataset,
-            "fingerprint": self.fingerprint, "in_memory_keys": list(self.in_memory_keys),
+            "fingerprint": self.fingerprint, "identity": self.identity, "in_memory_keys": list(self.in_memory_keys),
             "allow_pickle": self.allow_pickle, "parameters": self.parameters,
         }
 
@@ -144,7 +146,7 @@ class Manifest:
         try:
             m = cls(
                 length=doc["length"], chunk_size=doc["chunk_size"], dataset=doc.get("dataset") or "",
-                fingerprint=doc.get("fingerprint"), in_memory_keys=list(doc.get("in_memory_keys") or []),
+                fingerprint=doc.get("fingerprint"), identity=doc.get("identity"), in_memory_keys=list(doc.get("in_memory_keys") or []),
                 allow_pickle=doc.get("allow_pickle", False), parameters=doc.get("parameters"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -154,6 +156,7 @@ class Manifest:
             and type(m.chunk_size) is int and 0 < m.chunk_size < 2**32
             and isinstance(m.dataset, str)
             and (m.fingerprint is None or isinstance(m.fingerprint, str))
+            and (m.identity is None or isinstance(m.identity, str))
             and (m.parameters is None or isinstance(m.parameters, str))
             and type(m.allow_pickle) is bool
             and all(type(k) in (str, int) for k in m.in_memory_keys)

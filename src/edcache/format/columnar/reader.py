@@ -40,7 +40,7 @@ class CacheRebuiltError(IncompleteCacheError):
 
 def map_columns(cache_dir: str, schema: Schema, ends: dict[str, int], rows: int, allow_pickle: bool,
                 wanted: Sequence[int] | None = None, fds: dict[str, int] | None = None,
-                ) -> tuple[dict[int, ColumnView], list[Any]]:
+                pil: str = "image") -> tuple[dict[int, ColumnView], list[Any]]:
     """Views of rows ``0 .. rows-1`` of the columns ``wanted`` (default: all), each file
     mapped up to its size in ``ends``. Returns the views and the maps."""
     views: dict[int, ColumnView] = {}
@@ -67,7 +67,8 @@ def map_columns(cache_dir: str, schema: Schema, ends: dict[str, int], rows: int,
                     os.close(fd)
         maps += bufs
         views[gid] = ColumnView(spec, bufs[0] if bufs else b"", bufs[1] if len(bufs) > 1 else None, rows,
-                                allow_pickle=allow_pickle, where=f"column {spec.key!r} of {cache_dir}")
+                                allow_pickle=allow_pickle, where=f"column {spec.key!r} of {cache_dir}",
+                                pil=pil)
     return views, maps
 
 
@@ -124,12 +125,17 @@ class ColumnarReader(CacheReader):
         examples is read in this process (and of a label column when first used).
     allow_pickle : bool
         Required to open a cache built with ``allow_pickle=True``.
+    pil : str
+        ``"image"``: columns of PIL images come back as images; ``"array"``: as their
+        pixel arrays (read-only views, like other arrays).
     """
 
-    def __init__(self, path: str, *, verify: bool = False, allow_pickle: bool = False) -> None:
+    def __init__(self, path: str, *, verify: bool = False, allow_pickle: bool = False,
+                 pil: str = "image") -> None:
         self.path = path
         self.verify = verify
         self.allow_pickle = allow_pickle
+        self.pil = pil
         try:
             self.manifest: Manifest = read_manifest(path)
         except FileNotFoundError as exc:
@@ -193,10 +199,11 @@ class ColumnarReader(CacheReader):
     def _setup(self) -> None:
         """Map the columns and bind the read functions."""
         if getattr(self, "_reopen", False):  # closed: open again (CacheReader.close contract)
-            self.__init__(self.path, verify=self.verify, allow_pickle=self.allow_pickle)  # type: ignore[misc]
+            self.__init__(self.path, verify=self.verify, allow_pickle=self.allow_pickle,  # type: ignore[misc]
+                          pil=self.pil)
         schema = self._schema
         self._views, self._maps = map_columns(self.path, schema, self._ends, self._rows, self.allow_pickle,
-                                              fds=self._fds)
+                                              fds=self._fds, pil=self.pil)
         views = self._views
         plain, indexed = [], []
         for lay in schema.layouts:
@@ -346,7 +353,8 @@ class ColumnarReader(CacheReader):
 
     def columns(self) -> list[dict[str, Any]]:
         """One entry per column: ``key``, ``kind``, ``dtype``, ``shape`` (fixed: of a row;
-        ragged: of an item along axis 0; varshape: ``ndim`` unknown dims), ``bytes``."""
+        ragged: of an item along axis 0; varshape: ``ndim`` unknown dims), ``bytes``, ``wrap``
+        (``torch:<dtype>``, ``pil:<mode>`` or None)."""
         out = []
         for gid, spec in enumerate(self._schema.columns):
             if gid == self._schema.layout_column:
@@ -364,7 +372,7 @@ class ColumnarReader(CacheReader):
             else:
                 shape = None
             out.append({"key": spec.key, "kind": kind, "dtype": spec.dtype, "shape": shape,
-                        "bytes": sum(self._ends.get(f, 0) for f in spec.files())})
+                        "bytes": sum(self._ends.get(f, 0) for f in spec.files()), "wrap": spec.wrap})
         return out
 
     # -- checksums -----------------------------------------------------------------------
@@ -531,10 +539,11 @@ class ColumnarReader(CacheReader):
             self.__dict__.pop(name, None)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "verify": self.verify, "allow_pickle": self.allow_pickle}
+        return {"path": self.path, "verify": self.verify, "allow_pickle": self.allow_pickle, "pil": self.pil}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], verify=state["verify"], allow_pickle=state["allow_pickle"])  # type: ignore[misc]
+        self.__init__(state["path"], verify=state["verify"], allow_pickle=state["allow_pickle"],  # type: ignore[misc]
+                      pil=state.get("pil", "image"))
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():

@@ -80,6 +80,10 @@ class ColumnSpec:
         fixed: how a row reads back (``array``, ``int``, ``float``, ``bool``, ``scalar``).
     stem : str
         File name stem in the cache (set by the coordinator; empty in a chunk).
+    wrap : str or None
+        fixed, ragged and varshape: what each row is wrapped into when read
+        (``torch:<dtype>`` or ``pil:<mode>``, see :mod:`edcache.format.wrap`); None for
+        plain numpy arrays.
     """
 
     key: Any
@@ -89,6 +93,7 @@ class ColumnSpec:
     ndim: int = 0
     py: str = "array"
     stem: str = ""
+    wrap: str | None = None
 
     # -- files -----------------------------------------------------------------------
     def files(self) -> list[str]:
@@ -116,8 +121,8 @@ class ColumnSpec:
 
     def same_kind(self, other: ColumnSpec) -> bool:
         """Whether ``other`` holds the same kind of values (ignoring key and files)."""
-        return (self.kind, self.dtype, tuple(self.shape), self.ndim, self.py) == (
-            other.kind, other.dtype, tuple(other.shape), other.ndim, other.py
+        return (self.kind, self.dtype, tuple(self.shape), self.ndim, self.py, self.wrap) == (
+            other.kind, other.dtype, tuple(other.shape), other.ndim, other.py, other.wrap
         )
 
     # -- JSON ------------------------------------------------------------------------
@@ -131,6 +136,8 @@ class ColumnSpec:
             doc["ndim"] = self.ndim
         if self.kind == FIXED:
             doc["py"] = self.py
+        if self.wrap is not None:
+            doc["wrap"] = self.wrap
         return doc
 
     @classmethod
@@ -175,6 +182,14 @@ class ColumnSpec:
             spec = replace(spec, py=py)
             if py in ("int", "float", "bool") and (spec.shape or spec.dtype != _PY_DTYPES[py].str):
                 raise bad("py dtype")
+        wrap = doc.get("wrap")
+        if wrap is not None:
+            from ..wrap import stored_dtype, valid_tag
+
+            if kind not in (FIXED, RAGGED, VARSHAPE) or not valid_tag(wrap) or spec.py != "array" \
+                    or np.dtype(spec.dtype) != stored_dtype(wrap):
+                raise bad("wrap")
+            spec = replace(spec, wrap=wrap)
         return spec
 
 
@@ -198,12 +213,12 @@ def _merge(cache: ColumnSpec, chunk: ColumnSpec) -> ColumnSpec:
     if cache.kind == ABSENT:
         return replace(chunk, key=cache.key, stem=cache.stem)
     a, b = _as_array_kind(cache), _as_array_kind(chunk)
-    if a is not None and b is not None and a[0] == b[0]:
+    if a is not None and b is not None and a[0] == b[0] and cache.wrap == chunk.wrap:
         (dtype, ndim_a, trail_a), (_, ndim_b, trail_b) = a, b
         if ndim_a == ndim_b and ndim_a >= 1:
             if trail_a == trail_b and trail_a is not None:
-                return ColumnSpec(cache.key, RAGGED, dtype, trail_a, stem=cache.stem)
-            return ColumnSpec(cache.key, VARSHAPE, dtype, ndim=ndim_a, stem=cache.stem)
+                return ColumnSpec(cache.key, RAGGED, dtype, trail_a, stem=cache.stem, wrap=cache.wrap)
+            return ColumnSpec(cache.key, VARSHAPE, dtype, ndim=ndim_a, stem=cache.stem, wrap=cache.wrap)
     return ColumnSpec(cache.key, RECORD, stem=cache.stem)
 
 

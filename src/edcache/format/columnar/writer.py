@@ -300,9 +300,10 @@ class ColumnarSink(ChunkSink):
         old = self.schema.columns[gid]
         if old.kind != ABSENT and old.files():
             new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py,
-                             stem=_next_stem(old.stem))
+                             stem=_next_stem(old.stem), wrap=new.wrap)
         else:
-            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py, stem=old.stem)
+            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py, stem=old.stem,
+                             wrap=new.wrap)
         n_chunks, cs = self.committed_chunks, self.chunk_size
         views = None
         if old.kind != ABSENT and n_chunks:
@@ -559,6 +560,7 @@ def prepare_cache_dir(
     keep_existing: bool,
     parameters: str | None = None,
     fingerprint: str | None = None,
+    identity: str | None = None,
 ) -> ColumnarSink:
     """Get ``cache_dir`` ready for a (resumed) build and return its sink.
 
@@ -569,7 +571,7 @@ def prepare_cache_dir(
     os.makedirs(cache_dir, exist_ok=True)
     check_no_links(cache_dir)
     fresh = Manifest(length=length, chunk_size=chunk_size, dataset=dataset, fingerprint=fingerprint,
-                     in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle, parameters=parameters)
+                     identity=identity, in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle, parameters=parameters)
     if not keep_existing or peek_version(cache_dir) == 1:
         return _start_over(cache_dir, fresh)
     try:
@@ -668,6 +670,24 @@ def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
             f"the cache at {cache_dir} was built from {new.dataset.rpartition('.')[2] or 'a dataset'} "
             f"configured differently ({diffs}), so its examples may not be what this dataset "
             f"computes. {hint[:-1]}, or give this configuration its own name."
+        )
+    from ...fingerprint import identity_problems
+
+    error, warning = identity_problems(old.identity, new.identity)
+    if error:
+        raise CacheMismatchError(
+            f"the cache at {cache_dir} was built by another version of "
+            f"{new.dataset.rpartition('.')[2] or 'the dataset'} ({error}): resuming would mix "
+            f"examples of both. {hint}"
+        )
+    if warning:
+        import warnings
+
+        warnings.warn(
+            f"resuming the cache at {cache_dir}: {warning}; the examples committed so far may "
+            "differ from what the dataset computes now. Set cache_version (or fingerprint=) to "
+            "say whether they do, or rebuild with force_cache=True, keep_existing=False.",
+            UserWarning, stacklevel=2,
         )
     if old.allow_pickle != new.allow_pickle:
         raise CacheMismatchError(f"the cache at {cache_dir} was built with allow_pickle={old.allow_pickle}. {hint}")

@@ -32,6 +32,7 @@ EXT_TUPLE = 3  # payload: msgpack array of the items
 EXT_SCALAR = 4  # payload: u8 len, dtype str, raw bytes
 EXT_BIGINT = 5  # payload: signed big-endian bytes of an int beyond 64 bits
 EXT_PICKLE = 6  # payload: a pickle; only with allow_pickle on both ends
+EXT_WRAPPED = 7  # payload: msgpack [tag, dtype str, shape list, offset]: a tensor or PIL image (see ..wrap)
 
 #: dtype kinds the codec stores: bool, ints, floats, complex, str, bytes, datetime, timedelta.
 STORABLE_KINDS = frozenset("biufcUSMm")
@@ -53,6 +54,15 @@ MAX_NESTING = 500
 #: hook (each level costs ~40 KiB of C stack); deeper ones are decoded afterwards in a
 #: loop, so a thread with a small stack can read any record edcache writes.
 _EAGER_TUPLE_DEPTH = 8
+
+
+def _unwrap(value: Any) -> tuple[str, np.ndarray] | None:
+    """(tag, array) of a tensor, PIL image or :class:`..wrap.Tagged`; else None."""
+    from .. import wrap
+
+    if type(value) is wrap.Tagged:
+        return value.tag, value.array
+    return wrap.unwrap(value)
 
 
 def _is_storable_dtype(dtype: np.dtype) -> bool:
@@ -145,6 +155,14 @@ class Encoder:
             return int(value)
         if isinstance(value, list):
             return list(value)
+        wrapped = _unwrap(value)
+        if wrapped is not None:
+            tag, arr = wrapped
+            arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+            offset = _align(self.end_offset)
+            self._blobs.append(raw_bytes(arr))
+            self._blob_offsets.append(offset)
+            return msgpack.ExtType(EXT_WRAPPED, msgpack.packb([tag, arr.dtype.str, list(arr.shape), offset]))
         if self.allow_pickle:
             return msgpack.ExtType(EXT_PICKLE, pickle.dumps(value, protocol=4))
         raise TypeError(_describe(value))
@@ -248,6 +266,11 @@ def find_problem(obj: Any, allow_pickle: bool = False) -> tuple[tuple, Any, str]
             continue
         if isinstance(value, (np.ndarray, np.generic)) and _is_storable_dtype(value.dtype):
             continue
+        try:
+            if _unwrap(value) is not None:
+                continue
+        except TypeError as exc:  # a tensor or image edcache cannot convert
+            return path, value, str(exc)
         if not allow_pickle:
             return path, value, _describe(value)
     return None
@@ -292,11 +315,15 @@ def codec_error(index: int, example: Any, allow_pickle: bool, cause: BaseExcepti
             f"lists and tuples at most {MAX_NESTING} levels deep (tuples at most "
             f"{MAX_TUPLE_DEPTH}); flatten the value, or convert it to a numpy array."
         )
+    from ..wrap import conversion_hint
+
+    hint = conversion_hint(value)
     return CodecError(
         f"example {index}, {where}: cannot store {what}. The codec stores dicts, "
         "lists, tuples, str, bytes, int, float, bool, None, numpy arrays of numeric, bool, "
-        "str or datetime dtype and numpy scalars; convert the value, or pass "
-        "allow_pickle=True to store it as a pickle (then also required to read the cache)."
+        "str or datetime dtype, numpy scalars, torch tensors and PIL images; "
+        + (f"{hint}, or pass " if hint else "convert the value, or pass ")
+        + "allow_pickle=True to store it as a pickle (then also required to read the cache)."
     )
 
 
@@ -402,6 +429,17 @@ class Decoder:
                         f"{self.where}: array of record {row} lies outside the file"
                     )
                 return np.frombuffer(self.buffer, dt, count, offset).reshape(shape)
+            if code == EXT_WRAPPED:
+                try:
+                    tag, dtype_str, shape, offset = msgpack.unpackb(data)
+                except (ValueError, TypeError) as exc:
+                    raise CorruptCacheError(f"{self.where}: malformed wrapped value in record {row}") from exc
+                from ..wrap import stored_dtype, valid_tag, wrapper
+
+                if not valid_tag(tag) or _dtype(dtype_str) != stored_dtype(tag) or not isinstance(shape, list):
+                    raise CorruptCacheError(f"{self.where}: bad wrapped value {tag!r} in record {row}")
+                arr = hook(EXT_ARRAY, msgpack.packb([dtype_str, shape, offset]))
+                return wrapper(tag)(arr)
             if code == EXT_SCALAR:
                 n = data[0]
                 dt = _dtype(bytes(data[1 : 1 + n]).decode())
