@@ -338,3 +338,13 @@ def test_import_edcache_does_not_import_torch():
 
 def test_loader_is_a_cacheloader(ds):
     assert isinstance(ds.loader(4), CacheLoader) and "batch_size=4" in repr(ds.loader(4))
+
+
+def test_large_batches_leave_workers_as_shared_memory_tensors(ds, monkeypatch):
+    """Above loader.SHARED_MEMORY_BYTES a worker sends tensors (shared memory) instead of
+    numpy arrays through its pipe: the batches are the same either way."""
+    import edcache.loader as loader_module
+
+    reference = take(ds.loader(8, shuffle=True, seed=3, num_workers=2), 13)
+    monkeypatch.setattr(loader_module, "SHARED_MEMORY_BYTES", 0)  # every batch (fork inherits it)
+    assert take(ds.loader(8, shuffle=True, seed=3, num_workers=2), 13) == reference

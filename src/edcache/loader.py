@@ -34,6 +34,8 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import sys
+
 import numpy as np
 
 #: version of :meth:`CacheLoader.state_dict`
@@ -115,6 +117,11 @@ class _NumpyBatch:
             return [conv(v) for v in self.data]
         return conv(self.data)
 
+    def nbytes(self) -> int:
+        """Bytes of the batch's numpy arrays."""
+        values = self.data.values() if isinstance(self.data, dict) else self.data
+        return sum(v.nbytes for v in values if isinstance(v, np.ndarray))
+
     def pin_memory(self, device: Any = None) -> Any:
         # called by DataLoader's pin-memory thread (torch.utils.data._utils.pin_memory)
         return self.to_torch(pin=True)
@@ -177,6 +184,21 @@ def collate_examples(examples: list) -> _NumpyBatch:
     return _NumpyBatch("whole", _stack(list(examples)))
 
 
+#: Batches larger than this leave a worker as tensors (torch passes their memory as shared
+#: memory, a file descriptor per tensor, ~1 ms each); smaller ones as numpy arrays in one
+#: pickle through the pipe (no per-tensor cost, but every byte copied twice). Measured on
+#: the bench's small (786 KiB batches) and medium (12 MiB) shapes: bench/NOTES.md.
+SHARED_MEMORY_BYTES = 4 << 20
+
+
+def _sent(batch: _NumpyBatch) -> Any:
+    """What a worker hands to the DataLoader for ``batch`` (see SHARED_MEMORY_BYTES)."""
+    data = sys.modules.get("torch.utils.data")
+    if data is not None and data.get_worker_info() is not None and batch.nbytes() > SHARED_MEMORY_BYTES:
+        return batch.to_torch()
+    return batch
+
+
 class BatchReader:
     """What the DataLoader's workers hold: ``reader[positions]`` is the batch of those
     positions of ``dataset`` (a :class:`CachedDataset` or :class:`CachedSubset`), as a
@@ -204,8 +226,8 @@ class BatchReader:
                 container, cols = found
                 if container == "dict":
                     cols["index_"] = positions.copy()
-                    return _NumpyBatch("dict", cols)
-                return _NumpyBatch(container, [cols[p] for p in sorted(cols)])
+                    return _sent(_NumpyBatch("dict", cols))
+                return _sent(_NumpyBatch(container, [cols[p] for p in sorted(cols)]))
             examples = reader.read_many(rows.tolist())
             for ex, p in zip(examples, positions.tolist()):
                 if type(ex) is dict:
