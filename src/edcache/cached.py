@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .dataset import NUMPY_INTS, DatasetMixin, check_cachable, checked_length, int_array, int_list, normalize_indices
+from .dataset import NUMPY_INTS, CachedExamples, check_cachable, checked_length, int_array, int_list, normalize_indices
 from .errors import (
     CacheMismatchError,
     CacheNotFoundError,
@@ -70,7 +70,7 @@ def _quiet_collate_warning() -> None:
     warnings.filterwarnings("ignore", **_COLLATE_WARNING)
 
 
-class CachedDataset(DatasetMixin):
+class CachedDataset(CachedExamples):
     """A dataset whose examples are computed once and read back from an on-disk cache.
 
     Parameters
@@ -576,14 +576,6 @@ class CachedDataset(DatasetMixin):
             return self._finish(reader.read(j), j)
         return super().__getitem__(i)
 
-    def _finish(self, example: Any, j: int) -> Any:
-        """As :class:`DatasetMixin` does for dicts (``index_``, labels, expand); tuple and
-        list examples come back as stored (edflow's ``index_`` contract is for dicts);
-        then the transform."""
-        if type(example) is dict:
-            example = super()._finish(example, j)
-        return example if self.transform is None else self.transform(example)
-
     def get_example(self, i: int) -> dict:
         """Example ``i`` as stored in the cache (without the transform)."""
         return self.store.read(i)
@@ -642,23 +634,6 @@ class CachedDataset(DatasetMixin):
             batch = _collate(examples)
         batch["index_"] = idx
         return batch
-
-    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-               num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
-               **dataloader_kwargs: Any) -> Any:
-        """Batches for a training loop: a :class:`~edcache.loader.CacheLoader` (needs torch).
-
-        Built on ``torch.utils.data.DataLoader``: workers read whole batches (one gather
-        per column) and send them as numpy arrays; the order depends only on ``seed``,
-        the epoch and ``rank``/``world_size``; ``state_dict()``/``load_state_dict()``
-        resume mid-epoch exactly, at any world size. ``dataloader_kwargs`` go to the
-        DataLoader (``pin_memory``, ``persistent_workers``, ...). See
-        :class:`~edcache.loader.CacheLoader` for the parameters.
-        """
-        from .loader import make_loader
-
-        return make_loader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                           num_workers=num_workers, rank=rank, world_size=world_size, **dataloader_kwargs)
 
     @property
     def labels(self) -> dict:

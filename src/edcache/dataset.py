@@ -304,6 +304,36 @@ def _concat(columns: list) -> Any:
     return out
 
 
+class CachedExamples(DatasetMixin):
+    """What the views of a cache share (:class:`~edcache.CachedDataset` and its subset
+    views): examples come back as stored, ``index_`` and labels for dicts only
+    (edflow's contract), then the view's ``transform``; and :meth:`loader`."""
+
+    transform: Any = None
+
+    def _finish(self, example: Any, j: int) -> Any:
+        if type(example) is dict:
+            example = super()._finish(example, j)
+        return example if self.transform is None else self.transform(example)
+
+    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+               num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
+               **dataloader_kwargs: Any) -> Any:
+        """Batches for a training loop: a :class:`~edcache.loader.CacheLoader` (needs torch).
+
+        Built on ``torch.utils.data.DataLoader``: workers read whole batches (one gather
+        per column) and send them as numpy arrays; the order depends only on ``seed``,
+        the epoch and ``rank``/``world_size``; ``state_dict()``/``load_state_dict()``
+        resume mid-epoch exactly, at any world size. ``dataloader_kwargs`` go to the
+        DataLoader (``pin_memory``, ``persistent_workers``, ...). See
+        :class:`~edcache.loader.CacheLoader` for the parameters.
+        """
+        from .loader import make_loader
+
+        return make_loader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                           num_workers=num_workers, rank=rank, world_size=world_size, **dataloader_kwargs)
+
+
 def check_cachable(dataset: Any, *, needs_location: bool = True) -> None:
     """Raise a clear error if ``dataset`` lacks what caching needs.
 

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .dataset import NUMPY_INTS, DatasetMixin, int_array, int_list, normalize_indices
+from .dataset import NUMPY_INTS, CachedExamples, int_array, int_list, normalize_indices
 
 
 def _as_indices(selection: Any, length: int) -> np.ndarray:
@@ -23,7 +23,7 @@ def _as_indices(selection: Any, length: int) -> np.ndarray:
     return normalize_indices(sel.reshape(-1), length)
 
 
-class CachedSubset(DatasetMixin):
+class CachedSubset(CachedExamples):
     """The examples ``indices`` of a :class:`~edcache.CachedDataset`, as a dataset.
 
     Made by :meth:`CachedDataset.subset`. Example ``k`` of the view is example
@@ -82,14 +82,6 @@ class CachedSubset(DatasetMixin):
             return example if transform is None else transform(example)
         return super().__getitem__(k)
 
-    def _finish(self, example: Any, j: int) -> Any:
-        """As :class:`DatasetMixin` does for dicts; tuple and list examples come back as
-        stored (``index_`` is for dicts only); then the transform."""
-        if type(example) is dict:
-            example = super()._finish(example, j)
-        transform = self.transform
-        return example if transform is None else transform(example)
-
     def __getitems__(self, ks: Sequence[int]) -> list[dict]:
         """Batched fetch (what PyTorch's DataLoader calls)."""
         ints = int_list(ks)
@@ -109,23 +101,6 @@ class CachedSubset(DatasetMixin):
         (with this view's transform unless ``transform`` is given)."""
         return CachedSubset(self.parent, self.indices[_as_indices(selection, len(self))],
                             transform=self._transform if isinstance(transform, str) else transform)
-
-    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-               num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
-               **dataloader_kwargs: Any) -> Any:
-        """Batches for a training loop: a :class:`~edcache.loader.CacheLoader` (needs torch).
-
-        Built on ``torch.utils.data.DataLoader``: workers read whole batches (one gather
-        per column) and send them as numpy arrays; the order depends only on ``seed``,
-        the epoch and ``rank``/``world_size``; ``state_dict()``/``load_state_dict()``
-        resume mid-epoch exactly, at any world size. ``dataloader_kwargs`` go to the
-        DataLoader (``pin_memory``, ``persistent_workers``, ...). See
-        :class:`~edcache.loader.CacheLoader` for the parameters.
-        """
-        from .loader import make_loader
-
-        return make_loader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                           num_workers=num_workers, rank=rank, world_size=world_size, **dataloader_kwargs)
 
     @property
     def labels(self) -> dict:
