@@ -27,6 +27,7 @@ from .manifest import (
     TABLE,
     Manifest,
     Schema,
+    owned_files,
     read_manifest,
 )
 from .schema import INDEXED, OFFSETS, RAGGED, VARSHAPE
@@ -268,8 +269,7 @@ def _check_examples(path: str, m: Manifest, report: Report, allow_pickle: bool) 
 
 
 def _note_strays(path: str, schema: Schema, m: Manifest, report: Report) -> None:
-    keep = set(schema.files()) | {MANIFEST, COMMITS, TABLE}
-    keep |= {e["file"] for e in m.labels.values() if isinstance(e.get("file"), str)}
+    keep = owned_files(schema, m.labels)
     for folder in ("", "columns", LABELS_DIR):
         full = os.path.join(path, folder) if folder else path
         if not os.path.isdir(full):

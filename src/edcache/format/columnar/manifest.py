@@ -209,6 +209,12 @@ def _canonical(doc: dict) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
+def owned_files(schema: Schema, labels: dict | None = None) -> set[str]:
+    """Relative paths of every file a cache of ``schema`` (and ``labels`` entries) uses."""
+    keep = set(schema.files()) | {MANIFEST, COMMITS, TABLE}
+    return keep | {e["file"] for e in (labels or {}).values() if isinstance(e.get("file"), str)}
+
+
 def peek_version(cache_dir: str) -> int | None:
     """The format version a manifest declares (None if absent or unreadable)."""
     try:

@@ -30,10 +30,10 @@ from .manifest import (
     COLUMNS_DIR,
     COMMITS,
     LABELS_DIR,
-    MANIFEST,
     TABLE,
     Manifest,
     Schema,
+    owned_files,
     peek_version,
     read_manifest,
     write_manifest,
@@ -528,8 +528,7 @@ def _present_rows(schema: Schema, gid: int | None, views: dict, rows: range) -> 
 def remove_strays(cache_dir: str, schema: Schema, labels: dict | None = None) -> None:
     """Delete every file of ``cache_dir`` the cache does not use (temporary files,
     files of rewritten columns, a format-v1 build's leftovers)."""
-    keep = set(schema.files()) | {MANIFEST, COMMITS, TABLE}
-    keep |= {e["file"] for e in (labels or {}).values() if isinstance(e.get("file"), str)}
+    keep = owned_files(schema, labels)
     for folder in ("", COLUMNS_DIR, LABELS_DIR, "shards"):
         path = os.path.join(cache_dir, folder) if folder else cache_dir
         if not os.path.isdir(path) or os.path.islink(path):
