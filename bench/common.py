@@ -38,6 +38,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         ],
         "in_memory_keys": ["label"],
     },
+    # the "small" data as torchvision-style examples: (image tensor, label, x, s) tuples
+    # (issue 12: tuple/tensor examples against the same data as a dict of numpy arrays)
+    "small_tensors": {
+        "n": 100_000,
+        "quick_n": 10_000,
+        "container": "tuple",
+        "fields": [
+            ("image", "array", "uint8", (32, 32, 3)),
+            ("label", "int", "int64", ()),
+            ("x", "float", "float64", ()),
+            ("s", "str", None, ()),
+        ],
+        "in_memory_keys": [1],
+    },
     "medium": {
         "n": 1_500,
         "quick_n": 150,
@@ -65,6 +79,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         "in_memory_keys": ["label"],
     },
 }
+
+
+def is_tuple(shape: str) -> bool:
+    """Whether the examples of ``shape`` are tuples of tensors and scalars (not dicts)."""
+    return SHAPES[shape].get("container") == "tuple"
+
+
+def as_dict(shape: str, example: Any) -> dict:
+    """An example of ``shape`` as a dict of numpy arrays and scalars (tuples by field)."""
+    if not is_tuple(shape):
+        return example
+    keys = [key for key, _, _, _ in SHAPES[shape]["fields"]]
+    return {k: (np.asarray(v) if hasattr(v, "numpy") else v) for k, v in zip(keys, example)}
 
 
 def shape_n(shape: str, quick: bool) -> int:
@@ -119,12 +146,22 @@ def raw_example_bytes(shape: str, n: int | None = None) -> float:
     return fixed + var / max(n, 1)
 
 
-def make_examples(shape: str, n: int) -> list[dict]:
+def make_examples(shape: str, n: int) -> list:
     """The same examples for every store (example i does not depend on ``n``): random,
     incompressible arrays, each example with its own buffer, generated in blocks from
-    one seed."""
+    one seed. Tuple shapes: the same values as tuples, arrays as torch tensors."""
     if SHAPES[shape].get("gen") == "ragged":
         return _make_ragged(shape, n)
+    if is_tuple(shape):
+        import torch
+
+        examples = _make_examples(shape, n)
+        return [tuple(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in ex.values())
+                for ex in examples]
+    return _make_examples(shape, n)
+
+
+def _make_examples(shape: str, n: int) -> list[dict]:
     fields = SHAPES[shape]["fields"]
     block = max(1, (64 << 20) // raw_example_bytes(shape))
     out: list[dict] = []

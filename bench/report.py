@@ -253,6 +253,20 @@ def targets(results: dict) -> list[tuple[str, str, str, str, bool | None]]:
                       f"(peak {bd['peak_bytes'] / 2**20:.1f} MiB, final {bd['final_bytes'] / 2**20:.1f} MiB, {bd.get('samples')} samples)")
     else:
         out.append(("10", "peak disk during a build / final size", "<= 1.05 (+ chunks in flight)", "n/a", None))
+    # issue 12: the small data as (tensor, int, float, str) tuples against the dict form,
+    # same run: time per ds[i] (touch-page, and the bare loop of batch256) and DataLoader rate
+    st = sh.get("small_tensors", {})
+    rt, rd = rate(st, "edcache", "random_page"), rate(s, "edcache", "random_page")
+    add("12", "random `ds[i]`, touch-page, tuple of tensors vs dict of numpy (time)", "<= 1.2x",
+        rd / rt if rt and rd else None, lambda v: v <= 1.2,
+        lambda v: f"{fmt_ratio(v)} ({1e6 / rt:.2f} vs {1e6 / rd:.2f} µs)")
+    lt, ld = _get(st, "edcache", "read", "batch256", "loop", "eps"), _get(s, "edcache", "read", "batch256", "loop", "eps")
+    add("12", "`ds[i]` untouched (loop of 256 random), tuple of tensors vs dict (time)", "<= 1.2x",
+        ld / lt if lt and ld else None, lambda v: v <= 1.2,
+        lambda v: f"{fmt_ratio(v)} ({1e6 / lt:.2f} vs {1e6 / ld:.2f} µs)")
+    dt_, dd = _get(st, "edcache", "dataloader", "eps"), _get(s, "edcache", "dataloader", "eps")
+    add("12", "DataLoader end-to-end, tuple of tensors vs dict (throughput)", ">= 0.9x",
+        dt_ / dd if dt_ and dd else None, lambda v: v >= 0.9)
     scb = _get(results, "scale", "build") or {}
     files, fields = scb.get("files"), scb.get("fields")
     add("10", f"files in a {scb.get('n') or '?'}-example cache ({fields or '?'} fields)", "O(columns): <= 2 per field + 4",
@@ -280,7 +294,7 @@ def write_report(results: dict, outdir: str) -> tuple[str, str]:
         if shape in RAGGED_NOTES:
             tbl[2:2] = [RAGGED_NOTES[shape], ""]
         lines += [f"<!-- n={n} -->"] + tbl
-    lines += ["## Targets (issues 5 and 10)", "", "| issue | figure | target | measured (edcache) | met |", "|---|---|---|---|---|"]
+    lines += ["## Targets (issues 5, 10 and 12)", "", "| issue | figure | target | measured (edcache) | met |", "|---|---|---|---|---|"]
     for issue, name, target, val, ok in targets(results):
         lines.append(f"| {issue} | {name} | {target} | {val} | {'yes' if ok else ('–' if target == '-' else ('n/a' if ok is None else '**no**'))} |")
     b = results.get("build")

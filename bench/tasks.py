@@ -20,8 +20,10 @@ import numpy as np
 
 from .common import (
     SHAPES,
+    as_dict,
     du,
     is_ragged,
+    is_tuple,
     make_examples,
     median,
     random_sequence,
@@ -42,6 +44,8 @@ MAX_REPS = 15
 def _store(a: dict):
     cls = get_store_class(a["store"])
     cls.check()
+    if is_tuple(a["shape"]) and not cls.tuples:
+        raise Skip(f"{cls.label} stores dict examples only; shape {a['shape']} holds tuples of tensors")
     return cls(a["path"], a["shape"], a["quick"])
 
 
@@ -161,7 +165,7 @@ def task_read(a: dict) -> dict:
             if i is not None:
                 check.append(i)
     for i in check:
-        got, exp = st.read(i), ref[i]
+        got, exp = as_dict(a["shape"], st.read(i)), as_dict(a["shape"], ref[i])
         for k, v in exp.items():
             g = got[k]
             if isinstance(v, np.ndarray):
@@ -339,8 +343,12 @@ def task_dataloader(a: dict) -> dict:
             holder.setdefault("it", it)
             yield from it
 
+    tuple_batches = is_tuple(a["shape"])
+
     def size(b):
-        return len(b[next(iter(b))]) if isinstance(b, dict) else len(b)
+        if isinstance(b, dict):
+            return len(b[next(iter(b))])
+        return len(b[0]) if tuple_batches else len(b)  # default collate: [images, labels, ...]
 
     stream = epochs()
     warm = 3  # baseline after a few batches (workers started, prefetch queues full)

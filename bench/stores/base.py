@@ -19,6 +19,8 @@ class Store:
     label = "?"
     #: True when the torch dataset is an IterableDataset (shuffle is the store's own)
     iterable = False
+    #: True when the store takes tuple examples (tensors, ints, floats, strs) as they are
+    tuples = False
 
     def __init__(self, path: str, shape: str, quick: bool = False) -> None:
         self.path = path  # a directory owned by this store

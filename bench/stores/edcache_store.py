@@ -29,9 +29,23 @@ def _dataset_class():
     return BenchDS
 
 
+class PlainDS:
+    """A plain map-style dataset (no edflow base, no root/name): what a PyTorch user has."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return _EXAMPLES[i]
+
+
 class EdcacheStore(Store):
     name = "edcache"
     label = "edcache"
+    tuples = True
 
     @classmethod
     def check(cls):
@@ -51,8 +65,16 @@ class EdcacheStore(Store):
         from edcache import CachedDataset
 
         _EXAMPLES = examples if isinstance(examples, list) else list(examples)
+        keys = SHAPES[self.shape]["in_memory_keys"]
         try:
-            CachedDataset(_dataset_class()(self.path, n, SHAPES[self.shape]["in_memory_keys"]), num_workers=0)
+            if SHAPES[self.shape].get("container") == "tuple":  # edcache.cache, the PyTorch form
+                import edcache
+
+                plain = PlainDS(n)
+                plain.in_memory_keys = keys
+                edcache.cache(plain, self.cpath, num_workers=0)
+            else:
+                CachedDataset(_dataset_class()(self.path, n, keys), num_workers=0)
         finally:
             _EXAMPLES = None
 
