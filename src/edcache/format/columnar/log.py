@@ -144,25 +144,35 @@ def _apply(state: LogState, line: bytes, where: str) -> bool:
     if rec is None:
         return False
     if "schema" in rec:
-        try:
-            schema = Schema.from_json(rec["schema"], where)
-        except CorruptCacheError:
+        return _apply_schema(state, rec, where)
+    return _apply_chunk(state, rec)
+
+
+def _apply_schema(state: LogState, rec: dict, where: str) -> bool:
+    """A schema record: the new schema, with the segments of the files it creates."""
+    try:
+        schema = Schema.from_json(rec["schema"], where)
+    except CorruptCacheError:
+        return False
+    segs = rec.get("segments")
+    if not isinstance(segs, dict):
+        return False
+    new: dict[str, list[Segment]] = {}
+    for f, lst in segs.items():
+        parsed = _segments(lst)
+        if parsed is None or len(parsed) != state.committed:
             return False
-        segs = rec.get("segments")
-        if not isinstance(segs, dict):
-            return False
-        new: dict[str, list[Segment]] = {}
-        for f, lst in segs.items():
-            parsed = _segments(lst)
-            if parsed is None or len(parsed) != state.committed:
-                return False
-            new[f] = parsed
-        files = schema.files()
-        if any(f not in new and f not in state.segments for f in files):
-            return False
-        state.schema = schema
-        state.segments = {f: (new[f] if f in new else state.segments[f]) for f in files}
-        return True
+        new[f] = parsed
+    files = schema.files()
+    if any(f not in new and f not in state.segments for f in files):
+        return False
+    state.schema = schema
+    state.segments = {f: (new[f] if f in new else state.segments[f]) for f in files}
+    return True
+
+
+def _apply_chunk(state: LogState, rec: dict) -> bool:
+    """A chunk record: the commit of chunk ``state.committed`` (ends never go back)."""
     chunk, ends, hashes = rec.get("c"), rec.get("e"), rec.get("h")
     files = state.schema.files()
     if type(chunk) is int and chunk > state.committed:
@@ -171,14 +181,13 @@ def _apply(state: LogState, line: bytes, where: str) -> bool:
     if chunk != state.committed or not isinstance(ends, list) or not isinstance(hashes, list) \
             or len(ends) != len(files) or len(hashes) != len(files):
         return False
-    parsed = _segments(list(map(list, zip(ends, hashes))))
+    parsed = _segments(list(map(list, zip(ends, hashes, strict=True))))
     if parsed is None:
         return False
-    for f, seg in zip(files, parsed):
-        prev = state.segments[f][-1][0] if state.segments[f] else 0
-        if seg[0] < prev:
-            return False
-    for f, seg in zip(files, parsed):
+    pairs = list(zip(files, parsed, strict=True))
+    if any(seg[0] < (state.segments[f][-1][0] if state.segments[f] else 0) for f, seg in pairs):
+        return False
+    for f, seg in pairs:
         state.segments[f].append(seg)
     state.committed += 1
     return True

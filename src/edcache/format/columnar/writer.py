@@ -179,11 +179,21 @@ class ColumnarSink(ChunkSink):
         return segs[-1][0] if segs else 0
 
     def _append(self, cc: ChunkColumns) -> None:
-        chunk = self.committed_chunks
+        """Append chunk ``cc`` (the next one): schema changes first, then its rows."""
         created: dict[str, list[tuple[int, int]]] = {}
+        rows_layout, new_layouts = self._map_layouts(cc, created)
+        promoted = self._promote_kinds(cc, created)
+        if new_layouts or promoted:
+            self._log.append(schema_record(self.schema, created))  # type: ignore[union-attr]
+            for path in self._obsolete:
+                _unlink(path)
+            self._obsolete = []
+        self._append_rows(cc, rows_layout)
+
+    def _map_layouts(self, cc: ChunkColumns, created: dict[str, list[tuple[int, int]]]) -> tuple[np.ndarray, bool]:
+        """Each row's cache layout number, adding layouts (and the layout column) the
+        cache lacks; and whether the schema changed."""
         changed = False
-        by_key = {col.spec.key: col for col in cc.columns}
-        # 1. layouts: which cache column holds each field of each local layout
         local_to_global = []
         for container, keys in cc.layouts:
             if container == "whole":
@@ -205,22 +215,23 @@ class ColumnarSink(ChunkSink):
             self.schema.layout_column = self._new_column(None)
             self._promote(self.schema.layout_column, ColumnSpec(None, FIXED, "<u4", (), py="scalar"), created)
             changed = True
-        # 2. kinds: promote cache columns that cannot hold this chunk's values
-        chunk_spec: dict[int, ColumnSpec] = {}
+        return rows_layout, changed
+
+    def _promote_kinds(self, cc: ChunkColumns, created: dict[str, list[tuple[int, int]]]) -> bool:
+        """Promote the cache columns that cannot hold this chunk's values; whether any was."""
+        changed = False
         for col in cc.columns:
             gid = self._whole if col.spec.key is None else self._key_col[col.spec.key]
-            chunk_spec[gid] = col.spec
             cache = self.schema.columns[gid]
             new = merge(cache, col.spec)
             if new is not cache:
                 self._promote(gid, new, created)
                 changed = True
-        if changed:
-            self._log.append(schema_record(self.schema, created))  # type: ignore[union-attr]
-            for path in self._obsolete:
-                _unlink(path)
-            self._obsolete = []
-        # 3. append every column's rows of this chunk
+        return changed
+
+    def _append_rows(self, cc: ChunkColumns, rows_layout: np.ndarray) -> None:
+        """Append every column's rows of the chunk, then its commit record."""
+        by_key = {col.spec.key: col for col in cc.columns}
         ends: list[int] = []
         hashes: list[int] = []
         for gid, spec in enumerate(self.schema.columns):
@@ -233,8 +244,8 @@ class ColumnarSink(ChunkSink):
             e, h = self._write(gid, spec, parts)
             ends += e
             hashes += h
-        self._log.append(chunk_record(chunk, ends, hashes))  # type: ignore[union-attr]
-        for f, e, h in zip(self.schema.files(), ends, hashes):
+        self._log.append(chunk_record(self.committed_chunks, ends, hashes))  # type: ignore[union-attr]
+        for f, e, h in zip(self.schema.files(), ends, hashes, strict=True):
             self.segments[f].append((e, h))
         self.committed_chunks += 1
         self._dirty = True
