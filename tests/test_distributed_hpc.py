@@ -58,15 +58,26 @@ def test_array_job_style_workers(tmp_path):
         for task_id in range(1, 4):  # what each array task runs, started before the server
             procs.append(Proc(f"task{task_id}", [*EDCACHE, "--address", f"127.0.0.1:{port}",
                                                  "--dataset", "dist_datasets.make", "--credentials", creds,
-                                                 "--nworkers", "1"],
+                                                 "--nworkers", "1", "--timeout", "15"],
                               dict(env, SLURM_ARRAY_TASK_ID=str(task_id)), str(tmp_path)))
         server = Proc("server", [*EDCACHE, "--server", "--dataset", "dist_datasets.make", "--host",
                                  "127.0.0.1", "--port", str(port), "--chunk-size", "8",
                                  "--credentials", creds], env, str(tmp_path))
         procs.append(server)
         assert server.wait(120) == 0, server.output()
+        told = 0
         for p in procs[:-1]:
-            assert p.wait(60) == 0, p.output()
+            # a task whose worker the server reached at the end is told the cache is
+            # complete: 0. One that came too late (its worker registered after the server
+            # said so, or not before it stopped) finds no server for --timeout seconds: 1,
+            # as an array task that starts after the job has ended does.
+            code = p.wait(60)
+            if "reports the cache complete" in p.stderr():
+                told += 1
+                assert code == 0, p.output()
+            else:
+                assert code == 1 and "giving up" in p.stderr(), p.output()
+        assert told >= 1
     finally:
         for p in procs:
             p.stop()

@@ -134,9 +134,12 @@ class WorkerSlot:
             )
             self.nanny = nanny
             try:
-                await nanny.start()
+                started = await self._start(nanny)
             except Exception as exc:  # the server went away again meanwhile, or refused us
                 await _quiet_close(nanny)
+                if getattr(nanny, "_edcache_done", False):
+                    self.stop.set()
+                    return "done"
                 cause = _root_cause(exc)
                 if isinstance(cause, FatalCommClosedError):
                     self.refused = cause
@@ -144,6 +147,13 @@ class WorkerSlot:
                 await _sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            if not started:  # marked done (or stopped) while it was starting
+                await _quiet_close(nanny)
+                self.nanny = None
+                if getattr(nanny, "_edcache_done", False):
+                    self.stop.set()
+                    return "done"
+                return "stopped"
             self.joined += 1
             delay = 0.5
             _say(f"slot {self.index}: joined {opts.address}" + (" again" if self.joined > 1 else ""))
@@ -163,6 +173,28 @@ class WorkerSlot:
                 return "done"
             if not self.stop.is_set():
                 _say(f"slot {self.index}: lost the server; reconnecting")
+
+
+    async def _start(self, nanny: Any) -> bool:
+        """Start ``nanny``; False if the server marked it done (or this host was stopped)
+        before the start completed.
+
+        The server marks every nanny when the cache is complete, including one still
+        starting, whose start may then never return (seen with Python 3.10): watch for the
+        mark instead of waiting on the start alone.
+        """
+        task = asyncio.ensure_future(nanny.start())
+        while not task.done():
+            await asyncio.wait([task], timeout=0.25)
+            if not task.done() and (getattr(nanny, "_edcache_done", False) or self.stop.is_set()):
+                task.cancel()
+                try:
+                    await task
+                except BaseException:  # cancelled, or failed while being cancelled
+                    pass
+                return False
+        task.result()  # a failed start raises here, as before
+        return True
 
 
 async def wait_for_scheduler(
