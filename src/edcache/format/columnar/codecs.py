@@ -3,7 +3,8 @@
 A *coded* column keeps its kind (``fixed``, ``ragged``, ``varshape``), dtype, shape
 and wrap, which describe the decoded rows; its ``codec`` (``zstd:3``, ``lz4``,
 ``png``, ``jpeg:90``, ``webp:90``, ``webp:lossless``) says how each row is stored.
-``.data`` holds one encoded blob per row; ``.index`` one u64 row
+``.data`` holds one encoded blob per row (zstd frames carry their content size and
+a checksum of the content, so a damaged zstd row never decodes to wrong values); ``.index`` one u64 row
 ``(byte offset, byte length, dim 0, …)`` per row, whatever the kind (so a promotion
 between array kinds never rewrites the rows). Reading row ``r`` decodes that blob and
 nothing else; a damaged blob is a :class:`~edcache.errors.CorruptCacheError`.
@@ -232,7 +233,7 @@ def _zstd_compressor(level: int) -> Any:
     cache = _local.__dict__.setdefault("zc", {})
     if level not in cache:  # one per thread: zstandard's contexts are not thread-safe
         cache[level] = _module("zstd").ZstdCompressor(
-            level=level, write_content_size=True, write_checksum=False, write_dict_id=False, threads=0)
+            level=level, write_content_size=True, write_checksum=True, write_dict_id=False, threads=0)
     return cache[level]
 
 
