@@ -32,6 +32,8 @@ def _dataset_class():
 class EdcacheStore(Store):
     name = "edcache"
     label = "edcache"
+    #: ``codecs=`` of the build (the codec variants in codec_stores set it)
+    codecs = None
 
     @classmethod
     def check(cls):
@@ -52,7 +54,8 @@ class EdcacheStore(Store):
 
         _EXAMPLES = examples if isinstance(examples, list) else list(examples)
         try:
-            CachedDataset(_dataset_class()(self.path, n, SHAPES[self.shape]["in_memory_keys"]), num_workers=0)
+            CachedDataset(_dataset_class()(self.path, n, SHAPES[self.shape]["in_memory_keys"]), num_workers=0,
+                          **({"codecs": self.codecs} if self.codecs else {}))
         finally:
             _EXAMPLES = None
 
