@@ -149,7 +149,8 @@ def test_a_codec_that_cannot_store_a_field_names_it(tmp_path, codec, fn, what):
     assert "'x'" in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["gzip", "zstd:0", "zstd:x", "jpeg:101", "lz4:3", 5, {"x": "bogus"}, {1.5: "zstd"}])
+@pytest.mark.parametrize("bad", ["gzip", "zstd:0", "zstd:x", "jpeg:101", "lz4:3", 5, {"x": "bogus"}, {1.5: "zstd"},
+                                 "jpeg", "webp:90", {None: "jpeg:90"}])
 def test_unknown_codecs_are_refused_before_any_work(tmp_path, bad):
     with pytest.raises(CodecSpecError):
         build(tmp_path, Rows(photo, 3), bad)
@@ -293,6 +294,19 @@ def test_a_damaged_index_is_corrupt_and_verify_names_it(tmp_path):
     from edcache.cli.main import main
 
     assert main(["verify", ds.path]) != 0
+
+
+def test_verify_deep_decodes_every_coded_row(tmp_path, capsys):
+    from edcache.cli.main import main
+
+    ds = build(tmp_path, Rows(photo, 6), {"x": "png"})
+    assert main(["verify", "--deep", ds.path]) == 0
+    data = os.path.join(ds.path, "columns", "0000.data")
+    with open(data, "r+b") as f:  # a PNG signature byte: the row no longer decodes
+        f.seek(1)
+        f.write(b"X")
+    assert main(["verify", ds.path]) != 0
+    assert "0000.data" in capsys.readouterr().out
 
 
 # -- info and CLI -----------------------------------------------------------------------------

@@ -147,8 +147,7 @@ def _check_file(path: str, rel: str, spec: Any, gid: int, size: int, segments: l
                             "overwritten", 0, m.length)
             return False
         if actual > size:
-            chunk_bytes = m.chunk_size * spec.row_bytes if spec.kind == "fixed" and spec.codec is None \
-                and rel.endswith(".data") else 0
+            chunk_bytes = _chunk_bytes(spec, rel, m)
             if chunk_bytes and actual - size > chunk_bytes:
                 # a killed build leaves at most the one chunk it was appending
                 report.add(COMMITS, f"has lost commit records: {rel} holds {(actual - size) // chunk_bytes} "
@@ -177,6 +176,13 @@ def _check_file(path: str, rel: str, spec: Any, gid: int, size: int, segments: l
         return ok
     finally:
         os.close(fd)
+
+
+def _chunk_bytes(spec: Any, rel: str, m: Manifest) -> int:
+    """Bytes one chunk adds to the file ``rel`` when that is known (raw fixed data), else 0."""
+    if spec.kind == "fixed" and spec.codec is None and rel.endswith(".data"):
+        return m.chunk_size * spec.row_bytes
+    return 0
 
 
 def _check_index(full: str, fd: int, spec: Any, index_size: int, chunks: int, m: Manifest,

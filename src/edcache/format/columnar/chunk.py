@@ -359,11 +359,16 @@ def column_parts(
     Also used by the coordinator to re-encode rows when a column is promoted. A coded
     column's rows are encoded one by one (:func:`.codecs.coded_parts`).
     """
-    if spec.codec is not None:
-        from .codecs import coded_parts
+    if spec.codec is None:
+        return _raw_parts(spec, rows, values, count, encoder, block)
+    from .codecs import coded_parts
 
-        raw = column_parts(replace(spec, codec=None), rows, values, count, encoder, block)
-        return coded_parts(spec, raw, rows, count)
+    raw = _raw_parts(replace(spec, codec=None), rows, values, count, encoder, block)
+    return coded_parts(spec, raw, rows, count)
+
+
+def _raw_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int, encoder: Encoder,
+               block: np.ndarray | None) -> list[Any]:
     kind = spec.kind
     if kind in (NONE, ABSENT):
         return []

@@ -128,12 +128,18 @@ def normalize_codecs(value: Any) -> list[list[Any]] | None:
             out.append([key, "auto"])
         else:
             try:
-                out.append([key, parse_codec(low).text])
+                codec = parse_codec(low)
             except ValueError as exc:
                 raise CodecSpecError(
                     f"codecs[{key!r}]: {exc}; known: raw, auto, zstd[:1-19], lz4, png, "
                     "jpeg[:1-100], webp[:1-100|lossless]"
                 ) from None
+            if key is None and not codec.lossless:
+                raise CodecSpecError(
+                    f"codecs={text!r}: a lossy codec is only used where a field names it "
+                    f"(codecs={{'image': {text!r}}}); a default for every column must be lossless"
+                )
+            out.append([key, codec.text])
     return out or None
 
 
@@ -380,7 +386,6 @@ def apply_codec(spec: ColumnSpec, raw: list[Any], rows: list[int], count: int,
     naming the field; a default (or ``auto``) one is used only where it fits and the
     chunk's coded bytes are at most :data:`MAX_STORED_FRACTION` of its raw bytes."""
     text, explicit = choice
-    candidates = ["zstd:3", "png"] if text == "auto" else [text]
     if explicit and text != "auto":
         why = unfit_column(spec, parse_codec(text))
         if why is not None:
@@ -388,23 +393,31 @@ def apply_codec(spec: ColumnSpec, raw: list[Any], rows: list[int], count: int,
                 f"examples {start}..{start + count - 1}, field {spec.key!r}: codec {text!r} cannot "
                 f"store this column: {why}. Name another codec for it, or leave it raw."
             )
-    fits = [c for c in candidates if unfit_column(spec, parse_codec(c)) is None]
-    if not fits or not rows:
-        return spec, raw
+        return replace(spec, codec=text), coded_parts(replace(spec, codec=text), raw, rows, count, start)
+    best = _smallest(spec, raw, rows, count, ["zstd:3", "png"] if text == "auto" else [text], start)
     raw_size = sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in raw[:1])
+    if best is None or len(best[1][0]) > MAX_STORED_FRACTION * raw_size:
+        return spec, raw
+    return best
+
+
+def _smallest(spec: ColumnSpec, raw: list[Any], rows: list[int], count: int, candidates: list[str],
+              start: int) -> tuple[ColumnSpec, list[Any]] | None:
+    """The coded spec and parts of the candidate that fits and stores the chunk smallest
+    (``png`` only when at most :data:`PNG_OVER_ZSTD` of the others' bytes)."""
     best: tuple[ColumnSpec, list[Any]] | None = None
-    for text in fits:
+    if not rows:
+        return None
+    for text in candidates:
+        if unfit_column(spec, parse_codec(text)) is not None:
+            continue
         coded = replace(spec, codec=text)
         try:
             parts = coded_parts(coded, raw, rows, count, start)
         except CodecError:
-            if explicit and text == choice[0]:
-                raise
-            continue  # auto: a row png cannot take (say 5 channels): not png
-        if best is None or len(parts[0]) < (PNG_OVER_ZSTD * len(best[1][0]) if text == "png" else len(best[1][0])):
+            continue  # a row png cannot take (say 5 channels): not png
+        if best is None or len(parts[0]) < (PNG_OVER_ZSTD if text == "png" else 1.0) * len(best[1][0]):
             best = (coded, parts)
-    if best is None or (not explicit and len(best[1][0]) > MAX_STORED_FRACTION * raw_size):
-        return spec, raw
     return best
 
 

@@ -212,18 +212,22 @@ class ColumnSpec:
                     or np.dtype(spec.dtype) != stored_dtype(wrap):
                 raise bad("wrap")
             spec = replace(spec, wrap=wrap)
-        codec = doc.get("codec")
-        if codec is not None:
-            from .codecs import parse_codec, unfit_column
-
-            try:
-                parsed = parse_codec(codec)
-            except ValueError:
-                raise bad("codec") from None
-            if parsed.text != codec or unfit_column(spec, parsed) is not None:
-                raise bad("codec")
-            spec = replace(spec, codec=codec)
+        if doc.get("codec") is not None:
+            spec = replace(spec, codec=_valid_codec(spec, doc["codec"], bad))
         return spec
+
+
+def _valid_codec(spec: ColumnSpec, codec: Any, bad: Any) -> str:
+    """``codec`` if it is a canonical codec string that can store ``spec``'s rows."""
+    from .codecs import parse_codec, unfit_column
+
+    try:
+        parsed = parse_codec(codec)
+    except ValueError:
+        raise bad("codec") from None
+    if parsed.text != codec or unfit_column(spec, parsed) is not None:
+        raise bad("codec")
+    return codec
 
 
 _PY_DTYPES = {"int": np.dtype("<i8"), "float": np.dtype("<f8"), "bool": np.dtype("|b1")}

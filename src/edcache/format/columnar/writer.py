@@ -648,6 +648,16 @@ def _start_over(cache_dir: str, manifest: Manifest) -> ColumnarSink:
     return ColumnarSink(cache_dir, manifest, state)
 
 
+def _check_codecs(cache_dir: str, old: Manifest, new: Manifest, hint: str) -> None:
+    """A build in progress resumes with the codecs it started with (a complete cache is
+    opened as built, whatever ``codecs`` asks)."""
+    if old.codecs != new.codecs and not old.complete:
+        raise CacheMismatchError(
+            f"the cache at {cache_dir} is being built with codecs {old.codecs}, not {new.codecs}: "
+            f"resuming would store its columns differently. {hint}"
+        )
+
+
 def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
     """Refuse to mix committed work of another dataset, length or parameters."""
     hint = "Rebuild it with force_cache=True, keep_existing=False (CLI: --force --no-keep-existing)."
@@ -693,11 +703,7 @@ def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
             "say whether they do, or rebuild with force_cache=True, keep_existing=False.",
             UserWarning, stacklevel=2,
         )
-    if old.codecs != new.codecs and not old.complete:
-        raise CacheMismatchError(
-            f"the cache at {cache_dir} is being built with codecs {old.codecs}, not {new.codecs}: "
-            f"resuming would store its columns differently. {hint}"
-        )
+    _check_codecs(cache_dir, old, new, hint)
     if old.allow_pickle != new.allow_pickle:
         raise CacheMismatchError(f"the cache at {cache_dir} was built with allow_pickle={old.allow_pickle}. {hint}")
     if old.chunk_size != new.chunk_size and not old.complete:
