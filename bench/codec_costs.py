@@ -21,8 +21,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "src")]
 
-from bench.common import make_examples  # noqa: E402
-from edcache.format.columnar.codecs import decode, encode, parse_codec  # noqa: E402
+from bench.common import make_examples
+from edcache.format.columnar.codecs import decode, encode, parse_codec
 
 CODECS = ["zstd:1", "zstd:3", "zstd:9", "lz4", "png", "webp:lossless", "jpeg:90", "jpeg:75", "webp:90"]
 
@@ -48,9 +48,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for text in CODECS:
         codec = parse_codec(text)
-        enc_s = best_of(lambda: [encode(codec, a) for a in images], 1)
+        enc_s = best_of(lambda c=codec: [encode(c, a) for a in images], 1)
         blobs = [encode(codec, a) for a in images]
-        dec_s = best_of(lambda: [decode(codec, b, shape, dtype) for b in blobs])
+        dec_s = best_of(lambda c=codec, bs=blobs: [decode(c, b, shape, dtype) for b in bs])
         n = len(images)
         print(f"| `{text}` | {sum(map(len, blobs)) / raw:.3f} | {enc_s / n * 1e6:.0f} | {dec_s / n * 1e6:.0f} | "
               f"{raw / dec_s / 1e6:.0f} |")

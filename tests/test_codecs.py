@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 import edcache
-from edcache.errors import CodecError, CodecSpecError, CorruptCacheError, MissingExtraError
+from edcache.errors import (
+    CodecError,
+    CodecSpecError,
+    CorruptCacheError,
+    MissingExtraError,
+)
 
 pytest.importorskip("zstandard")
 pytest.importorskip("lz4")
@@ -45,8 +50,13 @@ def build(tmp_path, ds, codecs, name="c", **kw):
     return edcache.cache(ds, tmp_path / name, progress=False, codecs=codecs, **kw)
 
 
+def read(*parts):
+    with open(os.path.join(*parts), "rb") as f:
+        return f.read()
+
+
 def columns(path):
-    doc = json.load(open(os.path.join(path, "manifest.json")))
+    doc = json.loads(read(path, "manifest.json"))
     return {c["key"]: c for c in doc["schema"]["columns"]}
 
 
@@ -130,7 +140,7 @@ def test_promotion_keeps_coded_rows(tmp_path):
     from edcache.format.columnar.codecs import encode, parse_codec
 
     blob = encode(parse_codec("jpeg:80"), values[0])
-    assert blob in open(os.path.join(ds.path, "columns", "0000.data"), "rb").read()
+    assert blob in read(ds.path, "columns", "0000.data")
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -230,9 +240,8 @@ def test_same_bytes_whatever_the_workers(tmp_path):
         names = sorted(os.listdir(os.path.join(a.path, d)))
         assert names == sorted(os.listdir(os.path.join(b.path, d)))
         for n in names:
-            assert open(os.path.join(a.path, d, n), "rb").read() == open(os.path.join(b.path, d, n), "rb").read()
-    assert open(os.path.join(a.path, "checksums.npy"), "rb").read() == \
-        open(os.path.join(b.path, "checksums.npy"), "rb").read()
+            assert read(a.path, d, n) == read(b.path, d, n)
+    assert read(a.path, "checksums.npy") == read(b.path, "checksums.npy")
 
 
 def test_dataloader_workers_decode(tmp_path):
@@ -263,7 +272,7 @@ def test_damaged_rows_never_crash_the_decoder(tmp_path, codec):
     size = os.path.getsize(os.path.join(path, "columns", "0000.data"))
     for trial in range(40):
         offset = int(rng.integers(0, size))
-        original = open(os.path.join(path, "columns", "0000.data"), "rb").read()
+        original = read(path, "columns", "0000.data")
         _damage(path, "0000", offset, bytes([original[offset] ^ int(rng.integers(1, 256))]))
         fresh = edcache.cache(Rows(photo, 6), tmp_path / "c", progress=False)
         for i in range(6):

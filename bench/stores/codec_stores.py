@@ -57,7 +57,7 @@ def _pixels(value) -> np.ndarray:
 
 # -- edcache --------------------------------------------------------------------------------
 class _EdcacheCodec(EdcacheStore):
-    codecs = {"image": "raw"}
+    codecs: dict | None = None
     lossy = False
 
     def write(self, examples, n):

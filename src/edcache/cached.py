@@ -699,7 +699,8 @@ def cache(dataset: Any, path: str | os.PathLike | None = None, **options: Any) -
 
     Without ``path`` the dataset must have ``root`` and ``name`` (edflow's layout).
     ``options`` are those of :class:`CachedDataset` (``num_workers``, ``transform``,
-    ``pil``, ``fingerprint``, ``in_memory_keys`` comes from the dataset, ...).
+    ``pil``, ``fingerprint``, ``codecs={"image": "jpeg:90"}``, ``in_memory_keys`` comes
+    from the dataset, ...).
     """
     return CachedDataset(dataset, path=path, **options)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
@@ -72,8 +72,8 @@ class Codec:
 @lru_cache(maxsize=64)
 def parse_codec(text: str) -> Codec:
     """Parse a codec string (``ValueError`` if it names no codec)."""
-    if not isinstance(text, str):
-        raise ValueError(f"a codec is a str, got {type(text).__name__}")
+    if not isinstance(text, str):  # (ValueError: the callers turn it into their own error)
+        raise ValueError(f"a codec is a str, got {type(text).__name__}")  # noqa: TRY004
     name, sep, arg = text.strip().lower().partition(":")
     if name not in _LIBS or (sep and not arg):
         raise ValueError(f"unknown codec {text!r}")
@@ -467,7 +467,7 @@ class CodedRows:
         off, length, shape = self.locate(r)
         try:
             return decode(self.codec, self.data[off:off + length], shape, self.dtype, out)
-        except Exception as exc:  # any decoder error on damaged bytes is the cache's damage
+        except Exception as exc:  # noqa: BLE001 (each decoder raises its own types on damaged bytes)
             raise self.bad(f"row {r} does not decode as {self.codec.text} "
                            f"({type(exc).__name__}: {exc})") from None
 

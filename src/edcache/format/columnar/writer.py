@@ -25,6 +25,7 @@ from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
 from ..fsutil import atomic_write, fsync_dir, is_temp, sync_filesystem, temp_name
 from ..shards.codec import Encoder, raw_bytes
 from .chunk import ChunkColumns, build_chunk, column_parts
+from .codecs import same_rows
 from .files import check_no_links, open_fd
 from .log import CommitLog, LogState, chunk_record, read_log, schema_record
 from .manifest import (
@@ -40,7 +41,6 @@ from .manifest import (
     write_manifest,
 )
 from .records import encode_row
-from .codecs import same_rows
 from .schema import ABSENT, FIXED, ColumnSpec, Layout, merge
 
 
