@@ -354,3 +354,13 @@ def test_resuming_with_other_codecs_is_refused(tmp_path):
     with pytest.raises(CacheMismatchError, match="codecs"):
         prepare_cache_dir(str(tmp_path / "r"), length=10, chunk_size=5, dataset="d", in_memory_keys=[],
                           allow_pickle=False, keep_existing=True, codecs=normalize_codecs({"x": "lz4"}))
+
+
+def test_manifest_codecs_entry_is_validated():
+    from edcache.format.columnar.manifest import Manifest
+
+    doc = {"length": 4, "chunk_size": 2}
+    assert Manifest.from_doc({**doc, "codecs": [["image", "jpeg:90"], [None, "zstd:3"]]}, "m").codecs
+    for bad in ([["image", "jpeg"]], [[None, "jpeg:90"]], "zstd", [["a"]], [[["a"], "png"]]):
+        with pytest.raises(CorruptCacheError):
+            Manifest.from_doc({**doc, "codecs": bad}, "m")

@@ -147,12 +147,11 @@ def valid_codecs_doc(doc: Any) -> bool:
     """Whether ``doc`` is a manifest's ``codecs`` entry (as :func:`normalize_codecs` makes)."""
     if doc is None:
         return True
-    if not isinstance(doc, list):
+    if not isinstance(doc, list) or not all(isinstance(p, list) and len(p) == 2 for p in doc):
         return False
     try:
-        return normalize_codecs({None if p[0] is None else p[0]: p[1] for p in doc}) == doc \
-            if all(isinstance(p, list) and len(p) == 2 for p in doc) else False
-    except (CodecSpecError, TypeError):
+        return normalize_codecs({p[0]: p[1] for p in doc}) == doc
+    except (CodecSpecError, TypeError):  # (TypeError: an unhashable key)
         return False
 
 
