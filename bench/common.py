@@ -71,6 +71,15 @@ SHAPES: dict[str, dict[str, Any]] = {
         "fields": _RAGGED_FIELDS,
         "in_memory_keys": ["label"],
     },
+    "images": {
+        # crops of real photos (sklearn's sample images), for the codec variants of the
+        # stores (edcache-zstd, mds-jpeg90, ...): compressible, unlike the random shapes
+        "n": 3_000,
+        "quick_n": 600,
+        "gen": "photos",
+        "fields": [("image", "array", "uint8", (256, 256, 3)), ("label", "int", "int64", ())],
+        "in_memory_keys": ["label"],
+    },
     "ragged_fixed": {
         "n": 100_000,
         "quick_n": 10_000,
@@ -152,6 +161,8 @@ def make_examples(shape: str, n: int) -> list:
     one seed. Tuple shapes: the same values as tuples, arrays as torch tensors."""
     if SHAPES[shape].get("gen") == "ragged":
         return _make_ragged(shape, n)
+    if SHAPES[shape].get("gen") == "photos":
+        return _make_photos(n)
     if is_tuple(shape):
         import torch
 
@@ -192,6 +203,53 @@ def _make_examples(shape: str, n: int) -> list[dict]:
                     ex[key] = f"example-{i:07d}"
             out.append(ex)
         del columns
+    return out
+
+
+def _make_photos(n: int) -> list[dict]:
+    """``images``: 256x256 crops of sklearn's two sample photos (427x640), each taken at
+    a random scale (1-1.6x smaller, bilinear), flipped left-right with probability 1/2,
+    with a random gain and offset per channel; example i depends only on i.
+
+    The jitter matters: plain crops of two photos repeat the same bytes across
+    examples, which compressors over whole chunks or shards (MDS, litdata) exploit
+    and a dataset of distinct photos would not offer."""
+    import tempfile
+
+    cached = os.path.join(tempfile.gettempdir(), f"edcache-bench-photos-{SEED}-{n}.npy")
+    if os.path.exists(cached):  # every task of a run needs them: computed once (~15 ms each)
+        images = np.load(cached, mmap_mode="r")
+        labels = [int(np.random.default_rng([SEED, 4, i]).integers(0, 1000)) for i in range(n)]
+        return [{"image": np.array(images[i]), "label": labels[i]} for i in range(n)]
+    out = _compute_photos(n)
+    tmp = f"{cached}.{os.getpid()}.npy"
+    np.save(tmp, np.stack([ex["image"] for ex in out]))
+    os.replace(tmp, cached)
+    return out
+
+
+def _compute_photos(n: int) -> list[dict]:
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    out: list[dict] = []
+    for i in range(n):
+        rng = np.random.default_rng([SEED, 3, i])
+        img = photos[int(rng.integers(len(photos)))]
+        scale = rng.uniform(1.0, 1.6)
+        h, w = (img.shape[0] - 1) / scale, (img.shape[1] - 1) / scale
+        y, x = rng.uniform(0, h - 256), rng.uniform(0, w - 256)
+        ys, xs = (y + np.arange(256)) * scale, (x + np.arange(256)) * scale
+        y0, x0 = ys.astype(int), xs.astype(int)
+        fy, fx = (ys - y0)[:, None, None].astype(np.float32), (xs - x0)[None, :, None].astype(np.float32)
+        r0, r1, c0, c1 = y0[:, None], y0[:, None] + 1, x0[None, :], x0[None, :] + 1
+        top = img[r0, c0] * (1 - fx) + img[r0, c1] * fx
+        bottom = img[r1, c0] * (1 - fx) + img[r1, c1] * fx
+        crop = (top * (1 - fy) + bottom * fy) * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20, 3)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append({"image": np.ascontiguousarray(np.clip(crop + 0.5, 0, 255).astype(np.uint8)),
+                    "label": int(np.random.default_rng([SEED, 4, i]).integers(0, 1000))})
     return out
 
 

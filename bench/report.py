@@ -17,6 +17,16 @@ LABELS = {
     "hf": "HF datasets (Arrow)",
     "mds": "MosaicML streaming (MDS)",
     "litdata": "litdata",
+    "edcache-zstd": "edcache zstd:3",
+    "edcache-png": "edcache png",
+    "edcache-jpeg90": "edcache jpeg:90",
+    "mds-zstd": "MDS compression=zstd",
+    "mds-png": "MDS png column",
+    "mds-jpeg90": "MDS jpeg column (q90 files)",
+    "litdata-zstd": "litdata compression=zstd",
+    "litdata-jpeg90": "litdata JPEG q90 bytes (PIL decode)",
+    "hf-png": "HF Image feature (PNG)",
+    "hf-jpeg90": "HF Image feature (JPEG q90 bytes)",
 }
 
 

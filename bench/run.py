@@ -3,6 +3,7 @@
     python bench/run.py                 # full run (a few hundred MB per store and shape)
     python bench/run.py --quick         # tens of MB, a couple of minutes
     python bench/run.py --only edcache,lmdb,memory --shapes small
+    python bench/run.py --shapes images --only memory,edcache,hf,mds,litdata --codecs --out bench/results/images
 
 Writes bench/results/results.json, results.md and plot.png. Every measurement runs in
 a fresh subprocess (python -m bench.tasks ...) on the same generated data."""
@@ -23,7 +24,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench.common import SHAPES, machine_info  # noqa: E402
-from bench.stores import STORES  # noqa: E402
+from bench.stores import CODEC_STORES, STORES  # noqa: E402
 
 ORDER = ["memory", "edcache", "lmdb", "zip", "folder", "hf", "mds", "litdata"]
 
@@ -118,7 +119,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small data, short timings (~2-3 min)")
     ap.add_argument("--only", default=",".join(ORDER), help="comma-separated stores (%(default)s)")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes (%(default)s)")
+    ap.add_argument("--shapes", default=",".join(s for s in SHAPES if s != "images"),
+                    help="comma-separated shapes (%(default)s; also: images)")
+    ap.add_argument("--codecs", action="store_true",
+                    help="add the compressed stores (" + ", ".join(CODEC_STORES) + "); they run on the images shape")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: reads,dataloader,build,scale")
     ap.add_argument("--workdir", default="/tmp/edcache-bench", help="where the stores are written (%(default)s)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory (%(default)s)")
@@ -126,6 +130,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     stores = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.codecs:
+        stores += [s for s in CODEC_STORES if s not in stores]
     for s in stores:
         if s not in STORES:
             ap.error(f"unknown store {s!r}; choose from {', '.join(STORES)}")

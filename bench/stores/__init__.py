@@ -13,7 +13,20 @@ STORES = {
     "hf": "hf_store:HFStore",
     "mds": "mds_store:MDSStore",
     "litdata": "litdata_store:LitdataStore",
+    # compressed variants (the ``images`` shape)
+    "edcache-zstd": "codec_stores:EdcacheZstd",
+    "edcache-png": "codec_stores:EdcachePng",
+    "edcache-jpeg90": "codec_stores:EdcacheJpeg",
+    "mds-zstd": "codec_stores:MDSZstd",
+    "mds-png": "codec_stores:MDSPng",
+    "mds-jpeg90": "codec_stores:MDSJpeg",
+    "litdata-zstd": "codec_stores:LitdataZstd",
+    "litdata-jpeg90": "codec_stores:LitdataJpeg",
+    "hf-png": "codec_stores:HFPng",
+    "hf-jpeg90": "codec_stores:HFJpeg",
 }
+#: what ``--codecs`` adds to the stores
+CODEC_STORES = [k for k in STORES if "-" in k]
 
 
 def get_store_class(name: str):

@@ -46,6 +46,8 @@ class EdcacheStore(Store):
     name = "edcache"
     label = "edcache"
     tuples = True
+    #: ``codecs=`` of the build (the codec variants in codec_stores set it)
+    codecs = None
 
     @classmethod
     def check(cls):
@@ -67,14 +69,15 @@ class EdcacheStore(Store):
         _EXAMPLES = examples if isinstance(examples, list) else list(examples)
         keys = SHAPES[self.shape]["in_memory_keys"]
         try:
+            codecs = {"codecs": self.codecs} if self.codecs else {}
             if SHAPES[self.shape].get("container") == "tuple":  # edcache.cache, the PyTorch form
                 import edcache
 
                 plain = PlainDS(n)
                 plain.in_memory_keys = keys
-                edcache.cache(plain, self.cpath, num_workers=0)
+                edcache.cache(plain, self.cpath, num_workers=0, **codecs)
             else:
-                CachedDataset(_dataset_class()(self.path, n, keys), num_workers=0)
+                CachedDataset(_dataset_class()(self.path, n, keys), num_workers=0, **codecs)
         finally:
             _EXAMPLES = None
 

@@ -125,6 +125,14 @@ class CachedDataset(CachedExamples):
         An explicit version of what the dataset computes (default: the dataset's
         ``cache_version`` attribute, if any). Recorded in the cache; opening it with
         another version raises :class:`~edcache.errors.CacheMismatchError`.
+    codecs : str, dict or None
+        How array columns are stored when the cache is built: ``{"image": "jpeg:90",
+        "mask": "png", "feat": "zstd:3"}`` per field (dict keys, or tuple positions), or
+        one codec for every array column where it saves at least 10% (``"zstd"``,
+        ``"lz4"``, ``"auto"``). ``None`` (default): raw. Each row is compressed on its
+        own, so a read decodes one example. Lossy codecs (``jpeg``, lossy ``webp``) must
+        be named per field. Needs ``pip install 'edcache[codecs]'``. See
+        ``docs/format.md``.
 
     Notes
     -----
@@ -151,6 +159,7 @@ class CachedDataset(CachedExamples):
     _parameters: str | None = None
     _fingerprint: str | None = None
     _identity: str | None = None
+    codecs: list | None = None
 
     def __init__(
         self,
@@ -172,6 +181,7 @@ class CachedDataset(CachedExamples):
         transform: Callable[[Any], Any] | None = None,
         pil: str = "image",
         fingerprint: str | int | None = None,
+        codecs: str | dict | None = None,
         _path: str | None = None,
         _parameters: str | None = None,
     ) -> None:
@@ -210,6 +220,7 @@ class CachedDataset(CachedExamples):
         self.executor = executor
         self.transform = transform
         self.pil = pil
+        self.codecs = _codecs_option(codecs)
         self._parameters = _parameters
         from .fingerprint import dataset_fingerprint, dataset_identity_record
 
@@ -484,6 +495,8 @@ class CachedDataset(CachedExamples):
         if self._legacy:
             from .format.legacy import LegacyZipSink
 
+            if self.codecs:
+                raise DatasetInterfaceError("codecs= needs the edcache format; an edflow zip stores raw values")
             sink: Any = LegacyZipSink(
                 self._path, self._length, self.in_memory_keys,
                 keep_existing=self.keep_existing, chunk_size=self.chunk_size,
@@ -505,6 +518,7 @@ class CachedDataset(CachedExamples):
                 parameters=self._parameters,
                 fingerprint=self._fingerprint,
                 identity=self._identity,
+                codecs=self.codecs,
             )
         num_workers = default_num_workers() if self.num_workers is None else self.num_workers
         executor = self._executor(num_workers)
@@ -685,9 +699,19 @@ def cache(dataset: Any, path: str | os.PathLike | None = None, **options: Any) -
 
     Without ``path`` the dataset must have ``root`` and ``name`` (edflow's layout).
     ``options`` are those of :class:`CachedDataset` (``num_workers``, ``transform``,
-    ``pil``, ``fingerprint``, ``in_memory_keys`` comes from the dataset, ...).
+    ``pil``, ``fingerprint``, ``codecs={"image": "jpeg:90"}``, ``in_memory_keys`` comes
+    from the dataset, ...).
     """
     return CachedDataset(dataset, path=path, **options)
+
+
+def _codecs_option(codecs: Any) -> list | None:
+    """The ``codecs=`` argument, checked now (a bad codec name fails before any work)."""
+    if codecs is None:
+        return None
+    from .format.columnar.codecs import normalize_codecs
+
+    return normalize_codecs(codecs)
 
 
 def _name_of(path: str) -> str:

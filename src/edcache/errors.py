@@ -20,6 +20,15 @@ class CodecError(EdcacheError, TypeError):
     """A value cannot be stored by the safe codec (names the example index and key path)."""
 
 
+class CodecSpecError(EdcacheError, ValueError):
+    """A ``codecs=`` argument names no known column codec (``zstd[:level]``, ``lz4``, ``png``,
+    ``jpeg[:quality]``, ``webp[:quality|lossless]``, ``auto``, ``raw``)."""
+
+
+class MissingExtraError(EdcacheError, ImportError):
+    """A column codec needs a library that is not installed; the message names the pip extra."""
+
+
 class ExampleError(EdcacheError):
     """The dataset raised while computing an example; carries the index and remote traceback."""
 
@@ -77,6 +86,8 @@ __all__ = [
     "EdcacheError",
     "DatasetInterfaceError",
     "CodecError",
+    "CodecSpecError",
+    "MissingExtraError",
     "ExampleError",
     "LabelError",
     "CorruptCacheError",

@@ -57,6 +57,22 @@ def _manifest_lines(lines: list[str], manifest: object, complete: bool, committe
             lines.append(f"identity:    {identity}")
     if getattr(m, "fingerprint", None):
         lines.append(f"config:      {m.fingerprint}")  # type: ignore[attr-defined]
+    if getattr(m, "codecs", None):
+        asked = ", ".join(f"{'*' if k is None else k}={c}" for k, c in m.codecs)  # type: ignore[attr-defined]
+        lines.append(f"codecs:      {asked} (as built: per column below)")
+
+
+def _stored(col: dict) -> str:
+    """Codec, stored and raw bytes of one column (``raw, 1.0 MiB`` when stored raw)."""
+    codec = col.get("codec")
+    if codec is None:
+        return f"raw, {_size(col['bytes'])}" if col["kind"] in ("fixed", "ragged", "varshape") else _size(col["bytes"])
+    from ..format.columnar.codecs import is_lossy
+
+    raw = col.get("raw_bytes") or 0
+    ratio = f"{col['bytes'] / raw:.3f}" if raw else "-"
+    lossy = " (lossy)" if is_lossy(codec) else ""
+    return f"{codec}{lossy}, {_size(col['bytes'])} stored of {_size(raw)} raw (ratio {ratio})"
 
 
 def describe(path: str, *, allow_pickle: bool = False) -> str:
@@ -89,7 +105,7 @@ def describe(path: str, *, allow_pickle: bool = False) -> str:
             dtype = f" {col['dtype']}" if col["dtype"] else ""
             key = "-" if col["key"] is None else repr(col["key"])
             wrap = f" as {col['wrap']}" if col.get("wrap") else ""
-            lines.append(f"  {key}: {col['kind']}{dtype}{shape}{wrap}, {_size(col['bytes'])}")
+            lines.append(f"  {key}: {col['kind']}{dtype}{shape}{wrap}, {_stored(col)}")
     try:
         labels = reader.labels
     except KeyError:

@@ -52,6 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--legacy", action="store_true", help="write edflow's zip layout (<root>/cached/<name>.zip)")
     p.add_argument("--allow-pickle", action="store_true", help="store values the safe codec cannot hold as pickles")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--codec", action="append", default=[], metavar="FIELD=SPEC",
+                   help="store FIELD with a codec (zstd[:level], lz4, png, jpeg[:quality], webp[:quality|"
+                        "lossless], raw); FIELD * (or a bare SPEC) names every array column; repeatable")
     try:
         from .distributed import add_distributed_arguments
     except ImportError:
@@ -79,9 +82,24 @@ def _build(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         allow_pickle=args.allow_pickle,
         progress=not args.no_progress,
+        codecs=_codecs_argument(args.codec),
     )
     print(f"cache complete: {ds.path} ({len(ds)} examples)")
     return 0
+
+
+def _codecs_argument(items: list[str]) -> str | dict | None:
+    """``--codec FIELD=SPEC`` options as ``codecs=``: a digit FIELD is a tuple position."""
+    codecs: dict = {}
+    for item in items:
+        field, sep, spec = item.rpartition("=")
+        if not sep or field in ("", "*"):
+            codecs[None] = spec
+        else:
+            codecs[int(field) if field.isdigit() else field] = spec
+    if list(codecs) == [None]:
+        return codecs[None]
+    return codecs or None
 
 
 def _import_from_cwd() -> None:

@@ -30,7 +30,7 @@ from .manifest import (
     owned_files,
     read_manifest,
 )
-from .schema import INDEXED, OFFSETS, RAGGED, VARSHAPE
+from .schema import RAGGED, VARSHAPE
 
 
 class Report(Protocol):
@@ -147,7 +147,7 @@ def _check_file(path: str, rel: str, spec: Any, gid: int, size: int, segments: l
                             "overwritten", 0, m.length)
             return False
         if actual > size:
-            chunk_bytes = m.chunk_size * spec.row_bytes if spec.kind == "fixed" and rel.endswith(".data") else 0
+            chunk_bytes = _chunk_bytes(spec, rel, m)
             if chunk_bytes and actual - size > chunk_bytes:
                 # a killed build leaves at most the one chunk it was appending
                 report.add(COMMITS, f"has lost commit records: {rel} holds {(actual - size) // chunk_bytes} "
@@ -166,16 +166,23 @@ def _check_file(path: str, rel: str, spec: Any, gid: int, size: int, segments: l
             report.bytes_checked += len(data)
             if xxhash.xxh3_64_intdigest(data) != digest:
                 a, b = _span(m, c)
-                if spec.kind in OFFSETS and rel.endswith(".index"):
+                if spec.offsets and rel.endswith(".index"):
                     b = min(b + 1, m.length)  # the chunk's last offset is where the next row starts
                 report.add(rel, f"fails its checksum for chunk {c} (column {spec.key!r})", a, b)
                 ok = False
             start = end
-        if ok and spec.kind in INDEXED:
+        if ok and spec.indexed:
             ok = _check_index(full, fd, spec, size, len(segments), m, report, rel, name)
         return ok
     finally:
         os.close(fd)
+
+
+def _chunk_bytes(spec: Any, rel: str, m: Manifest) -> int:
+    """Bytes one chunk adds to the file ``rel`` when that is known (raw fixed data), else 0."""
+    if spec.kind == "fixed" and spec.codec is None and rel.endswith(".data"):
+        return m.chunk_size * spec.row_bytes
+    return 0
 
 
 def _check_index(full: str, fd: int, spec: Any, index_size: int, chunks: int, m: Manifest,
@@ -190,14 +197,17 @@ def _check_index(full: str, fd: int, spec: Any, index_size: int, chunks: int, m:
                             follow_symlinks=False).st_size
     except OSError:
         return True  # reported with the data file
-    width = 1 + spec.ndim if spec.kind == VARSHAPE else 1
-    lead = 1 if spec.kind in OFFSETS and rows else 0
+    width = spec.index_row_items
+    lead = 1 if spec.offsets and rows else 0
     need = 8 * (rows * width + lead)
     if index_size < need:
         report.add(rel, f"holds {index_size} bytes, {need} needed for {rows} rows", 0, rows)
         return False
     idx = np.frombuffer(os.pread(fd, need, 0), "<u8")
-    if spec.kind == VARSHAPE:
+    if spec.codec is not None:  # (offset, length, dims): each blob inside the data
+        table = idx.reshape(rows, width)
+        bad = np.flatnonzero(table[:, 0] + table[:, 1] > data_size)
+    elif spec.kind == VARSHAPE:
         table = idx.reshape(rows, width)
         nbytes = np.prod(table[:, 1:].astype(np.float64), axis=1) * spec.np_dtype.itemsize
         bad = np.flatnonzero(table[:, 0] + nbytes > data_size)

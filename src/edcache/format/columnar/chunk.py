@@ -168,9 +168,11 @@ def _encode(value: Any, encoder: Encoder, index: int, key: Any) -> bytes:
         raise codec_error(index, example, encoder.allow_pickle, exc) from None
 
 
-def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: bool = False) -> ChunkColumns:
+def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: bool = False,
+                codecs: list[list[Any]] | None = None) -> ChunkColumns:
     """Take apart the examples ``start .. start+count-1`` (an iterable: each is copied
-    or encoded as soon as it arrives) into columns."""
+    or encoded as soon as it arrives) into columns; ``codecs``: the build's column
+    codecs (see :func:`.codecs.normalize_codecs`), applied here, in the worker."""
     encoder = Encoder(allow_pickle=allow_pickle)
     layouts: dict[LayoutKey, int] = {}
     row_layout: list[int] = []
@@ -216,7 +218,7 @@ def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: b
                 col.add(row, value, count, encoder, index)
     if row + 1 != count:
         raise CodecError(f"examples {start}..{start + count - 1}: got {row + 1} examples, expected {count}")
-    out = [_finish_column(col, start, count, encoder) for col in columns.values()]
+    out = [_finish_column(col, start, count, encoder, codecs) for col in columns.values()]
     return ChunkColumns(
         start, count, list(layouts), None if len(layouts) == 1 else np.asarray(row_layout, dtype="<u4"), out
     )
@@ -306,13 +308,21 @@ def _wrapped_kind(col: _Values, spec: ColumnSpec) -> tuple[ColumnSpec, list[Any]
     return ColumnSpec(col.key, RECORD), out, None
 
 
-def _finish_column(col: _Values, start: int, count: int, encoder: Encoder) -> ChunkColumn:
+def _finish_column(col: _Values, start: int, count: int, encoder: Encoder,
+                   codecs: list[list[Any]] | None = None) -> ChunkColumn:
     spec = _kind_of(col)
     values, buf = col.values, col.buf
     if col.tagged:
         spec, values, buf = _wrapped_kind(col, spec)
     try:
-        return ChunkColumn(spec, column_parts(spec, col.rows, values, count, encoder, buf))
+        parts = column_parts(spec, col.rows, values, count, encoder, buf)
+        if codecs and spec.kind != ABSENT:
+            from .codecs import apply_codec, choice_for
+
+            choice = choice_for(codecs, col.key)
+            if choice is not None:
+                spec, parts = apply_codec(spec, parts, col.rows, count, choice, start)
+        return ChunkColumn(spec, parts)
     except CodecError:
         raise
     except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
@@ -346,8 +356,19 @@ def column_parts(
     hold ``values`` (the others are absent: zeros or empty). ``block`` holds the rows
     whose value is None when values were gathered into one block (see :class:`_Values`).
 
-    Also used by the coordinator to re-encode rows when a column is promoted.
+    Also used by the coordinator to re-encode rows when a column is promoted. A coded
+    column's rows are encoded one by one (:func:`.codecs.coded_parts`).
     """
+    if spec.codec is None:
+        return _raw_parts(spec, rows, values, count, encoder, block)
+    from .codecs import coded_parts
+
+    raw = _raw_parts(replace(spec, codec=None), rows, values, count, encoder, block)
+    return coded_parts(spec, raw, rows, count)
+
+
+def _raw_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int, encoder: Encoder,
+               block: np.ndarray | None) -> list[Any]:
     kind = spec.kind
     if kind in (NONE, ABSENT):
         return []

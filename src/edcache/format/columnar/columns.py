@@ -44,6 +44,8 @@ class ColumnView:
         self.pil = pil
         #: the column as one array ``(rows, *shape)`` for fixed columns, else None
         self.array: np.ndarray | None = None
+        #: the decoder of a coded column (see :mod:`.codecs`), else None
+        self.coded: Any = None
         get = self._make_getter()
         if spec.wrap is not None:  # tensors (copies of the row) or PIL images
             from ..wrap import fixed_tensor_getter, wrapper
@@ -66,6 +68,11 @@ class ColumnView:
 
     def _make_getter(self) -> Callable[[int], Any]:
         spec, n, kind = self.spec, self.rows, self.spec.kind
+        if spec.codec is not None:  # one encoded blob per row, decoded on each read
+            from .codecs import CodedRows
+
+            self.coded = CodedRows(spec, self.data, self.index, n, self.where)
+            return self.coded.get
         if kind == NONE:
             return lambda r: None
         if n == 0 and kind != FIXED:  # nothing committed yet: the files may still be empty
@@ -152,6 +159,17 @@ class ColumnView:
         """The values at ``rows``: one array ``(len(rows), ...)`` for fixed columns and
         for variable arrays whose shapes agree, else a list."""
         wrap = self.spec.wrap
+        if self.spec.codec is not None:
+            from .codecs import coded_gather
+
+            batch = coded_gather(self.coded, rows)
+            if wrap is None:
+                return batch
+            from ..wrap import stack_wrapped, wrapper
+
+            if isinstance(batch, np.ndarray):
+                return stack_wrapped(wrap, batch, self.pil)
+            return [wrapper(wrap, self.pil)(a) for a in batch]
         if self.array is not None:
             out = self.array.take(rows, axis=0)
             if wrap is None:

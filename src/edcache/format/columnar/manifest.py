@@ -19,6 +19,12 @@ from ..base import ChunkTask
 from ..fsutil import atomic_write
 from .schema import ColumnSpec, Layout
 
+
+def valid_codecs_doc(doc: Any) -> bool:
+    from .codecs import valid_codecs_doc as valid
+
+    return valid(doc)
+
 FORMAT = "edcache"
 VERSION = 2
 MANIFEST = "manifest.json"
@@ -112,6 +118,8 @@ class Manifest:
     #: {"nbytes", "xxh3"} of ``checksums.npy``
     table: dict[str, Any] | None = None
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the ``codecs=`` the build was asked for (see :func:`.codecs.normalize_codecs`), or None
+    codecs: list[list[Any]] | None = None
 
     version = VERSION
 
@@ -125,11 +133,14 @@ class Manifest:
 
     def build_params(self) -> dict[str, Any]:
         """The fields that identify a build (also the commit log's header)."""
-        return {
+        params = {
             "length": self.length, "chunk_size": self.chunk_size, "dataset": self.dataset,
             "fingerprint": self.fingerprint, "identity": self.identity, "in_memory_keys": list(self.in_memory_keys),
             "allow_pickle": self.allow_pickle, "parameters": self.parameters,
         }
+        if self.codecs is not None:  # (absent: a cache without codecs reads as before)
+            params["codecs"] = self.codecs
+        return params
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {"format": FORMAT, "version": VERSION, **self.build_params(),
@@ -148,6 +159,7 @@ class Manifest:
                 length=doc["length"], chunk_size=doc["chunk_size"], dataset=doc.get("dataset") or "",
                 fingerprint=doc.get("fingerprint"), identity=doc.get("identity"), in_memory_keys=list(doc.get("in_memory_keys") or []),
                 allow_pickle=doc.get("allow_pickle", False), parameters=doc.get("parameters"),
+                codecs=doc.get("codecs"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptCacheError(f"{where}: manifest field missing or wrong ({exc})") from exc
@@ -160,6 +172,7 @@ class Manifest:
             and (m.parameters is None or isinstance(m.parameters, str))
             and type(m.allow_pickle) is bool
             and all(type(k) in (str, int) for k in m.in_memory_keys)
+            and valid_codecs_doc(m.codecs)
         ):
             raise CorruptCacheError(f"{where}: manifest values out of range")
         return m

@@ -29,7 +29,7 @@ from .files import map_fd, open_fd
 from .log import LogState, read_log
 from .manifest import MANIFEST, TABLE, Manifest, Schema, read_manifest
 from .records import decode_row
-from .schema import OFFSETS, Layout
+from .schema import Layout
 
 INDEX_KEY = "index_"
 
@@ -354,7 +354,8 @@ class ColumnarReader(CacheReader):
     def columns(self) -> list[dict[str, Any]]:
         """One entry per column: ``key``, ``kind``, ``dtype``, ``shape`` (fixed: of a row;
         ragged: of an item along axis 0; varshape: ``ndim`` unknown dims), ``bytes``, ``wrap``
-        (``torch:<dtype>``, ``pil:<mode>`` or None)."""
+        (``torch:<dtype>``, ``pil:<mode>`` or None), ``codec`` (None: raw) and ``raw_bytes``
+        (what the rows take decoded; ``bytes`` for raw columns)."""
         out = []
         for gid, spec in enumerate(self._schema.columns):
             if gid == self._schema.layout_column:
@@ -371,9 +372,16 @@ class ColumnarReader(CacheReader):
                 shape = ("*",) * spec.ndim
             else:
                 shape = None
+            stored = sum(self._ends.get(f, 0) for f in spec.files())
             out.append({"key": spec.key, "kind": kind, "dtype": spec.dtype, "shape": shape,
-                        "bytes": sum(self._ends.get(f, 0) for f in spec.files()), "wrap": spec.wrap})
+                        "bytes": stored, "wrap": spec.wrap, "codec": spec.codec,
+                        "raw_bytes": self._raw_bytes(gid) if spec.codec is not None else stored})
         return out
+
+    def _raw_bytes(self, gid: int) -> int:
+        if self._views is None:
+            self._setup()
+        return self._views[gid].coded.raw_nbytes()  # type: ignore[index]
 
     # -- checksums -----------------------------------------------------------------------
     def _segments(self, f: str) -> list[tuple[int, int]]:
@@ -405,7 +413,7 @@ class ColumnarReader(CacheReader):
         starts)."""
         for spec in self._schema.columns:
             for n, f in enumerate(spec.files()):
-                previous = n == 1 and spec.kind in OFFSETS and chunk > 0
+                previous = n == 1 and spec.offsets and chunk > 0
                 for c in (chunk - 1, chunk) if previous else (chunk,):
                     self._check_segment(f, c, chunk)
         self._checked.add(chunk)

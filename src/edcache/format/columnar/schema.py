@@ -84,6 +84,10 @@ class ColumnSpec:
         fixed, ragged and varshape: what each row is wrapped into when read
         (``torch:<dtype>`` or ``pil:<mode>``, see :mod:`edcache.format.wrap`); None for
         plain numpy arrays.
+    codec : str or None
+        fixed, ragged and varshape: how each row is stored (``zstd:3``, ``lz4``, ``png``,
+        ``jpeg:90``, ``webp:90``, ``webp:lossless``; see :mod:`.codecs`); None: raw.
+        Kind, dtype, shape and wrap describe the decoded rows.
     """
 
     key: Any
@@ -94,6 +98,7 @@ class ColumnSpec:
     py: str = "array"
     stem: str = ""
     wrap: str | None = None
+    codec: str | None = None
 
     # -- files -----------------------------------------------------------------------
     def files(self) -> list[str]:
@@ -101,9 +106,19 @@ class ColumnSpec:
         if self.kind == NONE or self.kind == ABSENT:
             return []
         data = f"columns/{self.stem}.data"
-        if self.kind in INDEXED:
+        if self.indexed:
             return [data, f"columns/{self.stem}.index"]
         return [data]
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the column has an index file (variable-size and coded columns)."""
+        return self.kind in INDEXED or self.codec is not None
+
+    @property
+    def offsets(self) -> bool:
+        """Whether the index holds ``n + 1`` offsets (see :data:`OFFSETS`; not coded columns)."""
+        return self.kind in OFFSETS and self.codec is None
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -116,13 +131,18 @@ class ColumnSpec:
 
     @property
     def index_row_items(self) -> int:
-        """u64 entries per row in the index file (varshape: offset + dims; else 1)."""
+        """u64 entries per row in the index file (varshape: offset + dims; coded: offset,
+        length + dims; else 1)."""
+        if self.codec is not None:
+            from .codecs import row_ndim
+
+            return 2 + row_ndim(self)
         return 1 + self.ndim if self.kind == VARSHAPE else 1
 
     def same_kind(self, other: ColumnSpec) -> bool:
         """Whether ``other`` holds the same kind of values (ignoring key and files)."""
-        return (self.kind, self.dtype, tuple(self.shape), self.ndim, self.py, self.wrap) == (
-            other.kind, other.dtype, tuple(other.shape), other.ndim, other.py, other.wrap
+        return (self.kind, self.dtype, tuple(self.shape), self.ndim, self.py, self.wrap, self.codec) == (
+            other.kind, other.dtype, tuple(other.shape), other.ndim, other.py, other.wrap, other.codec
         )
 
     # -- JSON ------------------------------------------------------------------------
@@ -138,6 +158,8 @@ class ColumnSpec:
             doc["py"] = self.py
         if self.wrap is not None:
             doc["wrap"] = self.wrap
+        if self.codec is not None:
+            doc["codec"] = self.codec
         return doc
 
     @classmethod
@@ -190,7 +212,22 @@ class ColumnSpec:
                     or np.dtype(spec.dtype) != stored_dtype(wrap):
                 raise bad("wrap")
             spec = replace(spec, wrap=wrap)
+        if doc.get("codec") is not None:
+            spec = replace(spec, codec=_valid_codec(spec, doc["codec"], bad))
         return spec
+
+
+def _valid_codec(spec: ColumnSpec, codec: Any, bad: Any) -> str:
+    """``codec`` if it is a canonical codec string that can store ``spec``'s rows."""
+    from .codecs import parse_codec, unfit_column
+
+    try:
+        parsed = parse_codec(codec)
+    except ValueError:
+        raise bad("codec") from None
+    if parsed.text != codec or unfit_column(spec, parsed) is not None:
+        raise bad("codec")
+    return codec
 
 
 _PY_DTYPES = {"int": np.dtype("<i8"), "float": np.dtype("<f8"), "bool": np.dtype("|b1")}
@@ -212,13 +249,19 @@ def _merge(cache: ColumnSpec, chunk: ColumnSpec) -> ColumnSpec:
         return cache
     if cache.kind == ABSENT:
         return replace(chunk, key=cache.key, stem=cache.stem)
+    if chunk.codec != cache.codec:  # the first chunk holding the column decided its codec
+        chunk = replace(chunk, codec=cache.codec)
+        if cache.same_kind(chunk):
+            return cache
     a, b = _as_array_kind(cache), _as_array_kind(chunk)
     if a is not None and b is not None and a[0] == b[0] and cache.wrap == chunk.wrap:
         (dtype, ndim_a, trail_a), (_, ndim_b, trail_b) = a, b
         if ndim_a == ndim_b and ndim_a >= 1:
             if trail_a == trail_b and trail_a is not None:
-                return ColumnSpec(cache.key, RAGGED, dtype, trail_a, stem=cache.stem, wrap=cache.wrap)
-            return ColumnSpec(cache.key, VARSHAPE, dtype, ndim=ndim_a, stem=cache.stem, wrap=cache.wrap)
+                return ColumnSpec(cache.key, RAGGED, dtype, trail_a, stem=cache.stem, wrap=cache.wrap,
+                                  codec=cache.codec)
+            return ColumnSpec(cache.key, VARSHAPE, dtype, ndim=ndim_a, stem=cache.stem, wrap=cache.wrap,
+                              codec=cache.codec)
     return ColumnSpec(cache.key, RECORD, stem=cache.stem)
 
 

@@ -14,6 +14,7 @@ import os
 import pickle
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
 from ..fsutil import atomic_write, fsync_dir, is_temp, sync_filesystem, temp_name
 from ..shards.codec import Encoder, raw_bytes
 from .chunk import ChunkColumns, build_chunk, column_parts
+from .codecs import same_rows
 from .files import check_no_links, open_fd
 from .log import CommitLog, LogState, chunk_record, read_log, schema_record
 from .manifest import (
@@ -39,18 +41,21 @@ from .manifest import (
     write_manifest,
 )
 from .records import encode_row
-from .schema import ABSENT, FIXED, INDEXED, OFFSETS, ColumnSpec, Layout, merge
+from .schema import ABSENT, FIXED, ColumnSpec, Layout, merge
 
 
 class ColumnarEncoder(ChunkEncoder):
     """Runs in the workers: one chunk of examples -> :class:`.chunk.ChunkColumns`."""
 
-    def __init__(self, in_memory_keys: list[Any], allow_pickle: bool) -> None:
+    def __init__(self, in_memory_keys: list[Any], allow_pickle: bool,
+                 codecs: list[list[Any]] | None = None) -> None:
         self.in_memory_keys = list(in_memory_keys)
         self.allow_pickle = allow_pickle
+        self.codecs = codecs
 
     def encode(self, task: ChunkTask, examples: Iterable[Any]) -> ChunkResult:
-        columns = build_chunk(task.start, task.size, self._checked(task, examples), self.allow_pickle)
+        columns = build_chunk(task.start, task.size, self._checked(task, examples), self.allow_pickle,
+                              self.codecs)
         return ChunkResult(task.chunk_id, task.start, task.stop, "", columns.nbytes, payload=columns)
 
     def _checked(self, task: ChunkTask, examples: Iterable[Any]) -> Iterable[Any]:
@@ -121,7 +126,7 @@ class ColumnarSink(ChunkSink):
         for i, spec in enumerate(self.schema.columns):
             for f in spec.files():
                 self._fds[f] = open_fd(os.path.join(cache_dir, f), os.O_RDWR)
-            if spec.kind in OFFSETS:
+            if spec.offsets:
                 idx = spec.files()[1]
                 end = self._end(idx)
                 self._tails[i] = int.from_bytes(os.pread(self._fds[idx], 8, end - 8), "little") if end else 0
@@ -131,7 +136,7 @@ class ColumnarSink(ChunkSink):
         return set(range(self.committed_chunks))
 
     def encoder(self, *, staged: bool) -> ColumnarEncoder:
-        return ColumnarEncoder(self.manifest.in_memory_keys, self.manifest.allow_pickle)
+        return ColumnarEncoder(self.manifest.in_memory_keys, self.manifest.allow_pickle, self.manifest.codecs)
 
     def commit(self, result: ChunkResult) -> bool:
         chunk = result.chunk_id
@@ -265,7 +270,7 @@ class ColumnarSink(ChunkSink):
         rows of the chunk that hold the field)."""
         if col is None or col.spec.kind == ABSENT:  # no example of the chunk has the field
             return column_parts(spec, [], [], count, self._encoder)
-        if col.spec.same_kind(spec):
+        if col.spec.same_kind(spec) or same_rows(col.spec, spec):
             return col.parts
         values = _present_values(col.spec, col.parts, count, rows, self.manifest.allow_pickle)
         return column_parts(spec, rows, values, count, self._encoder)
@@ -279,13 +284,13 @@ class ColumnarSink(ChunkSink):
         bufs: list[list[Any]] = [[raw_bytes(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data]]
         if len(files) > 1:
             index = parts[1]
-            lead = [bytes(8)] if spec.kind in OFFSETS and self._end(files[1]) == 0 else []
-            if spec.kind in OFFSETS:
+            lead = [bytes(8)] if spec.offsets and self._end(files[1]) == 0 else []
+            if spec.offsets:
                 base = self._tails.get(gid, 0)
                 shifted = (index + np.uint64(base)).astype("<u8") if base else index.astype("<u8", copy=False)
                 if len(shifted):
                     self._tails[gid] = int(shifted[-1])
-            else:  # varshape: byte offsets in column 0
+            else:  # varshape and coded columns: byte offsets in column 0
                 shifted = index.astype("<u8", copy=True)
                 shifted[:, 0] += np.uint64(self._end(data_file))
             bufs.append(lead + [raw_bytes(np.ascontiguousarray(shifted))])
@@ -309,12 +314,10 @@ class ColumnarSink(ChunkSink):
         """Give column ``gid`` the kind ``new``: new files holding its rows so far
         (zeros and empty rows for a column new in this chunk, else its rows converted)."""
         old = self.schema.columns[gid]
-        if old.kind != ABSENT and old.files():
-            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py,
-                             stem=_next_stem(old.stem), wrap=new.wrap)
-        else:
-            new = ColumnSpec(new.key, new.kind, new.dtype, new.shape, new.ndim, new.py, stem=old.stem,
-                             wrap=new.wrap)
+        if same_rows(old, new):  # coded rows do not depend on the array kind: keep the files
+            self.schema.columns[gid] = replace(new, stem=old.stem)
+            return
+        new = replace(new, stem=_next_stem(old.stem) if old.kind != ABSENT and old.files() else old.stem)
         n_chunks, cs = self.committed_chunks, self.chunk_size
         views = None
         if old.kind != ABSENT and n_chunks:
@@ -434,7 +437,7 @@ class ColumnarSink(ChunkSink):
                 missing = sorted(set(range(m.length)) - set(present))[0]
                 raise LabelError(f"example {missing} has no in_memory_key {key!r}")
             spec = self.schema.columns[gid]  # type: ignore[index]
-            if spec.kind == FIXED:
+            if spec.kind == FIXED and spec.codec is None:  # (coded: decoded into a label file)
                 out[str(key)] = {"column": gid}
                 continue
             get = views[gid].get  # type: ignore[index]
@@ -501,9 +504,9 @@ def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[i
     data = parts[0] if parts else b""
     data = raw_bytes(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
     index = None
-    if spec.kind in INDEXED:
+    if spec.indexed:
         idx = parts[1]
-        if spec.kind in OFFSETS:
+        if spec.offsets:
             idx = np.concatenate([np.zeros(1, "<u8"), idx.astype("<u8")])
         index = raw_bytes(np.ascontiguousarray(idx))
     get = ColumnView(spec, data, index, count, allow_pickle=allow_pickle, where="chunk").get
@@ -571,6 +574,7 @@ def prepare_cache_dir(
     parameters: str | None = None,
     fingerprint: str | None = None,
     identity: str | None = None,
+    codecs: list[list[Any]] | None = None,
 ) -> ColumnarSink:
     """Get ``cache_dir`` ready for a (resumed) build and return its sink.
 
@@ -581,7 +585,8 @@ def prepare_cache_dir(
     os.makedirs(cache_dir, exist_ok=True)
     check_no_links(cache_dir)
     fresh = Manifest(length=length, chunk_size=chunk_size, dataset=dataset, fingerprint=fingerprint,
-                     identity=identity, in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle, parameters=parameters)
+                     identity=identity, in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle, parameters=parameters,
+                     codecs=codecs)
     if not keep_existing or peek_version(cache_dir) == 1:
         return _start_over(cache_dir, fresh)
     try:
@@ -654,6 +659,16 @@ def _start_over(cache_dir: str, manifest: Manifest) -> ColumnarSink:
     return ColumnarSink(cache_dir, manifest, state)
 
 
+def _check_codecs(cache_dir: str, old: Manifest, new: Manifest, hint: str) -> None:
+    """A build in progress resumes with the codecs it started with (a complete cache is
+    opened as built, whatever ``codecs`` asks)."""
+    if old.codecs != new.codecs and not old.complete:
+        raise CacheMismatchError(
+            f"the cache at {cache_dir} is being built with codecs {old.codecs}, not {new.codecs}: "
+            f"resuming would store its columns differently. {hint}"
+        )
+
+
 def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
     """Refuse to mix committed work of another dataset, length or parameters."""
     hint = "Rebuild it with force_cache=True, keep_existing=False (CLI: --force --no-keep-existing)."
@@ -699,6 +714,7 @@ def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
             "say whether they do, or rebuild with force_cache=True, keep_existing=False.",
             UserWarning, stacklevel=2,
         )
+    _check_codecs(cache_dir, old, new, hint)
     if old.allow_pickle != new.allow_pickle:
         raise CacheMismatchError(f"the cache at {cache_dir} was built with allow_pickle={old.allow_pickle}. {hint}")
     if old.chunk_size != new.chunk_size and not old.complete:
