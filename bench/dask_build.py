@@ -81,7 +81,7 @@ class _SharedFsCachedDataset(CachedDataset):
     """What ``edcache --server --shared-fs`` builds with: workers write the shard files."""
 
     def _executor(self, num_workers: int) -> object:
-        from edcache.build.executors.dask import DaskExecutor
+        from edcache.building.executors.dask import DaskExecutor
 
         return DaskExecutor(self.scheduler, staged=True)
 

@@ -108,7 +108,7 @@ class CachedDataset(CachedExamples):
         Show a progress bar while building.
     executor : Executor, callable or None
         Where to compute chunks instead of the local pool or ``scheduler``: an
-        :class:`~edcache.build.executors.Executor`, or a function returning one (called
+        :class:`~edcache.building.executors.Executor`, or a function returning one (called
         only if a build is needed).
     path : str or None
         The cache directory. Given, the dataset needs no ``root`` or ``name``; None
@@ -424,7 +424,7 @@ class CachedDataset(CachedExamples):
         """
         from filelock import FileLock, Timeout
 
-        from .build.executors.local import check_not_bootstrapping
+        from .building.executors.local import check_not_bootstrapping
 
         check_not_bootstrapping()  # a spawned worker re-running an unguarded script: fail, not wait
         os.makedirs(os.path.dirname(self._path.rstrip(os.sep)) or ".", exist_ok=True)
@@ -454,7 +454,7 @@ class CachedDataset(CachedExamples):
             try:
                 self._build()
             except OSError as exc:  # disk full or failing: say so, and that work is kept
-                from .build.coordinator import storage_error
+                from .building.coordinator import storage_error
 
                 self._remove_if_unused(created)
                 new = storage_error(exc, self._path)
@@ -478,8 +478,8 @@ class CachedDataset(CachedExamples):
             remove_unused_cache_dir(self._path)
 
     def _build(self) -> None:
-        from .build.coordinator import default_num_workers, run_build
-        from .build.worker import DatasetSource
+        from .building.coordinator import default_num_workers, run_build
+        from .building.compute import DatasetSource
 
         if self._legacy:
             from .format.legacy import LegacyZipSink
@@ -523,10 +523,10 @@ class CachedDataset(CachedExamples):
         if self.executor is not None:
             return self.executor() if callable(self.executor) else self.executor
         if self.scheduler is not None:
-            from .build.executors.dask import DaskExecutor
+            from .building.executors.dask import DaskExecutor
 
             return DaskExecutor(self.scheduler, security=self.security)
-        from .build.executors import InlineExecutor, LocalPoolExecutor
+        from .building.executors import InlineExecutor, LocalPoolExecutor
 
         if num_workers == 0:
             return InlineExecutor()

@@ -99,7 +99,7 @@ class DemoImages(DatasetMixin):
         os.makedirs(self.image_dir, exist_ok=True)
         from tqdm.auto import tqdm
 
-        from .build.coordinator import default_num_workers
+        from .building.coordinator import default_num_workers
 
         workers = default_num_workers() if workers is None else workers
         bar = tqdm(total=len(missing), desc="writing demo JPEGs", unit="img", disable=not self.progress)

@@ -63,7 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..build.worker import import_factory
+    from ..building.compute import import_factory
     from ..cached import CachedDataset
 
     if not args.dataset:

@@ -4,5 +4,5 @@
 * :mod:`.server`: the scheduler plus the build coordinator in one process.
 * :mod:`.worker`: worker processes that connect to a server, and reconnect.
 
-The executor the coordinator drives is :class:`edcache.build.executors.dask.DaskExecutor`.
+The executor the coordinator drives is :class:`edcache.building.executors.dask.DaskExecutor`.
 """

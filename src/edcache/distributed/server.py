@@ -1,7 +1,7 @@
 """``edcache --server``: a Dask scheduler and the build coordinator in one process.
 
 The scheduler runs on a private event-loop thread of this process; the coordinator
-(the usual :func:`~edcache.build.coordinator.run_build` loop, driven through
+(the usual :func:`~edcache.building.coordinator.run_build` loop, driven through
 :class:`~edcache.CachedDataset`) connects to it with a :class:`DaskExecutor` and is the
 only writer of the cache. Workers join with ``edcache --address`` (the exact command
 is printed on start); ``--local-workers N`` also runs N workers here.
@@ -323,8 +323,8 @@ def run_server(
     """
     import dask
 
-    from ..build.executors.dask import DaskExecutor
-    from ..build.worker import import_factory
+    from ..building.executors.dask import DaskExecutor
+    from ..building.compute import import_factory
     from ..cached import CachedDataset
     from .security import ensure_credentials, make_security
     from .worker import configure_logging

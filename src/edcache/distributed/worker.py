@@ -286,14 +286,14 @@ def run_worker(
     """
     import dask
 
-    from ..build.worker import import_factory
+    from ..building.compute import import_factory
     from .security import make_security, tls_address
     from .server import DEFAULT_PORT, dask_config
 
     if dataset:
         import_factory(dataset)  # fail fast, before joining, if this host cannot import it
     if nworkers is None:
-        from ..build.coordinator import default_num_workers
+        from ..building.coordinator import default_num_workers
 
         nworkers = default_num_workers()
     if nworkers < 1:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from ...errors import BuildError
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..worker import DatasetSource, compute_chunk, limit_torch_threads
+from ..compute import DatasetSource, compute_chunk, limit_torch_threads
 from .base import Executor
 
 

@@ -1,7 +1,7 @@
 """Where chunks are computed: in this process, a local process pool, or a Dask cluster.
 
-Every executor implements :class:`~edcache.build.executors.base.Executor`; the build
-coordinator (:mod:`edcache.build.coordinator`) does not know which one it drives.
+Every executor implements :class:`~edcache.building.executors.base.Executor`; the build
+coordinator (:mod:`edcache.building.coordinator`) does not know which one it drives.
 """
 
 from .base import Executor

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from ...errors import BuildError, ClusterError, EdcacheError, ExampleError
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..worker import DatasetSource, compute_chunk
+from ..compute import DatasetSource, compute_chunk
 from .base import Executor
 
 # -- worker-process side ---------------------------------------------------------------

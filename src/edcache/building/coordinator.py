@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..format.base import ChunkResult, ChunkSink
 from .executors.base import Executor
 from .plan import plan_chunks
-from .worker import DatasetSource
+from .compute import DatasetSource
 
 
 #: errno values of a failing disk (full, quota, I/O error, read-only, file too large).

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..worker import DatasetSource
+from ..compute import DatasetSource
 
 
 class Executor(ABC):
