@@ -523,7 +523,7 @@ class CachedDataset(CachedExamples):
         if self.executor is not None:
             return self.executor() if callable(self.executor) else self.executor
         if self.scheduler is not None:
-            from .building.executors.dask import DaskExecutor
+            from .distributed.executor import DaskExecutor
 
             return DaskExecutor(self.scheduler, security=self.security)
         from .building.executors import InlineExecutor, LocalPoolExecutor

@@ -28,7 +28,7 @@ def _add(parser: Any, *flags: str, **kwargs: Any) -> None:
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``--server`` / ``--address`` options (and the few they share with a local build)."""
-    from ..distributed.server import DEFAULT_ALLOWED_FAILURES, DEFAULT_PORT, DEFAULT_WORKER_TTL
+    from ..distributed.config import DEFAULT_ALLOWED_FAILURES, DEFAULT_PORT, DEFAULT_WORKER_TTL
 
     _add(parser, "--dataset", metavar="pkg.module.factory",
          help="import path of a callable returning the dataset to cache")

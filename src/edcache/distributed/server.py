@@ -23,6 +23,7 @@ A killed server loses nothing that was committed: starting it again resumes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shlex
@@ -34,24 +35,15 @@ import time
 from typing import Any, Callable
 
 from ..errors import ClusterError
-
-DEFAULT_PORT = 63127
-DEFAULT_WORKER_TTL = 60.0
-DEFAULT_ALLOWED_FAILURES = 10
-
-
-def dask_config(
-    worker_ttl: float = DEFAULT_WORKER_TTL, allowed_failures: int = DEFAULT_ALLOWED_FAILURES
-) -> dict[str, Any]:
-    """The Dask settings edcache's server and workers run with."""
-    return {
-        "distributed.scheduler.worker-ttl": f"{worker_ttl}s",
-        "distributed.scheduler.allowed-failures": int(allowed_failures),
-        "distributed.comm.require-encryption": True,
-        # TLS handshakes on a loaded machine can be slow; never give up too early
-        "distributed.comm.timeouts.connect": "30s",
-    }
-
+from .config import (
+    DEFAULT_ALLOWED_FAILURES,
+    DEFAULT_PORT,
+    DEFAULT_WORKER_TTL,
+    configure_logging,
+    dask_config,
+    print_status,
+)
+from .worker import SlotOptions, listen_host_for, mark_done, run_slots
 
 def public_host(host: str) -> str:
     """The name workers should use for a server bound to ``host``.
@@ -145,10 +137,6 @@ class InProcessCluster:
         if self.worker_ttl:
             self._watchdog = asyncio.ensure_future(self._drop_silent_workers(self.worker_ttl))
         if self.local_workers:
-            from .worker import SlotOptions, run_slots
-
-            from .worker import listen_host_for
-
             # listen where remote workers can reach them (they fetch data from peers)
             public = f"tls://{public_host(self.host)}:{self.scheduler.port}"
             options = SlotOptions(
@@ -211,10 +199,8 @@ class InProcessCluster:
         """Tell every connected ``edcache --address`` process that the cache is complete."""
         if self._client is None:
             return
-        from .worker import _mark_done
-
         try:
-            self._client.run(_mark_done, nanny=True, on_error="ignore")
+            self._client.run(mark_done, nanny=True, on_error="ignore")
         except Exception:  # a worker leaving at this moment: it times out on its own
             pass
         deadline = time.monotonic() + 10  # let them close before the scheduler does
@@ -275,13 +261,6 @@ def worker_command(
     return shlex.join(argv)
 
 
-def _status_printer(message: str, n_workers: int) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"edcache server: {message}", file=sys.stderr)
-    sys.stderr.flush()
-
-
 def _sigterm_as_interrupt() -> Callable[[], None]:
     """Make SIGTERM stop the server like Ctrl-C (workers are told, locks released)."""
     if threading.current_thread() is not threading.main_thread():
@@ -323,11 +302,10 @@ def run_server(
     """
     import dask
 
-    from ..building.executors.dask import DaskExecutor
     from ..building.compute import import_factory
     from ..cached import CachedDataset
+    from .executor import DaskExecutor
     from .security import ensure_credentials, make_security
-    from .worker import configure_logging
 
     configure_logging(verbose)
     dask.config.set(dask_config(worker_ttl, allowed_failures))
@@ -373,7 +351,7 @@ def run_server(
         def executor() -> DaskExecutor:  # the cluster starts only if a build is needed
             start_cluster()
             return DaskExecutor(
-                cluster.client(), staged=shared_fs, factory=dataset, on_status=_status_printer,
+                cluster.client(), staged=shared_fs, factory=dataset, on_status=functools.partial(print_status, prefix="edcache server"),
                 gather_timeout=max(worker_ttl, 1.0),
             )
 

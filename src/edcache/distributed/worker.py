@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ClusterError
+from .config import DEFAULT_PORT, configure_logging, dask_config
 
 
-def _mark_done(dask_worker: Any = None) -> int:
+def mark_done(dask_worker: Any = None) -> int:
     """Run by the server on every nanny (``client.run(..., nanny=True)``) when the build is done.
 
     Dask passes the nanny itself as ``dask_worker``; the slot running it sees the mark
@@ -253,18 +254,6 @@ async def run_slots(options: SlotOptions, n: int, stop: asyncio.Event) -> list[s
     return list(outcomes)
 
 
-def configure_logging(verbose: bool) -> None:
-    """distributed logs at INFO by default; keep the CLI quiet unless ``verbose``."""
-    # worker processes configure logging from the environment when they import Dask
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "warning")
-    import distributed  # noqa: F401  (configures its loggers on import)
-
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ["distributed", *logging.root.manager.loggerDict]:
-        if name == "distributed" or name.startswith("distributed."):
-            logging.getLogger(name).setLevel(level)
-
-
 def run_worker(
     address: str,
     *,
@@ -288,7 +277,6 @@ def run_worker(
 
     from ..building.compute import import_factory
     from .security import make_security, tls_address
-    from .server import DEFAULT_PORT, dask_config
 
     if dataset:
         import_factory(dataset)  # fail fast, before joining, if this host cannot import it
@@ -329,4 +317,4 @@ def run_worker(
     return 130  # SIGINT / SIGTERM
 
 
-__all__ = ["SlotOptions", "WorkerSlot", "listen_host_for", "run_slots", "run_worker"]
+__all__ = ["SlotOptions", "WorkerSlot", "listen_host_for", "mark_done", "run_slots", "run_worker"]

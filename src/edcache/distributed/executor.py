@@ -15,16 +15,17 @@ unpickling the dataset object) the first time it runs a chunk of this build.
 from __future__ import annotations
 
 import hashlib
-import sys
 import threading
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from ...errors import BuildError, ClusterError, EdcacheError, ExampleError
-from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..compute import DatasetSource, compute_chunk
-from .base import Executor
+from ..building.compute import DatasetSource, compute_chunk
+from ..building.executors.base import Executor
+from ..errors import BuildError, ClusterError, EdcacheError, ExampleError
+from ..format.base import ChunkEncoder, ChunkResult, ChunkTask
+from .config import DEFAULT_PORT, print_status
+from .security import as_security, tls_address
 
 # -- worker-process side ---------------------------------------------------------------
 _LOADED: dict[str, tuple[Any, ChunkEncoder]] = {}
@@ -60,13 +61,6 @@ def _run_chunk(task: ChunkTask, token: str, payload: bytes) -> ChunkResult:
 
 
 # -- coordinator side ------------------------------------------------------------------
-def _print_status(message: str, n_workers: int) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"edcache: {message}", file=sys.stderr)
-
-
-
 def add_note(exc: BaseException, note: str) -> None:
     """``exc.add_note(note)``, also on Python 3.10 (no ``add_note`` there: the note goes to
     ``__notes__`` directly, where the edcache CLI prints it from)."""
@@ -74,6 +68,7 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
     else:
         exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+
 
 class DaskExecutor(Executor):
     """Computes chunks on a Dask cluster and commits each result as it arrives.
@@ -129,7 +124,7 @@ class DaskExecutor(Executor):
         self.security = security
         self.staged = bool(staged)
         self.factory = factory
-        self.on_status = on_status or _print_status
+        self.on_status = on_status or print_status
         self.status_interval = status_interval
         self.connect_timeout = connect_timeout
         self.gather_timeout = gather_timeout
@@ -142,14 +137,10 @@ class DaskExecutor(Executor):
 
         if isinstance(self.scheduler, Client):
             return self.scheduler, False
-        from ...distributed.security import as_security, tls_address
-
         address = str(self.scheduler)
         if self.security is False:
             security = None
         else:
-            from ...distributed.server import DEFAULT_PORT
-
             address = tls_address(address, DEFAULT_PORT)
             security = as_security(self.security)
         try:
