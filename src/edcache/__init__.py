@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cached import CachedDataset, PathCachedDataset, cachable, cache
+from .decorator import cachable
+from .cached import CachedDataset, PathCachedDataset, cache
 from .dataset import ConcatenatedDataset, DatasetMixin
 from .errors import EdcacheError
 

@@ -50,6 +50,12 @@ def cache_paths(root: str, name: str) -> tuple[str, str]:
     return base, base + ".zip"
 
 
+def cache_name(path: str) -> str:
+    """The cache name a path implies: its last component without ``.zip``."""
+    name = os.path.basename(os.fspath(path).rstrip(os.sep))
+    return name[:-4] if name.endswith(".zip") else name
+
+
 def open_reader(
     path: str, *, legacy: bool | None = None, verify: bool = False, allow_pickle: bool = False,
     pil: str = "image",

@@ -23,6 +23,10 @@ class CacheReader(ABC):
     #: Where the cache lives (directory or zip file).
     path: str
 
+    #: The cache's manifest, for formats that have one (a directory cache); None for
+    #: edflow's layouts. Checked against the dataset before a cache is reused.
+    manifest: Any = None
+
     @abstractmethod
     def __len__(self) -> int:
         """Number of examples the cache holds (or will hold once complete)."""
@@ -53,6 +57,11 @@ class CacheReader(ABC):
         """Return several examples; formats may reorder reads internally."""
         return [self.read(int(i)) for i in indices]
 
+    def read_batch(self, indices: Any) -> dict[Any, Any] | None:
+        """The collated batch of ``indices`` (checked, non-negative) gathered column-wise,
+        or None where the format cannot (the caller collates examples itself)."""
+        return None
+
     @property
     @abstractmethod
     def labels(self) -> Labels:
@@ -65,6 +74,12 @@ class CacheReader(ABC):
 
     def close(self) -> None:
         """Release file handles and maps (the reader may be reopened lazily)."""
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,22 @@ class ChunkEncoder(ABC):
 
 class ChunkSink(ABC):
     """Runs in the coordinator only: the one writer of a cache being built."""
+
+    #: Consecutive examples per chunk (a resumed build keeps the size on disk).
+    chunk_size: int
+
+    @property
+    def location(self) -> str:
+        """Where the cache is being written (named in error messages)."""
+        return str(getattr(self, "cache_dir", ""))
+
+    def plan(self) -> list[ChunkTask] | None:
+        """The tasks still to compute, for a sink that plans finer than whole chunks;
+        None (default): the coordinator plans the chunks not yet :meth:`committed`."""
+        return None
+
+    def close(self) -> None:
+        """Release what the sink holds open (called after every build, failed or not)."""
 
     @abstractmethod
     def committed(self) -> set[int]:

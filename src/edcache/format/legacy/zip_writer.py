@@ -271,6 +271,10 @@ class LegacyZipSink(ChunkSink):
         start = chunk_id * self.chunk_size
         return range(start, min(start + self.chunk_size, self.length))
 
+    @property
+    def location(self) -> str:
+        return self.path
+
     def plan(self) -> list[ChunkTask]:
         """The work still to do: runs of missing consecutive examples, each within one
         chunk (so a resumed build computes only the examples not yet in the zip)."""
