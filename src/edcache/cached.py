@@ -323,7 +323,7 @@ class CachedDataset(CachedExamples):
         examples folder, an :class:`ExamplesFolder`): ``read("example_3.p")`` returns a
         member's bytes. For the new format it is the shard reader (:attr:`store`).
         """
-        return getattr(self.reader, "zipfile", self.reader)
+        return self.reader.fork_safe_handle()
 
     def __len__(self) -> int:
         return self._length

@@ -14,6 +14,7 @@ unpickling the dataset object) the first time it runs a chunk of this build.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -278,9 +279,13 @@ class DaskExecutor(Executor):
         scheduler always would cost a second TLS hop: about half the throughput for
         large chunks.)
         """
+        async def direct() -> list:
+            return await asyncio.wait_for(client.gather(futures, direct=True, asynchronous=True),
+                                          self.gather_timeout)
+
         try:
-            return client.sync(client._gather, futures, direct=True, callback_timeout=self.gather_timeout)
-        except TimeoutError:
+            return client.sync(direct)
+        except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
             return client.gather(futures, direct=False)
 
     @staticmethod

@@ -57,6 +57,16 @@ class CacheReader(ABC):
         """Return several examples; formats may reorder reads internally."""
         return [self.read(int(i)) for i in indices]
 
+    def columns(self) -> list[dict[str, Any]] | None:
+        """One description per stored column (key, kind, dtype, shape, bytes, wrap), for
+        formats that store columns; None for the others."""
+        return None
+
+    def fork_safe_handle(self) -> Any:
+        """What edflow's ``fork_safe_zip`` returns for this cache: the per-process
+        ``ZipFile`` (or examples folder) of edflow's layouts, the reader itself otherwise."""
+        return self
+
     def read_batch(self, indices: Any) -> dict[Any, Any] | None:
         """The collated batch of ``indices`` (checked, non-negative) gathered column-wise,
         or None where the format cannot (the caller collates examples itself)."""

@@ -103,6 +103,9 @@ class LegacyZipReader(CacheReader):
         self.__dict__.update(state)
         self._reset()
 
+    def fork_safe_handle(self) -> Any:
+        return self.zipfile
+
     @property
     def zipfile(self) -> zipfile.ZipFile:
         """This process's :class:`zipfile.ZipFile` on the cache (reopened after a fork)."""
