@@ -83,12 +83,16 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m edcache.cli.distributed --server ...`` or ``... --address HOST ...``."""
-    from .main import main as edcache
+    from .parser import build_parser, with_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("--server", "-h", "--help") or a.startswith("--address") for a in argv):
+    if not any(a == "--server" or a.startswith("--address") for a in argv):
         return fail("give --server or --address HOST", Exit.USAGE)
-    return edcache(argv)
+    try:
+        args = build_parser().parse_args(with_command(argv))
+    except ValueError as exc:
+        return fail(str(exc), Exit.USAGE)
+    return run_server(args) if args.command == "serve" else run_worker(args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,16 @@ from __future__ import annotations
 import sys
 from enum import IntEnum
 
-from ..errors import ClusterError, DatasetInterfaceError, EdcacheError, ExampleError
+from ..errors import (
+    CacheNotFoundError,
+    ClusterError,
+    DatasetInterfaceError,
+    EdcacheError,
+    ExampleError,
+    UnsafePickleError,
+)
+
+PICKLE_HINT = "on the command line: --allow-pickle, if you trust the cache's files"
 
 
 class Exit(IntEnum):
@@ -35,6 +44,18 @@ def fail(message: str, code: Exit) -> Exit:
     return code
 
 
+def hint(exc: Exception) -> str:
+    """What to do about ``exc``, when the message does not say it already."""
+    if isinstance(exc, CacheNotFoundError):
+        return " (give a cache directory, <root>/cached/<name>, or an edflow .zip)"
+    if isinstance(exc, UnsafePickleError) or "allow_pickle=True" in str(exc):
+        return f" ({PICKLE_HINT})"
+    if isinstance(exc, DatasetInterfaceError) and "cannot import module" in str(exc):
+        return (" (modules are looked up in the current directory and on PYTHONPATH: run edcache "
+                "where the module is, or add its folder to PYTHONPATH)")
+    return ""
+
+
 def cluster_failure(exc: BaseException) -> Exit:
     """The status and message of an error raised by ``serve`` or ``join``, which tell a
     bad ``--dataset`` (a usage error) and cluster failures apart from a failed build."""
@@ -52,4 +73,4 @@ def cluster_failure(exc: BaseException) -> Exit:
     raise exc
 
 
-__all__ = ["Exit", "cluster_failure", "fail"]
+__all__ = ["PICKLE_HINT", "Exit", "cluster_failure", "fail", "hint"]

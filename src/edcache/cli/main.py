@@ -23,11 +23,8 @@ import sys
 from typing import Callable, Sequence
 
 from ..errors import EdcacheError
-from .exits import Exit, fail
+from .exits import Exit, fail, hint
 from .parser import COMMANDS, build_parser, with_command
-
-PICKLE_HINT = "on the command line: --allow-pickle, if you trust the cache's files"
-
 
 def _build(args: argparse.Namespace) -> int:
     from ..building.compute import import_factory
@@ -60,20 +57,6 @@ def _import_from_cwd() -> None:
         sys.path.insert(0, cwd)
 
 
-def _hint(exc: Exception) -> str:
-    """What to do about ``exc``, when the message does not say it already."""
-    from ..errors import CacheNotFoundError, DatasetInterfaceError, UnsafePickleError
-
-    if isinstance(exc, CacheNotFoundError):
-        return " (give a cache directory, <root>/cached/<name>, or an edflow .zip)"
-    if isinstance(exc, UnsafePickleError) or "allow_pickle=True" in str(exc):
-        return f" ({PICKLE_HINT})"
-    if isinstance(exc, DatasetInterfaceError) and "cannot import module" in str(exc):
-        return (" (modules are looked up in the current directory and on PYTHONPATH: run edcache "
-                "where the module is, or add its folder to PYTHONPATH)")
-    return ""
-
-
 def _quiet_broken_pipe() -> int:
     """stdout was closed early (``edcache info PATH | head -3``): exit quietly, as cat does."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -100,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except EdcacheError as exc:
-        return fail(f"{exc}{_hint(exc)}", Exit.FAILED)
+        return fail(f"{exc}{hint(exc)}", Exit.FAILED)
     except OSError as exc:  # a file we were pointed at: missing, unreadable, in the way
         return fail(str(exc), Exit.FAILED)
     except KeyboardInterrupt:
@@ -151,26 +134,9 @@ def _describe(path: str, allow_pickle: bool) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    """``edcache verify PATH [--deep] [--allow-pickle]``: 0 intact, 1 damaged, 2 no cache."""
-    from ..errors import CacheNotFoundError
-    from ..verify import verify_cache
+    from ..verify import verify_command
 
-    try:
-        report = verify_cache(args.path, deep=args.deep, allow_pickle=args.allow_pickle)
-    except CacheNotFoundError as exc:
-        return fail(f"{exc}{_hint(exc)}", Exit.USAGE)
-    lines = str(report).splitlines()
-    if report.format == "edcache":
-        depth = ("records: every record decoded (--deep)" if args.deep
-                 else "records: checksums only (--deep also decodes every record)")
-    elif report.format == "edflow zip":  # nothing is unpickled to verify a zip
-        depth = "records: each member's CRC-32 checked" + (" (--deep adds nothing for a zip)" if args.deep else "")
-    else:
-        depth = ""
-    if depth:
-        lines.insert(min(3, len(lines)), f"  {depth}")
-    print("\n".join(lines))
-    return Exit.OK if report.ok else Exit.FAILED
+    return verify_command(args.path, deep=args.deep, allow_pickle=args.allow_pickle)
 
 
 #: What each subcommand runs.
