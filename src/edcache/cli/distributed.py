@@ -29,6 +29,12 @@ def _run(body: Callable[[], Any]) -> int:
         return cluster_failure(exc)
 
 
+def _credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of the cluster's credentials group, as both modes take them."""
+    return {"credentials": args.credentials, "ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key,
+            "verbose": args.verbose}
+
+
 def run_server(args: argparse.Namespace) -> int:
     """``edcache serve`` (``edcache --server``): returns the exit status."""
 
@@ -41,10 +47,6 @@ def run_server(args: argparse.Namespace) -> int:
             port=args.port,
             chunk_size=args.chunk_size,
             local_workers=args.local_workers,
-            credentials=args.credentials,
-            ca=args.tls_ca,
-            cert=args.tls_cert,
-            key=args.tls_key,
             shared_fs=args.shared_fs,
             worker_ttl=args.worker_ttl,
             allowed_failures=args.allowed_failures,
@@ -54,7 +56,7 @@ def run_server(args: argparse.Namespace) -> int:
             legacy=True if args.legacy else None,
             allow_pickle=args.allow_pickle,
             progress=not args.no_progress,
-            verbose=args.verbose,
+            **_credentials(args),
         )
 
     return _run(serve)
@@ -70,12 +72,8 @@ def run_worker(args: argparse.Namespace) -> int:
             args.address,
             dataset=args.dataset,
             nworkers=args.nworkers,
-            credentials=args.credentials,
-            ca=args.tls_ca,
-            cert=args.tls_cert,
-            key=args.tls_key,
             timeout=args.timeout,
-            verbose=args.verbose,
+            **_credentials(args),
         )
 
     return _run(join)

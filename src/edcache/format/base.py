@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..errors import UnsafePickleError
+
 
 Labels = dict[str, "numpy.ndarray | list"]
 
@@ -90,6 +92,16 @@ class CacheReader(ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def check_pickle_allowed(path: str, built_with_pickles: bool, allow_pickle: bool) -> None:
+    """Refuse to open a cache built with ``allow_pickle=True`` unless the caller allows it."""
+    if built_with_pickles and not allow_pickle:
+        raise UnsafePickleError(
+            f"the cache at {path} was built with allow_pickle=True and may hold pickled "
+            "values; pass allow_pickle=True to open it if you trust its files "
+            "(unpickling can run arbitrary code)."
+        )
 
 
 @dataclass(frozen=True)

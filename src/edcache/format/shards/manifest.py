@@ -130,10 +130,14 @@ def _checked_doc(data: bytes, where: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CorruptCacheError(f"{where}: not an edcache manifest")
     if doc.get("version") != VERSION:
-        raise CorruptCacheError(f"{where}: format version {doc.get('version')!r}; this edcache reads {VERSION}")
+        raise CorruptCacheError(
+            f"{where}: format version {doc.get('version')!r}; this edcache reads {VERSION}"
+        )
     digest = doc.pop("xxh3", None)
     if digest != checksum(_canonical(doc)):
-        raise CorruptCacheError(f"{where}: fails its checksum: the file is damaged or was edited by hand")
+        raise CorruptCacheError(
+            f"{where}: fails its checksum: the file is damaged or was edited by hand"
+        )
     return doc
 
 

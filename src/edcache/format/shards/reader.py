@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
-from ..base import CacheReader, Labels
+from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError
+from ..base import CacheReader, Labels, check_pickle_allowed
 from .labels import load_label
 from .manifest import PACKED, Manifest, load_shard_table, read_log, read_manifest, shard_path
 from .shard import ShardFile
@@ -41,12 +41,7 @@ class ShardCacheReader(CacheReader):
             self.manifest: Manifest = read_manifest(path)
         except FileNotFoundError as exc:
             raise CacheNotFoundError(f"no edcache cache at {path} (no manifest.json)") from exc
-        if self.manifest.allow_pickle and not allow_pickle:
-            raise UnsafePickleError(
-                f"the cache at {path} was built with allow_pickle=True and may hold pickled "
-                "values; pass allow_pickle=True to open it if you trust its files "
-                "(unpickling can run arbitrary code)."
-            )
+        check_pickle_allowed(path, self.manifest.allow_pickle, allow_pickle)
         self._reset()
 
     #: Most shards kept open (memory-mapped) at once per process; see :meth:`shard`.
