@@ -257,39 +257,49 @@ class ShardFile:
         self._decoder = Decoder(mm, self._getters, allow_pickle, where=f"shard {self.path}")
 
     def _column_getter(self, desc: dict, end: int) -> Callable[[int], Any]:
-        mm, count, kind = self._mmap, self.count, desc["kind"]
+        kind = desc["kind"]
         if kind == NONE:
             return lambda r: None
         offset = desc["offset"]
         if not isinstance(offset, int) or offset < _HEAD:
             raise self._bad("column offset")
         if kind in (STR, BYTES):
-            if offset + 8 * (count + 1) > end:
-                raise self._bad("column out of range")
-            bounds = np.frombuffer(mm, "<u8", count + 1, offset)
-            data = desc["data"]
-            if (
-                not isinstance(data, int)
-                or bounds[0] != 0
-                or np.any(bounds[1:] < bounds[:-1])
-                or data < offset
-                or data + int(bounds[-1]) > end
-            ):
-                raise self._bad("string column bounds")
-            # two offsets straight from the map: no per-row Python state, which matters
-            # for a packed file of millions of rows read by many worker processes
-            self._strings[desc["key"]] = (bounds, data, kind == STR)
-            pair = _U64_PAIR.unpack_from
-            if kind == STR:
-                def get_str(r: int) -> str:
-                    a, b = pair(mm, offset + 8 * r)
-                    return mm[data + a : data + b].decode()
-                return get_str
+            return self._string_getter(desc, offset, end)
+        return self._array_getter(desc, offset, end)
 
-            def get_bytes(r: int) -> bytes:
+    def _string_getter(self, desc: dict, offset: int, end: int) -> Callable[[int], Any]:
+        """Rows of a str or bytes column: an offsets array, then the concatenated data."""
+        mm, count, kind = self._mmap, self.count, desc["kind"]
+        if offset + 8 * (count + 1) > end:
+            raise self._bad("column out of range")
+        bounds = np.frombuffer(mm, "<u8", count + 1, offset)
+        data = desc["data"]
+        if (
+            not isinstance(data, int)
+            or bounds[0] != 0
+            or np.any(bounds[1:] < bounds[:-1])
+            or data < offset
+            or data + int(bounds[-1]) > end
+        ):
+            raise self._bad("string column bounds")
+        # two offsets straight from the map: no per-row Python state, which matters
+        # for a packed file of millions of rows read by many worker processes
+        self._strings[desc["key"]] = (bounds, data, kind == STR)
+        pair = _U64_PAIR.unpack_from
+        if kind == STR:
+            def get_str(r: int) -> str:
                 a, b = pair(mm, offset + 8 * r)
-                return mm[data + a : data + b]
-            return get_bytes
+                return mm[data + a : data + b].decode()
+            return get_str
+
+        def get_bytes(r: int) -> bytes:
+            a, b = pair(mm, offset + 8 * r)
+            return mm[data + a : data + b]
+        return get_bytes
+
+    def _array_getter(self, desc: dict, offset: int, end: int) -> Callable[[int], Any]:
+        """Rows of a fixed-shape column: one array of ``count`` rows, mapped."""
+        count, kind = self.count, desc["kind"]
         dt = np.dtype(desc["dtype"])
         if not _is_storable_dtype(dt):
             raise self._bad(f"column dtype {desc['dtype']!r}")
@@ -303,7 +313,7 @@ class ShardFile:
             n *= d
         if offset + n * dt.itemsize > end:
             raise self._bad("column out of range")
-        col = np.frombuffer(mm, dt, n, offset).reshape((count, *shape))
+        col = np.frombuffer(self._mmap, dt, n, offset).reshape((count, *shape))
         self._arrays[desc["key"]] = col
         if kind in (INT, FLOAT, BOOL):
             return col.item  # Python int / float / bool
