@@ -71,6 +71,14 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
 
 
+def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """``call(*args, **kwargs)``, ignoring its errors (cleanup of a cluster that may be gone)."""
+    try:
+        call(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
 class DaskExecutor(Executor):
     """Computes chunks on a Dask cluster and commits each result as it arrives.
 
@@ -209,13 +217,13 @@ class DaskExecutor(Executor):
         stop_watching = threading.Event()
         try:
             if len(payload) <= self.inline_payload:  # e.g. a factory path: send with every task
-                source: Any = payload
+                sent: Any = payload
             else:  # a big dataset object: one task whose value each worker fetches once
-                source = source_future = client.submit(
+                sent = source_future = client.submit(
                     _source_value, payload, key=f"edcache-source-{token}", pure=False
                 )
             futures = client.map(
-                _run_chunk, list(tasks), token=token, payload=source,
+                _run_chunk, list(tasks), token=token, payload=sent,
                 key=[f"edcache-chunk-{token}-{t.chunk_id}" for t in tasks], pure=False,
             )
             chunk_of = {f.key: t for f, t in zip(futures, tasks)}
@@ -223,51 +231,45 @@ class DaskExecutor(Executor):
             completed = as_completed(futures, loop=client.loop)
             del futures
             self.workers = -1
-            watcher = threading.Thread(
+            threading.Thread(
                 target=self._watch_workers, args=(client, stop_watching), daemon=True,
                 name="edcache-dask-status",
-            )
-            watcher.start()
+            ).start()
             while pending:
-                batch = completed.next_batch(block=True)
-                finished = [f for f in batch if f.status == "finished"]
-                if len(finished) < len(batch):
-                    raise self._failure(self._failed(batch, pending), chunk_of)
-                try:
-                    results = self._gather(client, finished)
-                except Exception as exc:  # e.g. a result was lost and its recomputation failed
-                    failed = self._failed(finished, pending)
-                    if failed:
-                        raise self._failure(failed, chunk_of) from None
-                    raise ClusterError(
-                        f"fetching finished chunks from the workers failed: {type(exc).__name__}: "
-                        f"{exc}. Committed chunks are kept; run again to resume."
-                    ) from exc
-                for f, result in zip(finished, results):
-                    on_result(result)
-                    pending.pop(f.key, None)
-                    f.release()  # committed: never let the cluster recompute it
-                del results, finished, batch
+                self._commit_batch(client, completed.next_batch(block=True), pending, chunk_of, on_result)
         except BaseException:
             if pending:
-                try:
-                    client.cancel(list(pending.values()), force=True)
-                except Exception:
-                    pass
+                _quietly(client.cancel, list(pending.values()), force=True)
             raise
         finally:
             stop_watching.set()
             pending.clear()
             if source_future is not None:
-                try:
-                    source_future.release()
-                except Exception:
-                    pass
+                _quietly(source_future.release)
             if owned:
-                try:
-                    client.close(timeout=10)
-                except Exception:
-                    pass
+                _quietly(client.close, timeout=10)
+
+    def _commit_batch(self, client: Any, batch: list, pending: dict[str, Any], chunk_of: dict[str, ChunkTask],
+                      on_result: Callable[[ChunkResult], None]) -> None:
+        """Hand the finished futures of ``batch`` to ``on_result`` and release them; raise
+        for the first failed one."""
+        finished = [f for f in batch if f.status == "finished"]
+        if len(finished) < len(batch):
+            raise self._failure(self._failed(batch, pending), chunk_of)
+        try:
+            results = self._gather(client, finished)
+        except Exception as exc:  # e.g. a result was lost and its recomputation failed
+            failed = self._failed(finished, pending)
+            if failed:
+                raise self._failure(failed, chunk_of) from None
+            raise ClusterError(
+                f"fetching finished chunks from the workers failed: {type(exc).__name__}: "
+                f"{exc}. Committed chunks are kept; run again to resume."
+            ) from exc
+        for f, result in zip(finished, results):
+            on_result(result)
+            pending.pop(f.key, None)
+            f.release()  # committed: never let the cluster recompute it
 
     def _gather(self, client: Any, futures: list) -> list:
         """Fetch finished results, straight from the workers that hold them.
