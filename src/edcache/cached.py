@@ -18,7 +18,8 @@ indexing, batches, labels and pickling. ``cachable`` is :mod:`edcache.decorator`
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .building.ensure import BuildOptions, CacheJob, build_cache, ensure_cache, rebuild_pending
 from .collate import collate, collate_positions, quiet_collate_warning
@@ -354,7 +355,7 @@ class CachedDataset(CachedExamples):
 
     def _get_many(self, indices: list[int]) -> list[dict]:
         examples = self.reader.read_many(indices)
-        return [self._finish(ex, j) for ex, j in zip(examples, indices)]
+        return [self._finish(ex, j) for ex, j in zip(examples, indices, strict=False)]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """Batched fetch (what PyTorch's DataLoader calls): the examples of ``indices``.
@@ -368,7 +369,7 @@ class CachedDataset(CachedExamples):
             return [get(i) for i in ints]
         return self[list(indices)]
 
-    def subset(self, selection: Any, transform: Any = "inherit") -> "CachedSubset":
+    def subset(self, selection: Any, transform: Any = "inherit") -> CachedSubset:
         """A view of some examples: ``selection`` is indices (negatives count from the
         end) or a boolean mask over the whole cache, e.g.
         ``ds.subset(ds.labels["split"] == "train")``.
@@ -383,7 +384,7 @@ class CachedDataset(CachedExamples):
 
         return CachedSubset(self, _as_indices(selection, self._length), transform=transform)
 
-    def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+    def get_batch(self, indices: Sequence[int]) -> dict[str, Any] | tuple[Any, ...]:
         """A collated batch of ``indices``: a dict of arrays and lists.
 
         Fixed-shape arrays and numbers are stacked (gathered column-wise, one fancy

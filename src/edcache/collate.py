@@ -14,23 +14,21 @@ import numpy as np
 # worker of every epoch. It is safe to silence there only: the collate stacks those
 # tensors into a new batch tensor (a copy), so no tensor it returns aliases the map.
 # The filter matches that message raised from that module and nothing else.
-_COLLATE_WARNING = dict(
-    message="The given NumPy array is not writable", category=UserWarning,
-    module=r"torch\.utils\.data\._utils\.collate",
-)
+_COLLATE_MESSAGE = "The given NumPy array is not writable"
+_COLLATE_MODULE = r"torch\.utils\.data\._utils\.collate"
 
 
 def quiet_collate_warning() -> None:
     """Install the filter above unless this process has it (called when a cache's reader opens)."""
     for action, message, category, module, _lineno in warnings.filters:
         if (action == "ignore" and category is UserWarning and message is not None
-                and message.pattern == _COLLATE_WARNING["message"]
-                and module is not None and module.pattern == _COLLATE_WARNING["module"]):
+                and message.pattern == _COLLATE_MESSAGE
+                and module is not None and module.pattern == _COLLATE_MODULE):
             return
-    warnings.filterwarnings("ignore", **_COLLATE_WARNING)
+    warnings.filterwarnings("ignore", message=_COLLATE_MESSAGE, category=UserWarning, module=_COLLATE_MODULE)
 
 
-def collate_positions(examples: list) -> tuple:
+def collate_positions(examples: list) -> tuple[Any, ...]:
     """Tuple (or list) examples collated position by position, as :func:`collate` does
     per key; examples of different lengths keep only the common positions."""
     width = min(len(ex) for ex in examples)
@@ -38,11 +36,11 @@ def collate_positions(examples: list) -> tuple:
     return tuple(columns[n] for n in range(width))
 
 
-def collate(examples: list[dict]) -> dict[str, Any]:
+def collate(examples: list[dict]) -> dict[Any, Any]:
     """Stack what stacks (arrays of one shape and dtype, numbers); lists otherwise."""
     batch: dict[str, Any] = {}
     for key in examples[0] if examples else ():
-        values = [ex.get(key) for ex in examples]
+        values: list[Any] = [ex.get(key) for ex in examples]
         if all(isinstance(v, np.ndarray) for v in values) and len({(v.dtype, v.shape) for v in values}) == 1:
             batch[key] = np.stack(values)
         elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):

@@ -29,8 +29,9 @@ import secrets
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from multiprocessing.managers import BaseManager
-from typing import Any, Callable
+from typing import Any
 
 #: edflow's default key, known to everyone: accepted only on loopback (with a warning).
 LEGACY_AUTHKEY = b"edcache"
@@ -96,7 +97,7 @@ class QueueManager(BaseManager):
     @property
     def authkey(self) -> bytes:
         """The secret clients need (``bytes(manager._authkey)``)."""
-        return bytes(self._authkey)
+        return bytes(self._authkey)  # type: ignore[attr-defined]  # BaseManager keeps it here
 
 
 QueueManager.register("get_inqueue", callable=_get_inqueue, exposed=_EXPOSED)
@@ -156,7 +157,7 @@ def make_server_manager(port: int = DEFAULT_PORT, authkey: bytes | None = None, 
     key = _check_key(key, host)
     manager = QueueManager(address=(host, port), authkey=key)
     manager.start()
-    print(f"Started manager server at {manager.address}", flush=True)
+    print(f"Started manager server at {manager.address!s}", flush=True)
     if authkey is None and os.environ.get(AUTHKEY_ENV) is None:
         print(f"Clients connect with authkey=bytes.fromhex({key.hex()!r}) "
               f"(or {AUTHKEY_ENV}={key.hex()})", flush=True)
@@ -178,7 +179,7 @@ def make_client_manager(ip: str, port: int = DEFAULT_PORT, authkey: bytes | None
         key = key.encode()
     manager = QueueManager(address=(ip, port), authkey=bytes(key))
     manager.connect()
-    print(f"Connected to server at {manager.address}", flush=True)
+    print(f"Connected to server at {manager.address!s}", flush=True)
     return manager
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .building.ensure import lock_path
 from .cached import CachedDataset, PathCachedDataset

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class DemoImages(DatasetMixin):
         Processes writing the JPEGs (``None`` = all cores, ``0`` = this process).
     """
 
-    in_memory_keys = ["label", "split"]
+    in_memory_keys: ClassVar[list[str]] = ["label", "split"]
 
     def __init__(self, root: str = DEFAULT_ROOT, n: int = 2000, size: int = 64, progress: bool = True,
                  workers: int | None = None) -> None:
@@ -123,7 +123,7 @@ class DemoImages(DatasetMixin):
         from PIL import Image
 
         with Image.open(self._path(i)) as im:
-            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)  # type: ignore[attr-defined]  # Pillow 9.0 has no Image.Resampling
             pixels = np.asarray(im, dtype=np.float32)
         return {
             "image": pixels / 127.5 - 1.0,

@@ -74,16 +74,16 @@ class ClusterError(EdcacheError, RuntimeError):
 
 
 __all__ = [
-    "EdcacheError",
-    "DatasetInterfaceError",
-    "CodecError",
-    "ExampleError",
-    "LabelError",
-    "CorruptCacheError",
-    "IncompleteCacheError",
-    "CacheMismatchError",
-    "UnsafePickleError",
-    "CacheNotFoundError",
     "BuildError",
+    "CacheMismatchError",
+    "CacheNotFoundError",
     "ClusterError",
+    "CodecError",
+    "CorruptCacheError",
+    "DatasetInterfaceError",
+    "EdcacheError",
+    "ExampleError",
+    "IncompleteCacheError",
+    "LabelError",
+    "UnsafePickleError",
 ]

@@ -26,8 +26,8 @@ import os
 import sys
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .errors import CacheNotFoundError
 

@@ -13,10 +13,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..format.base import ChunkResult, ChunkSink
+from .compute import DatasetSource
 from .executors.base import Executor
 from .plan import plan_chunks
-from .compute import DatasetSource
-
 
 #: errno values of a failing disk (full, quota, I/O error, read-only, file too large).
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .exits import Exit, cluster_failure, fail
 
@@ -25,7 +26,7 @@ def _run(body: Callable[[], Any]) -> int:
         if (exc.name or "").split(".")[0] not in ("dask", "distributed", "cryptography", "cloudpickle"):
             raise
         return fail(f"{_EXTRA}: {exc}", Exit.USAGE)
-    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - cluster_failure re-raises what it does not map
+    except (KeyboardInterrupt, Exception) as exc:
         return cluster_failure(exc)
 
 

@@ -106,7 +106,7 @@ def _label_lines(reader: CacheReader) -> list[str]:
     lines = ["labels:"]
     for key, column in labels.items():
         if hasattr(column, "dtype"):
-            lines.append(f"  {key}: {column.dtype} {tuple(column.shape)}")
+            lines.append(f"  {key}: {column.dtype} {tuple(column.shape)}")  # type: ignore[union-attr]
         else:
             lines.append(f"  {key}: list of {len(column)} values")
     return lines

@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import EdcacheError
 from .exits import Exit, fail, hint
 from .parser import COMMANDS, build_parser, with_command
+
 
 def _build(args: argparse.Namespace) -> int:
     from ..building.compute import import_factory

@@ -8,7 +8,8 @@ working: ``edcache --dataset F`` is ``build``, ``edcache --server ...`` is ``ser
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..distributed.config import DEFAULT_ALLOWED_FAILURES, DEFAULT_PORT, DEFAULT_WORKER_TTL
 

@@ -32,7 +32,6 @@ def configure_logging(verbose: bool) -> None:
     """distributed logs at INFO by default; keep the CLI quiet unless ``verbose``."""
     # worker processes configure logging from the environment when they import Dask
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "warning")
-    import distributed  # noqa: F401  (configures its loggers on import)
 
     level = logging.INFO if verbose else logging.WARNING
     for name in ["distributed", *logging.root.manager.loggerDict]:

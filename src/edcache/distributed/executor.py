@@ -15,11 +15,13 @@ unpickling the dataset object) the first time it runs a chunk of this build.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..building.compute import DatasetSource, compute_chunk
 from ..building.executors.base import Executor
@@ -68,15 +70,13 @@ def add_note(exc: BaseException, note: str) -> None:
     if hasattr(exc, "add_note"):
         exc.add_note(note)
     else:
-        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]
 
 
 def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """``call(*args, **kwargs)``, ignoring its errors (cleanup of a cluster that may be gone)."""
-    try:
+    with contextlib.suppress(Exception):
         call(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - best effort
-        pass
 
 
 class DaskExecutor(Executor):
@@ -226,7 +226,7 @@ class DaskExecutor(Executor):
                 _run_chunk, list(tasks), token=token, payload=sent,
                 key=[f"edcache-chunk-{token}-{t.chunk_id}" for t in tasks], pure=False,
             )
-            chunk_of = {f.key: t for f, t in zip(futures, tasks)}
+            chunk_of = {f.key: t for f, t in zip(futures, tasks, strict=False)}
             pending = {f.key: f for f in futures}
             completed = as_completed(futures, loop=client.loop)
             del futures
@@ -266,7 +266,7 @@ class DaskExecutor(Executor):
                 f"fetching finished chunks from the workers failed: {type(exc).__name__}: "
                 f"{exc}. Committed chunks are kept; run again to resume."
             ) from exc
-        for f, result in zip(finished, results):
+        for f, result in zip(finished, results, strict=False):
             on_result(result)
             pending.pop(f.key, None)
             f.release()  # committed: never let the cluster recompute it

@@ -23,6 +23,7 @@ A killed server loses nothing that was committed: starting it again resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -32,7 +33,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import ClusterError
 from .config import (
@@ -44,6 +46,7 @@ from .config import (
     print_status,
 )
 from .worker import SlotOptions, listen_host_for, mark_done, run_slots
+
 
 def public_host(host: str) -> str:
     """The name workers should use for a server bound to ``host``.
@@ -165,12 +168,10 @@ class InProcessCluster:
                 silent = now - ws.last_seen
                 if silent > ttl:
                     log.warning("worker %s silent for %.0f s; dropping it", ws.address, silent)
-                    try:
+                    with contextlib.suppress(Exception):  # already gone
                         await self.scheduler.remove_worker(
                             ws.address, stimulus_id=f"edcache-worker-ttl-{now}", close=True
                         )
-                    except Exception:  # already gone
-                        pass
 
     def connect_address(self) -> str:
         """Where a client on this host reaches the scheduler."""
@@ -199,10 +200,8 @@ class InProcessCluster:
         """Tell every connected ``edcache --address`` process that the cache is complete."""
         if self._client is None:
             return
-        try:
+        with contextlib.suppress(Exception):  # a worker leaving at this moment: it times out on its own
             self._client.run(mark_done, nanny=True, on_error="ignore")
-        except Exception:  # a worker leaving at this moment: it times out on its own
-            pass
         deadline = time.monotonic() + 10  # let them close before the scheduler does
         while self.n_workers() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -212,10 +211,8 @@ class InProcessCluster:
         if self._loop is None:
             return
         if self._client is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._client.close(timeout=10)
-            except Exception:
-                pass
             self._client = None
 
         async def _close() -> None:
@@ -224,17 +221,13 @@ class InProcessCluster:
             if self._stop is not None:
                 self._stop.set()
             if self._slots is not None:
-                try:
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._slots, timeout=30)
-                except Exception:
-                    pass
             if self.scheduler is not None:
                 await self.scheduler.close(reason="edcache-server-exit")
 
-        try:
+        with contextlib.suppress(Exception):
             self._call(_close(), timeout=60)
-        except Exception:
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -270,7 +263,11 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, old)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, old)
+
+    return restore
 
 
 def run_server(
@@ -342,16 +339,15 @@ def run_server(
             shown = start_cluster()
             print(f"edcache server: from Python: CachedDataset(dataset, scheduler='tls://{shown}', "
                   f"security={cred_path!r})", file=sys.stderr, flush=True)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
-            except KeyboardInterrupt:
-                pass
             return 0
 
         def executor() -> DaskExecutor:  # the cluster starts only if a build is needed
             start_cluster()
             return DaskExecutor(
-                cluster.client(), staged=shared_fs, factory=dataset, on_status=functools.partial(print_status, prefix="edcache server"),
+                cluster.client(), staged=shared_fs, factory=dataset,
+                on_status=functools.partial(print_status, prefix="edcache server"),
                 gather_timeout=max(worker_ttl, 1.0),
             )
 

@@ -17,6 +17,7 @@ host that lacks the user's code fails at once with a clear message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -207,17 +208,13 @@ async def wait_for_scheduler(
 
 
 async def _quiet_close(nanny: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await asyncio.wait_for(nanny.close(reason="edcache-slot-exit"), timeout=15)
-    except Exception:
-        pass
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
-        pass
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -298,10 +295,8 @@ def run_worker(
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):
-                pass
         _say(f"{nworkers} worker process(es) for {addr}")
         return await run_slots(options, nworkers, stop)
 

@@ -143,5 +143,5 @@ def remove_unused_cache_dir(cache_dir: str) -> bool:
         os.unlink(os.path.join(cache_dir, MANIFEST))  # last: until here it is a valid empty cache
         os.rmdir(cache_dir)
         return True
-    except Exception:  # noqa: BLE001 - best effort cleanup after a failure (damaged files too)
+    except Exception:
         return False

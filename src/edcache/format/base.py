@@ -10,13 +10,16 @@ Formats: :mod:`edcache.format.shards` (the default) and :mod:`edcache.format.leg
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsafePickleError
 
+if TYPE_CHECKING:
+    import numpy as np
 
-Labels = dict[str, "numpy.ndarray | list"]
+Labels = dict[str, "np.ndarray | list"]
 
 
 class CacheReader(ABC):
@@ -84,7 +87,7 @@ class CacheReader(ABC):
         """Whether every example has been committed."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: readers without handles have nothing to release
         """Release file handles and maps (the reader may be reopened lazily)."""
 
     def __enter__(self) -> CacheReader:
@@ -168,7 +171,7 @@ class ChunkSink(ABC):
         None (default): the coordinator plans the chunks not yet :meth:`committed`."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most sinks hold nothing open between commits
         """Release what the sink holds open (called after every build, failed or not)."""
 
     @abstractmethod
@@ -187,5 +190,5 @@ class ChunkSink(ABC):
     def finalize(self) -> None:
         """Called once every chunk is committed: write labels and mark complete."""
 
-    def discard(self, result: ChunkResult) -> None:
+    def discard(self, result: ChunkResult) -> None:  # noqa: B027 - optional: only staged results leave files
         """Throw away a result that will not be committed (remove its staged file)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
 from ..compute import DatasetSource

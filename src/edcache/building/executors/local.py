@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import signal
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ...errors import BuildError
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
@@ -211,10 +213,8 @@ class LocalPoolExecutor(Executor):
         """
         processes = dict(getattr(pool, "_processes", None) or {})
         for process in processes.values():
-            try:
+            with contextlib.suppress(AssertionError, ValueError):
                 process.join(timeout=2)
-            except (AssertionError, ValueError):
-                pass
         board = self._board
         found = []
         for slot in range(len(board) // _FIELDS):
@@ -364,7 +364,5 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
         except (OSError, ValueError):
             pass
     for process in processes:
-        try:
+        with contextlib.suppress(AssertionError, ValueError):
             process.join(timeout=5)
-        except (AssertionError, ValueError):
-            pass

@@ -13,9 +13,9 @@ import mmap
 import os
 import struct
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
-__all__ = ["salvage_members", "iter_salvaged_members"]
+__all__ = ["iter_salvaged_members", "salvage_members"]
 
 _LOCAL = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"

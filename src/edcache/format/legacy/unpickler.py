@@ -35,7 +35,7 @@ import numpy as np
 
 from ...errors import CorruptCacheError, UnsafePickleError
 
-__all__ = ["safe_loads", "SAFE_GLOBALS"]
+__all__ = ["SAFE_GLOBALS", "safe_loads"]
 
 _BUILTIN_NAMES = (
     "bool", "int", "float", "complex", "str", "bytes", "bytearray",
@@ -125,9 +125,9 @@ def _size(value: Any) -> int:
 class _Guard:
     """An admitted callable as the unpickler sees it: charges, then calls ``target``."""
 
-    __slots__ = ("target", "unpickler", "used", "reconstruct")
+    __slots__ = ("reconstruct", "target", "unpickler", "used")
 
-    def __init__(self, target: Any, unpickler: "_RestrictedUnpickler") -> None:
+    def __init__(self, target: Any, unpickler: _RestrictedUnpickler) -> None:
         self.target = target
         self.unpickler = unpickler
         self.used = False

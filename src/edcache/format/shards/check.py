@@ -9,6 +9,7 @@ The records are parsed by their owner, :mod:`.manifest`; this module only judges
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -242,7 +243,7 @@ def _manifest_schema_problems(manifest: Manifest) -> list[str]:
     out = []
     if len(set(manifest.in_memory_keys)) != len(manifest.in_memory_keys):
         out.append(f"in_memory_keys repeat a key: {manifest.in_memory_keys}")
-    if not isinstance(manifest.dataset, str) or not (manifest.parameters is None or isinstance(manifest.parameters, str)):
+    if not isinstance(manifest.dataset, str) or not isinstance(manifest.parameters, (str, type(None))):
         out.append("dataset or parameters has the wrong type")
     if not manifest.complete:
         if manifest.labels or manifest.shard_table is not None or manifest.packed is not None:
@@ -306,7 +307,7 @@ def _check_shard_table(path: str, manifest: Manifest, report: VerifyReport) -> n
         return None
     try:
         table = np.load(full, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is damage
+    except Exception as exc:
         report.add(name, f"is not a valid shard table ({type(exc).__name__}: {exc})")
         return None
     if table.dtype != dtype or table.shape != (manifest.num_chunks,):
@@ -390,10 +391,9 @@ def _check_shard(full: str, rel: str, start: int, count: int, nbytes: int, diges
             from ...errors import UnsafePickleError
 
             for row in range(count):
-                try:
+                # a pickle the cache was built with: its bytes are checksummed
+                with contextlib.suppress(UnsafePickleError):
                     sf.read(row)
-                except UnsafePickleError:
-                    pass  # a pickle the cache was built with; its bytes are checksummed
             sf.labels()
     except EdcacheError as exc:
         report.add(rel, f"bad record: {exc}", start, stop)
@@ -408,7 +408,7 @@ def _check_labels(path: str, manifest: Manifest, report: VerifyReport) -> None:
         info = manifest.labels.get(key, {})
         named = info.get("file")
         safe = isinstance(named, str) and named.startswith("labels/") and ".." not in named
-        rel = named if safe else f"label {key!r}"
+        rel = named if isinstance(named, str) and safe else f"label {key!r}"
         full = os.path.join(path, rel)
         if safe and os.path.isfile(full):
             try:

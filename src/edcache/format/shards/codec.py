@@ -16,7 +16,8 @@ unknown extension code, a bad dtype string or an out-of-bounds offset raises
 from __future__ import annotations
 
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -121,7 +122,7 @@ class Encoder:
         except BaseException:
             self._packer.reset()  # a failed pack leaves partial bytes in the packer's buffer
             raise
-        return record, list(zip(self._blob_offsets, self._blobs))
+        return record, list(zip(self._blob_offsets, self._blobs, strict=False))
 
     @property
     def end_offset(self) -> int:
@@ -151,7 +152,7 @@ class Encoder:
             # subclasses of builtins other than numpy scalars: store as the builtin
             for base in (str, bytes, float):
                 if isinstance(value, base):
-                    return base(value)
+                    return base(value)  # type: ignore[arg-type]
         if isinstance(value, int) and not isinstance(value, bool):
             return int(value)
         if isinstance(value, list):
@@ -184,7 +185,7 @@ def raw_bytes(arr: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, without copying (any dtype, any shape)."""
     if not arr.nbytes:
         return memoryview(b"")
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _widen_ints(obj: Any, depth: int = 0) -> Any:
@@ -248,7 +249,7 @@ def find_problem(obj: Any, allow_pickle: bool = False) -> tuple[tuple, Any, str]
                 return path, value, what
             inner = above | {id(value)}
             is_dict = isinstance(value, dict)
-            items = list(value.items()) if is_dict else list(enumerate(value))
+            items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
             for k, v in reversed(items):  # depth first, in order
                 stack.append((v, (*path, k), depth + 1, tuples, inner, is_dict))
             continue
@@ -393,7 +394,7 @@ class Decoder:
             raise CorruptCacheError(f"{self.where}: undecodable record {row}: {exc}") from exc
 
     def _expand(
-        self, item: "_Deferred", hook: Callable[[int, bytes], Any], state: "_DecodeState", row: int
+        self, item: _Deferred, hook: Callable[[int, bytes], Any], state: _DecodeState, row: int
     ) -> list:
         """The items of a tuple whose decoding was deferred (their own deeper tuples may
         be deferred again)."""
@@ -403,7 +404,7 @@ class Decoder:
             raise CorruptCacheError(f"{self.where}: malformed tuple in record {row}")
         return items
 
-    def _hook(self, row: int, state: "_DecodeState | None" = None) -> Callable[[int, bytes], Any]:
+    def _hook(self, row: int, state: _DecodeState | None = None) -> Callable[[int, bytes], Any]:
         if state is None:
             state = _DecodeState()
 

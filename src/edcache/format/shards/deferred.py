@@ -4,7 +4,8 @@ afterwards, without recursion (see :class:`~.codec.Decoder`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class _DecodeState:
@@ -12,7 +13,7 @@ class _DecodeState:
     (inside msgpack's hook), from ``base`` (the depth of the deferred tuple being
     expanded); ``deferred`` once a tuple was left for later."""
 
-    __slots__ = ("base", "level", "deferred")
+    __slots__ = ("base", "deferred", "level")
 
     def __init__(self) -> None:
         self.base = 0
@@ -49,9 +50,10 @@ def _resolve_deferred(root: Any, expand: Callable[[_Deferred], list]) -> Any:
             elif kind is list:
                 stack.append(_Frame("list", value, value, None))
             elif kind is dict:
-                child = _Frame("dict", value, list(value.values()), list(value))
-                if any(type(k) is _Deferred for k in child.keys):  # a deep tuple as a key
-                    child.keys = [_resolve_deferred(k, expand) for k in child.keys]
+                keys = list(value)
+                child = _Frame("dict", value, list(value.values()), keys)
+                if any(type(k) is _Deferred for k in keys):  # a deep tuple as a key
+                    child.keys = [_resolve_deferred(k, expand) for k in keys]
                     child.changed = True
                 stack.append(child)
             elif kind is tuple:
@@ -68,7 +70,7 @@ def _resolve_deferred(root: Any, expand: Callable[[_Deferred], list]) -> Any:
                 result = tuple(frame.items)
             elif frame.kind == "dict":
                 result.clear()
-                result.update(zip(frame.keys, frame.items))
+                result.update(zip(frame.keys or (), frame.items, strict=False))
         parent = stack[-1]
         if frame.changed:
             parent.items[parent.pos] = result
@@ -77,7 +79,7 @@ def _resolve_deferred(root: Any, expand: Callable[[_Deferred], list]) -> Any:
 
 
 class _Frame:
-    __slots__ = ("kind", "obj", "items", "keys", "pos", "changed")
+    __slots__ = ("changed", "items", "keys", "kind", "obj", "pos")
 
     def __init__(self, kind: str, obj: Any, items: list, keys: list | None) -> None:
         self.kind, self.obj, self.items, self.keys = kind, obj, items, keys

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -265,7 +266,7 @@ class ShardCacheReader(CacheReader):
         for key, _kind, _dtype, shape in schema:
             columns = [sf.column(key) for sf in shards]
             if columns[0] is not None:
-                batch[key] = runs.gather_arrays(columns, (n, *shape))
+                batch[key] = runs.gather_arrays(columns, (n, *shape))  # type: ignore[arg-type]
             else:
                 batch[key] = runs.gather_values(shards, key, n)
         return batch
@@ -320,7 +321,7 @@ class _Runs:
     def gather_arrays(self, columns: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         """One fixed-shape field: a new array, one fancy index per shard."""
         out = np.empty(shape, dtype=columns[0].dtype)
-        for col, a, b in zip(columns, self.starts, self.ends):
+        for col, a, b in zip(columns, self.starts, self.ends, strict=False):
             if b - a == 1:
                 out[self.positions[a]] = col[self.rows_list[a]]
             else:
@@ -330,11 +331,11 @@ class _Runs:
     def gather_values(self, shards: list[ShardFile], key: Any, n: int) -> list[Any]:
         """One str, bytes or None field: a list."""
         values: list[Any] = [None] * n
-        for sf, a, b in zip(shards, self.starts, self.ends):
+        for sf, a, b in zip(shards, self.starts, self.ends, strict=False):
             got = sf.gather_strings(key, self.rows[a:b])
             if got is None:  # a None column
                 get = sf.getter(key)
                 got = [get(r) for r in self.rows_list[a:b]]
-            for p, v in zip(self.positions[a:b], got):
+            for p, v in zip(self.positions[a:b], got, strict=False):
                 values[p] = v
         return values

@@ -23,10 +23,12 @@ msgpack decoding at all.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -73,7 +75,7 @@ def _row_builder(keys: list[Any], getters: list[Callable[[int], Any]], given: An
     else:
         at = -1
     if len(keys) > 200:
-        pairs = list(zip(keys, getters))
+        pairs = list(zip(keys, getters, strict=False))
         if given is None:
             return lambda r: {key: get(r) for key, get in pairs}
         return lambda r, j: {key: (j if n == at else get(r)) for n, (key, get) in enumerate(pairs)}
@@ -85,7 +87,7 @@ def _row_builder(keys: list[Any], getters: list[Callable[[int], Any]], given: An
         args = "r, j" if given is not None else "r"
         make = eval(f"lambda {params}: lambda {args}: {{{body}}}", {"__builtins__": {}})
         _ROW_MAKERS[(len(keys), at)] = make
-    return make(*(x for pair in zip(keys, getters) for x in pair))
+    return make(*(x for pair in zip(keys, getters, strict=False) for x in pair))
 
 
 #: compiled row-builder factories by (field count, position of the given field or -1);
@@ -155,10 +157,8 @@ def read_chunk_labels(path: str, nbytes: int, start: int, count: int) -> dict[st
                                     f"{start}..{start + count - 1}")
         return _decode_labels(mm, footer.get("labels"), count, path)
     finally:
-        try:
+        with contextlib.suppress(BufferError):  # a decoded label array still views the map; it closes with it
             mm.close()
-        except BufferError:
-            pass  # a decoded label array still views the map; it closes with it
 
 
 class ShardFile:
@@ -363,8 +363,8 @@ class ShardFile:
         stops = (bounds[rows + 1] + data).tolist()
         try:
             if is_str:
-                return [mm[a:b].decode() for a, b in zip(starts, stops)]
-            return [mm[a:b] for a, b in zip(starts, stops)]
+                return [mm[a:b].decode() for a, b in zip(starts, stops, strict=False)]
+            return [mm[a:b] for a, b in zip(starts, stops, strict=False)]
         except UnicodeDecodeError as exc:
             raise self._bad(f"column {key!r}: invalid UTF-8 ({exc})") from exc
 
@@ -377,7 +377,5 @@ class ShardFile:
         self._decoder = None  # type: ignore[assignment]
         self._arrays, self._getters, self._row, self._strings = {}, [], None, {}
         self._row_indexed = None
-        try:
+        with contextlib.suppress(BufferError):  # arrays handed out still view the map; it closes when they are gone
             self._mmap.close()
-        except BufferError:
-            pass  # arrays handed out still view the map; it closes when they are gone
