@@ -44,8 +44,22 @@ class _Skip(Exception):
     """The value is not simple configuration."""
 
 
+#: What :func:`_simple_scalar` returns for a value that is not a scalar.
+_NOT_SCALAR = object()
+
+
 def _simple(value: Any, depth: int = 0) -> Any:
     """``value`` as canonical JSON-able data, or raise :class:`_Skip`."""
+    scalar = _simple_scalar(value, depth)
+    if scalar is not _NOT_SCALAR:
+        return scalar
+    if depth >= _MAX_DEPTH:
+        raise _Skip
+    return _simple_container(value, depth)
+
+
+def _simple_scalar(value: Any, depth: int) -> Any:
+    """A None, bool, number, str or path as JSON-able data; :data:`_NOT_SCALAR` for other values."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, np.generic) and value.dtype.kind in "biuf":
@@ -62,8 +76,10 @@ def _simple(value: Any, depth: int = 0) -> Any:
     if isinstance(value, os.PathLike):
         path = os.fspath(value)
         return _simple(os.fsdecode(path) if isinstance(path, bytes) else path, depth)
-    if depth >= _MAX_DEPTH:
-        raise _Skip
+    return _NOT_SCALAR
+
+
+def _simple_container(value: Any, depth: int) -> Any:
     if isinstance(value, (list, tuple)):
         if len(value) > MAX_ITEMS:
             raise _Skip

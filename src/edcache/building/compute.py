@@ -60,7 +60,7 @@ def limit_torch_threads() -> bool:
     try:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
-    except Exception:
+    except Exception:  # a half-imported or stub torch: nothing to limit
         pass
     return True
 

@@ -26,7 +26,7 @@ def _run(body: Callable[[], Any]) -> int:
         if (exc.name or "").split(".")[0] not in ("dask", "distributed", "cryptography", "cloudpickle"):
             raise
         return fail(f"{_EXTRA}: {exc}", Exit.USAGE)
-    except (KeyboardInterrupt, Exception) as exc:
+    except (KeyboardInterrupt, Exception) as exc:  # cluster_failure re-raises what it does not map
         return cluster_failure(exc)
 
 

@@ -307,7 +307,7 @@ def _check_shard_table(path: str, manifest: Manifest, report: VerifyReport) -> n
         return None
     try:
         table = np.load(full, allow_pickle=False)
-    except Exception as exc:
+    except Exception as exc:  # any parse failure is damage
         report.add(name, f"is not a valid shard table ({type(exc).__name__}: {exc})")
         return None
     if table.dtype != dtype or table.shape != (manifest.num_chunks,):
