@@ -111,7 +111,7 @@ def _recorded_and_complete(fn: Callable[..., Any], path: str, params: str) -> bo
     except CacheNotFoundError:
         return False
     with reader:
-        recorded = getattr(reader.manifest, "parameters", None)
+        recorded = reader.manifest.parameters if reader.manifest is not None else None
         if recorded is not None and recorded != params:
             raise CacheMismatchError(
                 f"the cache at {path} was built by {fn.__qualname__} with the arguments "

@@ -216,11 +216,7 @@ class BatchReader:
         plain = not (ds._append_labels or ds._expand or base._append_labels or base._expand)
         reader = base.store
         if plain:
-            read_columns = getattr(reader, "read_columns", None)
-            found = read_columns(rows) if read_columns is not None and len(rows) else None
-            if read_columns is None and len(rows) and hasattr(reader, "read_batch"):  # format v1
-                cols = reader.read_batch(rows)
-                found = ("dict", cols) if cols is not None else None
+            found = reader.read_columns(rows) if len(rows) else None
             if found is not None:
                 container, cols = found
                 if container == "dict":

@@ -173,7 +173,7 @@ def check_matches(job: CacheJob, reader: CacheReader) -> None:
 def _check_fingerprint(job: CacheJob, manifest: Any) -> None:
     """Refuse a cache recorded with another configuration of the dataset (issue 16
     item 21); caches without a recorded fingerprint are not checked."""
-    recorded = getattr(manifest, "fingerprint", None)
+    recorded = manifest.fingerprint
     if recorded is None:
         return
     from ..fingerprint import fingerprint_differences
@@ -193,7 +193,7 @@ def _check_identity(job: CacheJob, manifest: Any) -> None:
     rebuild) when the dataset class's source changed and no version says otherwise."""
     from ..fingerprint import identity_problems
 
-    error, warning = identity_problems(getattr(manifest, "identity", None), job.identity)
+    error, warning = identity_problems(manifest.identity, job.identity)
     name = type(job.dataset).__name__
     if error:
         raise CacheMismatchError(

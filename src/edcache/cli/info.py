@@ -47,7 +47,7 @@ def _manifest_lines(lines: list[str], manifest: Any, complete: bool, committed: 
         lines.append(f"complete:    no ({committed} of {m.num_chunks} chunks committed)")
     pickles = "allowed" if m.allow_pickle else "none (safe codec only)"
     lines.append(f"pickles:     {pickles}")
-    identity = getattr(m, "identity", None)
+    identity = m.identity
     if identity:
         import json
 
@@ -57,7 +57,7 @@ def _manifest_lines(lines: list[str], manifest: Any, complete: bool, committed: 
                          f"version {doc.get('version') if doc.get('version') is not None else '-'}")
         except (ValueError, AttributeError):
             lines.append(f"identity:    {identity}")
-    if getattr(m, "fingerprint", None):
+    if m.fingerprint:
         lines.append(f"config:      {m.fingerprint}")
 
 

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -57,6 +57,8 @@ class Manifest:
     #: the dataset's configuration (:func:`edcache.fingerprint.dataset_fingerprint`);
     #: None (and absent from the file) when not recorded
     fingerprint: str | None = None
+    #: format v1 records no identity of the dataset's class (format v2 does)
+    identity: ClassVar[str | None] = None
 
     @property
     def num_chunks(self) -> int:

@@ -76,7 +76,7 @@ class ShardCacheReader(CacheReader):
         return self.manifest.length
 
     @property
-    def packed(self) -> bool:
+    def is_packed(self) -> bool:
         """Whether the examples are read from one packed file (see ``docs/format.md``)."""
         return self._packed
 
