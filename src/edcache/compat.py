@@ -22,6 +22,7 @@ puts ``(name, pickle bytes)`` results on the out-queue. They run on
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
 import os
 import pickle
 import queue
@@ -94,10 +95,15 @@ _EXPOSED = ("put", "put_nowait", "get", "get_nowait", "qsize", "empty", "close",
 class QueueManager(BaseManager):
     """The manager class behind :func:`make_server_manager` / :func:`make_client_manager`."""
 
+    def __init__(self, address: Any = None, authkey: bytes | None = None, **kwargs: Any) -> None:
+        super().__init__(address, authkey, **kwargs)
+        # what BaseManager uses: the given key, else this process's (multiprocessing's default)
+        self._secret = bytes(authkey if authkey is not None else multiprocessing.current_process().authkey)
+
     @property
     def authkey(self) -> bytes:
-        """The secret clients need (``bytes(manager._authkey)``)."""
-        return bytes(self._authkey)  # type: ignore[attr-defined]  # BaseManager keeps it here
+        """The secret clients need."""
+        return self._secret
 
 
 QueueManager.register("get_inqueue", callable=_get_inqueue, exposed=_EXPOSED)
