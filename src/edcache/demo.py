@@ -122,9 +122,10 @@ class DemoImages(DatasetMixin):
     def get_example(self, i: int) -> dict[str, Any]:
         from PIL import Image
 
+        bilinear = Image.BILINEAR  # type: ignore[attr-defined]  # (Pillow 9.0 has no Image.Resampling)
         with Image.open(self._path(i)) as im:
-            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)  # type: ignore[attr-defined]  # Pillow 9.0 has no Image.Resampling
-            pixels = np.asarray(im, dtype=np.float32)
+            small = im.convert("RGB").resize((self.size, self.size), bilinear)
+            pixels = np.asarray(small, dtype=np.float32)
         return {
             "image": pixels / 127.5 - 1.0,
             "label": i % CLASSES,
