@@ -197,9 +197,11 @@ class LocalPoolExecutor(Executor):
                     f"the dataset cannot be pickled to send it to {method} worker processes "
                     f"({exc}); use mp_context='fork', num_workers=0, or make it picklable"
                 ) from exc
+        self._tracker = _TrackingContext(context)
+        tracking: Any = self._tracker  # a context that remembers its processes (duck-typed)
         return ProcessPoolExecutor(
             max_workers=self.num_workers,
-            mp_context=context,
+            mp_context=tracking,
             initializer=_init_worker,
             initargs=(payload, self._board, counter),
         )
@@ -211,7 +213,7 @@ class LocalPoolExecutor(Executor):
         The pool terminates (SIGTERM) its other processes once one dies; those are
         not counted. Call before :func:`_terminate`.
         """
-        processes = dict(getattr(pool, "_processes", None) or {})
+        processes = {p.pid: p for p in self._tracker.processes}
         for process in processes.values():
             with contextlib.suppress(AssertionError, ValueError):
                 process.join(timeout=2)
@@ -258,10 +260,10 @@ class LocalPoolExecutor(Executor):
                     inflight.clear()
                     self._count_deaths(pool, lost, finished, crashes)
                     pending.extendleft(sorted(lost, key=lambda t: -t.chunk_id))
-                    _terminate(pool)
+                    _terminate(pool, self._tracker.processes)
                     pool = self._pool(source, encoder)
         except BaseException:
-            _terminate(pool)
+            _terminate(pool, self._tracker.processes)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -341,6 +343,27 @@ class _Crashes:
         )
 
 
+class _TrackingContext:
+    """A multiprocessing context that remembers the processes started through it.
+
+    ``ProcessPoolExecutor`` creates its workers with ``mp_context.Process``; keeping them
+    here lets the executor see which one died (and kill them all) through the public
+    ``Process`` API instead of the pool's private state. Everything else is the context's.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self.processes: list[Any] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # the name of the context's method
+        process = self._context.Process(*args, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 def _exit_reason(code: int | None) -> str:
     """`` (killed by SIGSEGV)`` / `` (exit code 9)`` for a process's exit code."""
     if code is None:
@@ -353,9 +376,9 @@ def _exit_reason(code: int | None) -> str:
     return f" (exit code {code})"
 
 
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    """Stop a pool now: cancel queued work and kill its processes."""
-    processes = list(getattr(pool, "_processes", {}).values())
+def _terminate(pool: ProcessPoolExecutor, processes: list[Any]) -> None:
+    """Stop a pool now: cancel queued work and kill its ``processes``."""
+    processes = list(processes)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         try:
