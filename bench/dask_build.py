@@ -81,7 +81,7 @@ class _SharedFsCachedDataset(CachedDataset):
     """What ``edcache --server --shared-fs`` builds with: workers write the shard files."""
 
     def _executor(self, num_workers: int) -> object:
-        from edcache.build.executors.dask import DaskExecutor
+        from edcache.distributed.executor import DaskExecutor
 
         return DaskExecutor(self.scheduler, staged=True)
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from edcache.distributed.security import ensure_credentials, make_security
-    from edcache.distributed.server import InProcessCluster, dask_config
+    from edcache.distributed.config import dask_config
+    from edcache.distributed.server import InProcessCluster
 
     import dask
 

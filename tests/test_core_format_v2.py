@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edcache import CachedDataset, DatasetMixin
-from edcache.build.executors.base import Executor
+from edcache.building.executors.base import Executor
 from edcache.errors import CorruptCacheError, ExampleError
 from edcache.format.columnar import CacheRebuiltError, ColumnarReader
 from edcache.format.columnar.log import read_log
@@ -98,7 +98,7 @@ class _Reversed(Executor):
     staged = False
 
     def run(self, source, encoder, tasks, on_result):
-        from edcache.build.worker import compute_chunk
+        from edcache.building.compute import compute_chunk
 
         dataset = source.load()
         for task in reversed(list(tasks)):

@@ -106,7 +106,7 @@ def test_workers_and_clients_without_the_cluster_credentials_are_refused(server,
         Client(f"tls://127.0.0.1:{port}", security=make_security(foreign), timeout="10s",
                set_as_default=False)
     # ... or through CachedDataset(scheduler=...): a ClusterError
-    from edcache.build.executors.dask import DaskExecutor
+    from edcache.distributed.executor import DaskExecutor
 
     with pytest.raises(ClusterError, match="cannot connect"):
         DaskExecutor(f"127.0.0.1:{port}", security=foreign, connect_timeout="10s")._connect()

@@ -63,7 +63,7 @@ def _guarded(text: str, node: ast.Attribute) -> bool:
 
 
 def test_worker_error_note_without_add_note():
-    from edcache.build.executors.dask import add_note
+    from edcache.distributed.executor import add_note
     from edcache.errors import CodecError
 
     class Py310CodecError(CodecError):  # what an exception looks like on 3.10

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cached import CachedDataset, PathCachedDataset, cachable, cache
+from .cached import CachedDataset, PathCachedDataset, cache
 from .dataset import ConcatenatedDataset, DatasetMixin
+from .decorator import cachable
 from .errors import EdcacheError
 
 __version__ = "0.1.0"
@@ -35,20 +36,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    # Caching datasets
-    "cache",
     "CachedDataset",
+    "CachedSubset",
+    "ConcatenatedDataset",
+    "DatasetMixin",
+    "EdcacheError",
+    "ExamplesFolder",
     "PathCachedDataset",
     "cachable",
-    "CachedSubset",
-    "DatasetMixin",
-    "ConcatenatedDataset",
-    # edflow compatibility
-    "ExamplesFolder",
-    "make_server_manager",
-    "make_client_manager",
-    "pickle_and_queue",
+    "cache",
     "convert",
-    # Errors
-    "EdcacheError",
+    "make_client_manager",
+    "make_server_manager",
+    "pickle_and_queue",
 ]

@@ -1,4 +1,4 @@
-"""The public dataset classes: ``CachedDataset``, ``PathCachedDataset`` and ``cachable``.
+"""The read view of a cache: ``CachedDataset`` and ``PathCachedDataset``.
 
 What is cached, where and when
 ------------------------------
@@ -9,32 +9,27 @@ by chunk; a later construction (in any process) finds the complete cache and ope
 it without touching the dataset's examples. An interrupted build resumes from its
 committed chunks. Only the cache directory, a lock file beside it
 (``.<name>.lock``) and temporary files inside it are ever written.
+
+Building is the procedure :func:`edcache.building.ensure.ensure_cache`; this module
+holds what reads: the per-process reader (re-opened after a fork or unpickling),
+indexing, batches, labels and pickling. ``cachable`` is :mod:`edcache.decorator`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
-import warnings
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from .building.ensure import BuildOptions, CacheJob, build_cache, ensure_cache, rebuild_pending
+from .collate import collate, collate_positions, quiet_collate_warning
 from .dataset import NUMPY_INTS, CachedExamples, check_cachable, checked_length, int_array, int_list, normalize_indices
-from .errors import (
-    CacheMismatchError,
-    CacheNotFoundError,
-    CorruptCacheError,
-    DatasetInterfaceError,
-    EdcacheError,
-    IncompleteCacheError,
-)
-from .format import cache_paths, find_cache, open_reader
+from .errors import CacheNotFoundError, DatasetInterfaceError, EdcacheError, IncompleteCacheError
+from .format import cache_name, cache_paths, find_cache, open_reader
+from .format.base import CacheReader
 
 if TYPE_CHECKING:
     from .subset import CachedSubset
-from .format.base import CacheReader
 
 # Incremented in every child right after a fork: a reader opened before the fork is
 # re-opened in the child (a cheaper check per read than os.getpid()).
@@ -48,26 +43,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-# torch's default collate calls torch.as_tensor on each example's arrays, which warns
-# that our read-only memory-mapped arrays are not writable, once in every DataLoader
-# worker of every epoch. It is safe to silence there only: the collate stacks those
-# tensors into a new batch tensor (a copy), so no tensor it returns aliases the map.
-# The filter matches that message raised from that module and nothing else.
-_COLLATE_WARNING = dict(
-    message="The given NumPy array is not writable", category=UserWarning,
-    module=r"torch\.utils\.data\._utils\.collate",
-)
-
-
-def _quiet_collate_warning() -> None:
-    """Install the filter above unless this process has it (called when a reader opens)."""
-    for action, message, category, module, _lineno in warnings.filters:
-        if (action == "ignore" and category is UserWarning and message is not None
-                and message.pattern == _COLLATE_WARNING["message"]
-                and module is not None and module.pattern == _COLLATE_WARNING["module"]):
-            return
-    warnings.filterwarnings("ignore", **_COLLATE_WARNING)
 
 
 class CachedDataset(CachedExamples):
@@ -108,7 +83,7 @@ class CachedDataset(CachedExamples):
         Show a progress bar while building.
     executor : Executor, callable or None
         Where to compute chunks instead of the local pool or ``scheduler``: an
-        :class:`~edcache.build.executors.Executor`, or a function returning one (called
+        :class:`~edcache.building.executors.Executor`, or a function returning one (called
         only if a build is needed).
     path : str or None
         The cache directory. Given, the dataset needs no ``root`` or ``name``; None
@@ -184,11 +159,24 @@ class CachedDataset(CachedExamples):
         codecs: str | dict | None = None,
         _path: str | None = None,
         _parameters: str | None = None,
+        _root: str | None = None,
+        _existing: bool = False,
     ) -> None:
         if _path is None and path is not None:
             _path = os.fspath(path)
-        check_cachable(dataset, needs_location=_path is None)
         _check_read_options(transform, pil)
+        self.transform = transform
+        self.pil = pil
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        self._reader: CacheReader | None = None
+        self._generation = -1
+        if _existing:  # from_cache, PathCachedDataset(None, path): open what is there
+            if _path is None:
+                raise TypeError("opening an existing cache needs its path")
+            self._open_existing(_path, _root)
+            return
+        check_cachable(dataset, needs_location=_path is None)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise DatasetInterfaceError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.base_dataset = dataset
@@ -199,7 +187,7 @@ class CachedDataset(CachedExamples):
             _path = os.fspath(_path)
             root = getattr(dataset, "root", None)
             self._root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(_path))
-            self.name = getattr(dataset, "name", None) or _name_of(_path)
+            self.name = getattr(dataset, "name", None) or cache_name(_path)
         self.in_memory_keys = list(getattr(dataset, "in_memory_keys", []))
         twice = sorted({k for k in self.in_memory_keys if self.in_memory_keys.count(k) > 1})
         if twice:
@@ -211,15 +199,11 @@ class CachedDataset(CachedExamples):
         self.keep_existing = keep_existing
         self.chunk_size = chunk_size
         self.num_workers = num_workers
-        self.allow_pickle = allow_pickle
-        self.verify = verify
         self.scheduler = scheduler
         self.security = security
         self.mp_context = mp_context
         self.progress = progress
         self.executor = executor
-        self.transform = transform
-        self.pil = pil
         self.codecs = _codecs_option(codecs)
         self._parameters = _parameters
         from .fingerprint import dataset_fingerprint, dataset_identity_record
@@ -229,10 +213,25 @@ class CachedDataset(CachedExamples):
         self._length = checked_length(dataset)
         self._path = _path or self._choose_path(_legacy)
         self._legacy = self._path.endswith(".zip")
-        self._reader: CacheReader | None = None
-        self._generation = -1
-        if force_cache or not self._open_complete():
-            self.cache_dataset()
+        self._use(ensure_cache(self._job()))
+
+    def _open_existing(self, path: str, root: str | None) -> None:
+        """Open the cache at ``path`` without its dataset (it must exist and, for an
+        edflow zip, not be half rebuilt)."""
+        self.base_dataset = None
+        self._root = root if root is not None else os.path.dirname(os.path.abspath(path))
+        self._path = path
+        self.name = cache_name(path)
+        self._legacy = path.endswith(".zip")
+        if self._legacy and rebuild_pending(path):
+            raise IncompleteCacheError(
+                f"a rebuild of the cache at {path} (force_cache=True, keep_existing=False) has not "
+                "finished: the zip there is the old cache. Construct CachedDataset(dataset) "
+                "(or call the @cachable function) to finish the rebuild"
+            )
+        reader = self.reader
+        self._length = len(reader)
+        self.in_memory_keys = list(getattr(reader.manifest, "in_memory_keys", []))
 
     # -- where the cache lives -------------------------------------------------------
     def _choose_path(self, legacy: bool | None) -> str:
@@ -248,122 +247,25 @@ class CachedDataset(CachedExamples):
         """The cache directory (or zip file for edflow's layout)."""
         return self._path
 
-    def _lock_path(self) -> str:
-        head, tail = os.path.split(self._path.rstrip(os.sep))
-        return os.path.join(head, f".{tail}.lock")
+    # -- building (the procedure is edcache.building.ensure) --------------------------------
+    def _job(self) -> CacheJob:
+        """This dataset's build, as the build procedure takes it."""
+        options = BuildOptions(
+            force_cache=self.force_cache, keep_existing=self.keep_existing, chunk_size=self.chunk_size,
+            num_workers=self.num_workers, allow_pickle=self.allow_pickle, verify=self.verify,
+            scheduler=self.scheduler, security=self.security, mp_context=self.mp_context,
+            progress=self.progress, executor=self.executor, pil=self.pil, codecs=self.codecs,
+        )
+        return CacheJob(
+            dataset=self.base_dataset, path=self._path, name=self.name, length=self._length,
+            in_memory_keys=self.in_memory_keys, options=options, parameters=self._parameters,
+            fingerprint=self._fingerprint, identity=self._identity,
+        )
 
-    # -- opening -------------------------------------------------------------------------
-    def _open_complete(self, locked: bool = False) -> bool:
-        """Open the cache if it is complete and matches the dataset; False if it must be built.
-
-        ``locked``: the caller holds the build lock (leftovers of an interrupted edflow
-        zip build are then removed without asking for it).
-        """
-        try:
-            reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle, pil=self.pil)
-        except CacheNotFoundError:
-            return False
-        except CorruptCacheError:
-            # a killed edflow writer: the legacy sink salvages it on resume; a damaged
-            # directory cache: building decides (recovers from its commit log, or
-            # refuses with an error that names the repair, deleting nothing)
-            return False
-        if (not reader.complete or (self._legacy and len(reader) < self._length)
-                or (self._legacy and _rebuild_pending(self._path))):
-            reader.close()
-            return False
-        self._check_matches(reader)
+    def _use(self, reader: CacheReader) -> None:
+        """Read through ``reader`` in this process from now on."""
         self._reader, self._generation = reader, _fork_generation
-        _quiet_collate_warning()
-        if self._legacy:
-            self._remove_legacy_leftovers(locked)
-        return True
-
-    def _remove_legacy_leftovers(self, locked: bool) -> None:
-        """Delete what an interrupted build of a now complete edflow zip left beside it
-        (``.partial``, staged chunks), if no build is running (its lock is free)."""
-        from filelock import FileLock, Timeout
-
-        from .format.legacy.zip_writer import build_leftovers, remove_build_leftovers
-
-        if not build_leftovers(self._path):
-            return
-        if locked:
-            remove_build_leftovers(self._path)
-            return
-        lock = FileLock(self._lock_path())
-        try:
-            lock.acquire(timeout=0)
-        except (Timeout, RuntimeError):  # RuntimeError: held by this very thread
-            return  # a build is running: the leftovers are its files
-        try:
-            remove_build_leftovers(self._path)
-        finally:
-            lock.release()
-
-    def _check_matches(self, reader: CacheReader) -> None:
-        manifest = getattr(reader, "manifest", None)
-        hint = "Rebuild it with force_cache=True, keep_existing=False (CLI: --force --no-keep-existing)."
-        if len(reader) != self._length:
-            raise CacheMismatchError(
-                f"the cache at {self._path} holds {len(reader)} examples, the dataset has "
-                f"{self._length}: the dataset changed since the cache was built. {hint}"
-            )
-        if manifest is not None:
-            from .format.columnar import dataset_identity
-
-            ident = dataset_identity(self.base_dataset)
-            if self.base_dataset is not None and manifest.dataset and manifest.dataset != ident:
-                raise CacheMismatchError(
-                    f"the cache at {self._path} was built from {manifest.dataset}, not {ident}. {hint}"
-                )
-            self._check_fingerprint(manifest)
-            self._check_identity(manifest)
-            if self._parameters is not None and manifest.parameters != self._parameters:
-                raise CacheMismatchError(
-                    f"the cache at {self._path} was built for the arguments {manifest.parameters}, "
-                    f"not {self._parameters}. Use another path per set of arguments, or delete it."
-                )
-
-    def _check_fingerprint(self, manifest: Any) -> None:
-        """Refuse a cache recorded with another configuration of the dataset (issue 16
-        item 21); caches without a recorded fingerprint are not checked."""
-        recorded = getattr(manifest, "fingerprint", None)
-        if recorded is None or self.base_dataset is None:
-            return
-        from .fingerprint import fingerprint_differences
-
-        diffs = fingerprint_differences(recorded, getattr(self, "_fingerprint", None))
-        if diffs:
-            raise CacheMismatchError(
-                f"the cache at {self._path} was built from {type(self.base_dataset).__name__} "
-                f"configured differently ({'; '.join(diffs)}), so its examples may not be what this "
-                "dataset computes. Rebuild it with force_cache=True, keep_existing=False (CLI: "
-                "--force --no-keep-existing), or give this configuration its own name."
-            )
-
-    def _check_identity(self, manifest: Any) -> None:
-        """Refuse a cache of another explicit version; warn (never silently reuse, never
-        rebuild) when the dataset class's source changed and no version says otherwise."""
-        from .fingerprint import identity_problems
-
-        if self.base_dataset is None:
-            return
-        error, warning = identity_problems(getattr(manifest, "identity", None), self._identity)
-        name = type(self.base_dataset).__name__
-        if error:
-            raise CacheMismatchError(
-                f"the cache at {self._path} was built by another version of {name} ({error}). "
-                "Rebuild it with force_cache=True, keep_existing=False (CLI: --force "
-                "--no-keep-existing), or give this version its own path."
-            )
-        if warning:
-            warnings.warn(
-                f"the cache at {self._path} may be stale: {warning}. If the examples are still "
-                f"what {name} computes, set {name}.cache_version (or pass fingerprint=) to record "
-                "that; otherwise rebuild with force_cache=True, keep_existing=False.",
-                UserWarning, stacklevel=4,
-            )
+        quiet_collate_warning()
 
     @classmethod
     def from_cache(
@@ -377,7 +279,7 @@ class CachedDataset(CachedExamples):
         allow_pickle: bool = False,
         transform: Callable[[Any], Any] | None = None,
         pil: str = "image",
-    ) -> "CachedDataset":
+    ) -> CachedDataset:
         """Open the cache ``<root>/cached/<name>`` (or the one at ``path``) without the
         original dataset.
 
@@ -387,175 +289,43 @@ class CachedDataset(CachedExamples):
         :class:`CachedDataset`.
         """
         _check_read_options(transform, pil)
-        if path is not None:
-            path = os.fspath(path)
-            return cls._from_path(path, root=os.path.dirname(os.path.abspath(path)), verify=verify,
-                                  allow_pickle=allow_pickle, transform=transform, pil=pil)
-        if root is None or name is None:
-            raise TypeError("from_cache needs root and name, or path")
-        path = find_cache(os.fspath(root), name, _legacy)
         if path is None:
-            directory, zip_path = cache_paths(os.fspath(root), name)
-            raise CacheNotFoundError(f"no cache named {name!r} under {root} ({directory} or {zip_path})")
-        return cls._from_path(path, root=os.fspath(root), verify=verify, allow_pickle=allow_pickle,
-                              transform=transform, pil=pil)
+            if root is None or name is None:
+                raise TypeError("from_cache needs root and name, or path")
+            path = find_cache(os.fspath(root), name, _legacy)
+            if path is None:
+                directory, zip_path = cache_paths(os.fspath(root), name)
+                raise CacheNotFoundError(f"no cache named {name!r} under {root} ({directory} or {zip_path})")
+            root = os.fspath(root)
+        else:
+            path = os.fspath(path)
+            root = os.path.dirname(os.path.abspath(path))
+        return cls(None, path=path, _root=root, _existing=True, verify=verify, allow_pickle=allow_pickle,
+                   transform=transform, pil=pil)
 
-    @classmethod
-    def _from_path(cls, path: str, *, root: str, verify: bool, allow_pickle: bool,
-                   transform: Callable[[Any], Any] | None = None, pil: str = "image") -> "CachedDataset":
-        self = cls.__new__(cls)
-        self.transform = transform
-        self.pil = pil
-        self.base_dataset = None
-        self._root = root
-        self._path = path
-        self.name = _name_of(path)
-        self._legacy = path.endswith(".zip")
-        self.verify = verify
-        self.allow_pickle = allow_pickle
-        if self._legacy and _rebuild_pending(path):
-            raise IncompleteCacheError(
-                f"a rebuild of the cache at {path} (force_cache=True, keep_existing=False) has not "
-                "finished: the zip there is the old cache. Construct CachedDataset(dataset) "
-                "(or call the @cachable function) to finish the rebuild"
-            )
-        self._reader = open_reader(path, verify=verify, allow_pickle=allow_pickle, pil=pil)
-        self._generation = _fork_generation
-        _quiet_collate_warning()
-        self._length = len(self._reader)
-        self.in_memory_keys = list(getattr(getattr(self._reader, "manifest", None), "in_memory_keys", []))
-        return self
-
-    # -- building ------------------------------------------------------------------------
     def cache_dataset(self) -> None:
         """Compute and store every example not yet cached, then write the labels.
 
         Several processes may call this at once: one builds while the others wait for
         the lock, then find the cache complete and open it.
         """
-        from filelock import FileLock, Timeout
-
-        from .build.executors.local import check_not_bootstrapping
-
-        check_not_bootstrapping()  # a spawned worker re-running an unguarded script: fail, not wait
-        os.makedirs(os.path.dirname(self._path.rstrip(os.sep)) or ".", exist_ok=True)
-        lock = FileLock(self._lock_path())
-        try:
-            lock.acquire(timeout=0.5)
-        except Timeout:
-            if self.progress:
-                print(f"edcache: waiting for another process building {self._path}", file=sys.stderr)
-            lock.acquire()
-        try:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-            if not self.force_cache and self._open_complete(locked=True):
-                return  # another process finished it while we waited
-            if self.base_dataset is None:
-                raise DatasetInterfaceError(
-                    f"the cache at {self._path} is not complete and this CachedDataset was opened "
-                    "without its dataset (from_cache): construct CachedDataset(dataset) to build it"
-                )
-            if self._legacy:  # edflow's completion marker must not outlive what it vouches for
-                from .format.legacy.cachable import remove_length_marker
-
-                remove_length_marker(self._path)
-            created = not os.path.lexists(self._path)
-            try:
-                self._build()
-            except OSError as exc:  # disk full or failing: say so, and that work is kept
-                from .build.coordinator import storage_error
-
-                self._remove_if_unused(created)
-                new = storage_error(exc, self._path)
-                if new is exc:
-                    raise
-                raise new from exc
-            except BaseException:
-                self._remove_if_unused(created)
-                raise
-            if not self._open_complete(locked=True):
-                raise CacheNotFoundError(f"the cache at {self._path} is not complete after building")
-        finally:
-            lock.release()
-
-    def _remove_if_unused(self, created: bool) -> None:
-        """After a failed build that created the cache directory: remove it again if
-        nothing was committed (a later run starts afresh, no empty cache is left)."""
-        if created and not self._legacy:
-            from .format import remove_unused_cache_dir
-
-            remove_unused_cache_dir(self._path)
-
-    def _build(self) -> None:
-        from .build.coordinator import default_num_workers, run_build
-        from .build.worker import DatasetSource
-
-        if self._legacy:
-            from .format.legacy import LegacyZipSink
-
-            if self.codecs:
-                raise DatasetInterfaceError("codecs= needs the edcache format; an edflow zip stores raw values")
-            sink: Any = LegacyZipSink(
-                self._path, self._length, self.in_memory_keys,
-                keep_existing=self.keep_existing, chunk_size=self.chunk_size,
-                allow_pickle=self.allow_pickle,
-            )
-        else:
-            from .format.columnar import dataset_identity, prepare_cache_dir
-
-            # (a build that committed nothing starts afresh, whatever it was built from; one
-            # that committed work of another configuration is refused, naming what differs)
-            sink = prepare_cache_dir(
-                self._path,
-                length=self._length,
-                chunk_size=self.chunk_size,
-                dataset=dataset_identity(self.base_dataset),
-                in_memory_keys=self.in_memory_keys,
-                allow_pickle=self.allow_pickle,
-                keep_existing=self.keep_existing,
-                parameters=self._parameters,
-                fingerprint=self._fingerprint,
-                identity=self._identity,
-                codecs=self.codecs,
-            )
-        num_workers = default_num_workers() if self.num_workers is None else self.num_workers
-        executor = self._executor(num_workers)
-        chunk_size = getattr(sink, "chunk_size", None) or sink.manifest.chunk_size
-        run_build(
-            sink,
-            DatasetSource(dataset=self.base_dataset),
-            executor,
-            length=self._length,
-            chunk_size=chunk_size,
-            progress=self.progress,
-            desc=f"caching {self.name}",
-        )
-
-    def _executor(self, num_workers: int) -> Any:
-        if self.executor is not None:
-            return self.executor() if callable(self.executor) else self.executor
-        if self.scheduler is not None:
-            from .build.executors.dask import DaskExecutor
-
-            return DaskExecutor(self.scheduler, security=self.security)
-        from .build.executors import InlineExecutor, LocalPoolExecutor
-
-        if num_workers == 0:
-            return InlineExecutor()
-        return LocalPoolExecutor(num_workers, mp_context=self.mp_context)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._use(build_cache(self._job()))
 
     # -- reading -------------------------------------------------------------------------
     @property
-    def store(self) -> CacheReader:
+    def reader(self) -> CacheReader:
         """The reader of the cache for this process (re-opened after a fork or unpickling)."""
         if self._reader is None or self._generation != _fork_generation:
-            self._reader = open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle,
-                                       pil=self.pil)
-            self._generation = _fork_generation
-            _quiet_collate_warning()
-        return self._reader
+            self._use(open_reader(self._path, verify=self.verify, allow_pickle=self.allow_pickle, pil=self.pil))
+        return self._reader  # type: ignore[return-value]
+
+    @property
+    def store(self) -> CacheReader:
+        """The reader of the cache for this process: :attr:`reader` (edflow's name)."""
+        return self.reader
 
     @property
     def fork_safe_zip(self) -> Any:
@@ -565,7 +335,7 @@ class CachedDataset(CachedExamples):
         examples folder, an :class:`ExamplesFolder`): ``read("example_3.p")`` returns a
         member's bytes. For the new format it is the shard reader (:attr:`store`).
         """
-        return getattr(self.store, "zipfile", self.store)
+        return self.reader.fork_safe_handle()
 
     def __len__(self) -> int:
         return self._length
@@ -581,7 +351,7 @@ class CachedDataset(CachedExamples):
         if 0 <= j < self._length:
             reader = self._reader
             if reader is None or self._generation != _fork_generation:
-                reader = self.store
+                reader = self.reader
             if not (self._append_labels or self._expand):
                 # sets index_ in dict examples (as _finish would); tuples come back as stored
                 if self.transform is None:
@@ -592,11 +362,11 @@ class CachedDataset(CachedExamples):
 
     def get_example(self, i: int) -> dict:
         """Example ``i`` as stored in the cache (without the transform)."""
-        return self.store.read(i)
+        return self.reader.read(i)
 
     def _get_many(self, indices: list[int]) -> list[dict]:
-        examples = self.store.read_many(indices)
-        return [self._finish(ex, j) for ex, j in zip(examples, indices)]
+        examples = self.reader.read_many(indices)
+        return [self._finish(ex, j) for ex, j in zip(examples, indices, strict=False)]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """Batched fetch (what PyTorch's DataLoader calls): the examples of ``indices``.
@@ -610,7 +380,7 @@ class CachedDataset(CachedExamples):
             return [get(i) for i in ints]
         return self[list(indices)]
 
-    def subset(self, selection: Any, transform: Any = "inherit") -> "CachedSubset":
+    def subset(self, selection: Any, transform: Any = "inherit") -> CachedSubset:
         """A view of some examples: ``selection`` is indices (negatives count from the
         end) or a boolean mask over the whole cache, e.g.
         ``ds.subset(ds.labels["split"] == "train")``.
@@ -625,7 +395,7 @@ class CachedDataset(CachedExamples):
 
         return CachedSubset(self, _as_indices(selection, self._length), transform=transform)
 
-    def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+    def get_batch(self, indices: Sequence[int]) -> dict[str, Any] | tuple[Any, ...]:
         """A collated batch of ``indices``: a dict of arrays and lists.
 
         Fixed-shape arrays and numbers are stacked (gathered column-wise, one fancy
@@ -635,17 +405,16 @@ class CachedDataset(CachedExamples):
         length = self._length
         indices = int_array(indices)  # one conversion, checked vectorized
         idx = normalize_indices(indices, length)
-        reader = self.store
-        fast = getattr(reader, "read_batch", None)
+        reader = self.reader
         columns = reader.read_columns(idx)
         if columns is not None and columns[0] != "dict":  # tuple/list examples: by position
             return tuple(columns[1].values())
-        batch = fast(idx) if fast is not None else None
+        batch = reader.read_batch(idx)
         if batch is None:
             examples = reader.read_many(idx.tolist())
             if examples and all(type(ex) in (tuple, list) for ex in examples):
-                return _collate_positions(examples)
-            batch = _collate(examples)
+                return collate_positions(examples)
+            batch = collate(examples)
         batch["index_"] = idx
         return batch
 
@@ -653,7 +422,7 @@ class CachedDataset(CachedExamples):
     def labels(self) -> dict:
         """The ``in_memory_keys`` columns, read from the cache (numpy arrays, memory-mapped
         where the dtype allows; a list where values do not form an array)."""
-        return self.store.labels
+        return self.reader.labels
 
     @labels.setter
     def labels(self, value: dict) -> None:
@@ -667,7 +436,7 @@ class CachedDataset(CachedExamples):
     @property
     def complete(self) -> bool:
         """Whether the cache holds every example."""
-        return self.store.complete
+        return self.reader.complete
 
     # -- pickling: no open handles travel; each process opens lazily ----------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -714,42 +483,6 @@ def _codecs_option(codecs: Any) -> list | None:
     return normalize_codecs(codecs)
 
 
-def _name_of(path: str) -> str:
-    """The cache name a path implies: its last component without ``.zip``."""
-    name = os.path.basename(os.fspath(path).rstrip(os.sep))
-    return name[:-4] if name.endswith(".zip") else name
-
-
-def _rebuild_pending(path: str) -> bool:
-    from .format.legacy.zip_writer import rebuild_pending
-
-    return rebuild_pending(path)
-
-
-def _collate_positions(examples: list) -> tuple:
-    """Tuple (or list) examples collated position by position, as :func:`_collate` does
-    per key; examples of different lengths keep only the common positions."""
-    width = min(len(ex) for ex in examples)
-    columns = _collate([{n: ex[n] for n in range(width)} for ex in examples])
-    return tuple(columns[n] for n in range(width))
-
-
-def _collate(examples: list[dict]) -> dict[str, Any]:
-    """Stack what stacks (arrays of one shape and dtype, numbers); lists otherwise."""
-    batch: dict[str, Any] = {}
-    for key in examples[0] if examples else ():
-        values = [ex.get(key) for ex in examples]
-        if all(isinstance(v, np.ndarray) for v in values) and len({(v.dtype, v.shape) for v in values}) == 1:
-            batch[key] = np.stack(values)
-        elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
-            batch[key] = np.asarray(values)
-        elif all(type(v) is bool for v in values):  # as a bool column gathers
-            batch[key] = np.asarray(values, dtype=bool)
-        else:
-            batch[key] = values
-    return batch
-
-
 class PathCachedDataset(CachedDataset):
     """A :class:`CachedDataset` stored at an explicit ``path`` (used by :func:`cachable`).
 
@@ -763,16 +496,13 @@ class PathCachedDataset(CachedDataset):
     def __init__(self, dataset: Any, path: str, **kwargs: Any) -> None:
         path = os.fspath(path)
         if dataset is None:
-            allow_pickle = kwargs.get("allow_pickle", False)
-            fresh = CachedDataset._from_path(
-                path, root=os.path.dirname(path), verify=kwargs.get("verify", False),
-                allow_pickle=allow_pickle, transform=kwargs.get("transform"), pil=kwargs.get("pil", "image"),
-            )
-            self.__dict__.update(fresh.__dict__)
+            kwargs.setdefault("_root", os.path.dirname(path))
+            read = {k: v for k, v in kwargs.items() if k in ("verify", "allow_pickle", "transform", "pil", "_root")}
+            super().__init__(None, _path=path, _existing=True, **read)
             if self._legacy:  # edflow's cachable recorded the length in path + ".p"
                 from .format.legacy import read_cachable_length
 
-                recorded = read_cachable_length(path, allow_pickle=allow_pickle)
+                recorded = read_cachable_length(path, allow_pickle=self.allow_pickle)
                 if recorded is not None:
                     self._length = recorded
             return
@@ -786,123 +516,3 @@ class PathCachedDataset(CachedDataset):
                 recorded = None
             if recorded != len(self):
                 write_length_marker(path, len(self))
-
-
-def _canonical(value: Any) -> Any:
-    """A JSON-able, address-free description of an argument (for cache keys)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if hasattr(value, "__fspath__"):
-        return os.fspath(value)
-    return repr(value)
-
-
-def parameters_fingerprint(args: tuple, kwargs: dict) -> str:
-    """The string ``cachable`` records for the arguments a cache was built from."""
-    import json
-
-    return json.dumps({"args": _canonical(list(args)), "kwargs": _canonical(kwargs)}, sort_keys=True)
-
-
-def _build_running(cache_path: str) -> bool:
-    """Whether another process holds the build lock of the cache at ``cache_path``."""
-    from filelock import FileLock, Timeout
-
-    head, tail = os.path.split(os.path.abspath(cache_path))
-    if not os.path.isdir(head):
-        return False
-    lock = FileLock(os.path.join(head, f".{tail}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except (Timeout, RuntimeError):  # RuntimeError: held by this very thread
-        return True
-    lock.release()
-    return False
-
-
-def _cachable_zip(
-    fn: Callable[..., Any], path: str, args: tuple, kwargs: dict, params: str, options: dict
-) -> Any:
-    """``cachable`` on an edflow zip: edflow's side files ``path.p`` and ``pathparameters.p``.
-
-    The arguments are recorded before the first chunk is computed. While another process
-    builds the zip (its lock is held) and ``path.p`` does not exist yet, the call is
-    edflow's worker mode: it returns ``fn(*recorded args)``, uncached. Otherwise an
-    interrupted build resumes if the arguments are the recorded ones.
-    """
-    from .format.legacy import read_cachable_length, read_cachable_parameters
-    from .format.legacy.cachable import write_parameters
-    from .format.legacy.zip_writer import PARTIAL_SUFFIX
-
-    allow_pickle = options.get("allow_pickle", False)
-    force = options.get("force_cache", False)
-    fresh = force and not options.get("keep_existing", True)
-    hint = ("Call it with those arguments to use (or resume) that cache, use another path per "
-            "set of arguments, or rebuild with @cachable(path, force_cache=True, keep_existing=False).")
-    if not force and read_cachable_length(path, allow_pickle=allow_pickle) is not None:
-        recorded = read_cachable_parameters(path, allow_pickle=allow_pickle)
-        if recorded is not None and parameters_fingerprint(*recorded) != params:
-            raise CacheMismatchError(
-                f"the cache at {path} was built by {fn.__qualname__} with the arguments "
-                f"{parameters_fingerprint(*recorded)}, not {params}. {hint}"
-            )
-        return PathCachedDataset(None, path, **{k: v for k, v in options.items()
-                                                if k in ("verify", "allow_pickle", "transform", "pil")})
-    recorded = None if fresh else read_cachable_parameters(path, allow_pickle=allow_pickle)
-    if recorded is not None:
-        if _build_running(path):  # edflow's worker mode: the dataset itself, uncached
-            return fn(*recorded[0], **recorded[1])
-        started = os.path.exists(path) or os.path.exists(path + PARTIAL_SUFFIX)
-        if started and parameters_fingerprint(*recorded) != params:
-            raise CacheMismatchError(
-                f"the interrupted build at {path} was started by {fn.__qualname__} with the "
-                f"arguments {parameters_fingerprint(*recorded)}, not {params}: resuming it would "
-                f"mix examples of both. {hint}"
-            )
-    dataset = fn(*args, **kwargs)
-    write_parameters(path, tuple(args), dict(kwargs))  # before the first chunk
-    return PathCachedDataset(dataset, path, **options)  # writes path.p when complete
-
-
-def cachable(path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., CachedDataset]]:
-    """Decorator: cache the dataset a function returns at ``path``.
-
-    The first call runs the function and caches its dataset; later calls with the same
-    arguments open the cache without calling the function. The arguments are recorded
-    in the cache: calling with other arguments raises :class:`CacheMismatchError`
-    instead of silently returning the old data. An interrupted build resumes.
-    Keyword ``options`` go to :class:`PathCachedDataset` (``num_workers``, ...).
-    """
-
-    def decorator(fn: Callable[..., Any]) -> Callable[..., CachedDataset]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> CachedDataset:
-            params = parameters_fingerprint(args, kwargs)
-            if path.endswith(".zip"):
-                return _cachable_zip(fn, path, args, kwargs, params, options)
-            try:
-                reader = open_reader(path)
-            except CacheNotFoundError:
-                reader = None
-            if reader is not None:
-                manifest = getattr(reader, "manifest", None)
-                recorded = getattr(manifest, "parameters", None)
-                if manifest is not None and recorded is not None and recorded != params:
-                    raise CacheMismatchError(
-                        f"the cache at {path} was built by {fn.__qualname__} with the arguments "
-                        f"{recorded}, not {params}. Use another path per set of arguments, or delete it."
-                    )
-                if reader.complete:
-                    reader.close()
-                    return PathCachedDataset(None, path, **{k: v for k, v in options.items()
-                                                            if k in ("verify", "allow_pickle", "transform", "pil")})
-                reader.close()
-            return PathCachedDataset(fn(*args, **kwargs), path, _parameters=params, **options)
-
-        return wrapper
-
-    return decorator

@@ -22,6 +22,7 @@ puts ``(name, pickle bytes)`` results on the out-queue. They run on
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
 import os
 import pickle
 import queue
@@ -29,8 +30,9 @@ import secrets
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from multiprocessing.managers import BaseManager
-from typing import Any, Callable
+from typing import Any
 
 #: edflow's default key, known to everyone: accepted only on loopback (with a warning).
 LEGACY_AUTHKEY = b"edcache"
@@ -93,10 +95,15 @@ _EXPOSED = ("put", "put_nowait", "get", "get_nowait", "qsize", "empty", "close",
 class QueueManager(BaseManager):
     """The manager class behind :func:`make_server_manager` / :func:`make_client_manager`."""
 
+    def __init__(self, address: Any = None, authkey: bytes | None = None, **kwargs: Any) -> None:
+        super().__init__(address, authkey, **kwargs)
+        # what BaseManager uses: the given key, else this process's (multiprocessing's default)
+        self._secret = bytes(authkey if authkey is not None else multiprocessing.current_process().authkey)
+
     @property
     def authkey(self) -> bytes:
-        """The secret clients need (``bytes(manager._authkey)``)."""
-        return bytes(self._authkey)
+        """The secret clients need."""
+        return self._secret
 
 
 QueueManager.register("get_inqueue", callable=_get_inqueue, exposed=_EXPOSED)
@@ -156,7 +163,7 @@ def make_server_manager(port: int = DEFAULT_PORT, authkey: bytes | None = None, 
     key = _check_key(key, host)
     manager = QueueManager(address=(host, port), authkey=key)
     manager.start()
-    print(f"Started manager server at {manager.address}", flush=True)
+    print(f"Started manager server at {manager.address!s}", flush=True)
     if authkey is None and os.environ.get(AUTHKEY_ENV) is None:
         print(f"Clients connect with authkey=bytes.fromhex({key.hex()!r}) "
               f"(or {AUTHKEY_ENV}={key.hex()})", flush=True)
@@ -178,7 +185,7 @@ def make_client_manager(ip: str, port: int = DEFAULT_PORT, authkey: bytes | None
         key = key.encode()
     manager = QueueManager(address=(ip, port), authkey=bytes(key))
     manager.connect()
-    print(f"Connected to server at {manager.address}", flush=True)
+    print(f"Connected to server at {manager.address!s}", flush=True)
     return manager
 
 

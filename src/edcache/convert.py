@@ -21,11 +21,13 @@ another cache), so any dataset with the same length and labels may open it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import zipfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -128,7 +130,7 @@ def _same(a: Any, b: Any, where: str) -> None:
     elif isinstance(a, (list, tuple)):
         if len(a) != len(b):
             raise BuildError(f"{where}: length {len(a)} became {len(b)}")
-        for k, (x, y) in enumerate(zip(a, b)):
+        for k, (x, y) in enumerate(zip(a, b, strict=False)):
             _same(x, y, f"{where}[{k}]")
     elif isinstance(a, (np.ndarray, np.generic)):
         if a.dtype != b.dtype or np.shape(a) != np.shape(b) or not _equal(a, b):
@@ -142,7 +144,7 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return list(a) == list(b) and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=False))
     numeric = (np.ndarray, np.generic, int, float, complex)
     if isinstance(a, numeric) and isinstance(b, numeric):
         try:
@@ -270,10 +272,8 @@ def _remove_leftovers(dst: str) -> None:
         return
     for name in names:
         if pattern.fullmatch(name):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(head, name))
-            except OSError:
-                pass
 
 
 def _forget_reader_identity(dst: str, src: str | None = None) -> None:
@@ -288,10 +288,8 @@ def _forget_reader_identity(dst: str, src: str | None = None) -> None:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def convert(src: str, dst: str, *, allow_pickle: bool = False, progress: bool = True) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class DemoImages(DatasetMixin):
         Processes writing the JPEGs (``None`` = all cores, ``0`` = this process).
     """
 
-    in_memory_keys = ["label", "split"]
+    in_memory_keys: ClassVar[list[str]] = ["label", "split"]
 
     def __init__(self, root: str = DEFAULT_ROOT, n: int = 2000, size: int = 64, progress: bool = True,
                  workers: int | None = None) -> None:
@@ -99,7 +99,7 @@ class DemoImages(DatasetMixin):
         os.makedirs(self.image_dir, exist_ok=True)
         from tqdm.auto import tqdm
 
-        from .build.coordinator import default_num_workers
+        from .building.coordinator import default_num_workers
 
         workers = default_num_workers() if workers is None else workers
         bar = tqdm(total=len(missing), desc="writing demo JPEGs", unit="img", disable=not self.progress)
@@ -122,9 +122,10 @@ class DemoImages(DatasetMixin):
     def get_example(self, i: int) -> dict[str, Any]:
         from PIL import Image
 
+        bilinear = Image.BILINEAR  # type: ignore[attr-defined]  # (Pillow 9.0 has no Image.Resampling)
         with Image.open(self._path(i)) as im:
-            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-            pixels = np.asarray(im, dtype=np.float32)
+            small = im.convert("RGB").resize((self.size, self.size), bilinear)
+            pixels = np.asarray(small, dtype=np.float32)
         return {
             "image": pixels / 127.5 - 1.0,
             "label": i % CLASSES,

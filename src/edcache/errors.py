@@ -83,18 +83,18 @@ class ClusterError(EdcacheError, RuntimeError):
 
 
 __all__ = [
-    "EdcacheError",
-    "DatasetInterfaceError",
+    "BuildError",
+    "CacheMismatchError",
+    "CacheNotFoundError",
+    "ClusterError",
     "CodecError",
     "CodecSpecError",
-    "MissingExtraError",
-    "ExampleError",
-    "LabelError",
     "CorruptCacheError",
+    "DatasetInterfaceError",
+    "EdcacheError",
+    "ExampleError",
     "IncompleteCacheError",
-    "CacheMismatchError",
+    "LabelError",
+    "MissingExtraError",
     "UnsafePickleError",
-    "CacheNotFoundError",
-    "BuildError",
-    "ClusterError",
 ]

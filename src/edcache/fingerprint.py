@@ -13,13 +13,15 @@ tuples and dicts of those). Everything else is left out: private attributes
 (``_cache``), large containers, arrays, callables, other objects (a model, an open
 file, a list of 100,000 file names), and the attributes that say where the cache is
 (``root``, ``name``; moving a cache must keep it usable) or that are checked on their
-own (``in_memory_keys``, ``cache_version``: see :func:`dataset_identity_record`). A dataset may name more attributes to leave out in a class
-attribute ``fingerprint_exclude`` (e.g. a log directory), or define
+own (``in_memory_keys``, ``cache_version``: see :func:`dataset_identity_record`). A
+dataset may name more attributes to leave out in a class attribute ``fingerprint_exclude``
+(e.g. a log directory), or define
 ``cache_fingerprint()`` returning a JSON-able value to use instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,8 +44,22 @@ class _Skip(Exception):
     """The value is not simple configuration."""
 
 
+#: What :func:`_simple_scalar` returns for a value that is not a scalar.
+_NOT_SCALAR = object()
+
+
 def _simple(value: Any, depth: int = 0) -> Any:
     """``value`` as canonical JSON-able data, or raise :class:`_Skip`."""
+    scalar = _simple_scalar(value, depth)
+    if scalar is not _NOT_SCALAR:
+        return scalar
+    if depth >= _MAX_DEPTH:
+        raise _Skip
+    return _simple_container(value, depth)
+
+
+def _simple_scalar(value: Any, depth: int) -> Any:
+    """A None, bool, number, str or path as JSON-able data; :data:`_NOT_SCALAR` for other values."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, np.generic) and value.dtype.kind in "biuf":
@@ -60,8 +76,10 @@ def _simple(value: Any, depth: int = 0) -> Any:
     if isinstance(value, os.PathLike):
         path = os.fspath(value)
         return _simple(os.fsdecode(path) if isinstance(path, bytes) else path, depth)
-    if depth >= _MAX_DEPTH:
-        raise _Skip
+    return _NOT_SCALAR
+
+
+def _simple_container(value: Any, depth: int) -> Any:
     if isinstance(value, (list, tuple)):
         if len(value) > MAX_ITEMS:
             raise _Skip
@@ -75,10 +93,8 @@ def _simple(value: Any, depth: int = 0) -> Any:
 
 def _attributes(dataset: Any) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
-    try:
+    with contextlib.suppress(TypeError):  # no __dict__
         attrs.update(vars(dataset))
-    except TypeError:  # no __dict__
-        pass
     for cls in type(dataset).__mro__:
         slots = cls.__dict__.get("__slots__", ())
         for slot in (slots,) if isinstance(slots, str) else slots:
@@ -170,7 +186,7 @@ def dataset_identity_record(dataset: Any, version: Any = None) -> str | None:
         return None
     if version is None:
         version = getattr(dataset, "cache_version", None)
-    if version is not None and not isinstance(version, (str, int)) or isinstance(version, bool):
+    if (version is not None and not isinstance(version, (str, int))) or isinstance(version, bool):
         raise TypeError(f"a cache version (fingerprint= or cache_version) is a str or int, not {version!r}")
     cls = type(dataset)
     doc = {"class": f"{cls.__module__}.{cls.__qualname__}", "source": _class_source_hash(cls),

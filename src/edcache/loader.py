@@ -31,10 +31,9 @@ torch is imported only when a loader is iterated or made.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from typing import Any
-
-import sys
 
 import numpy as np
 
@@ -217,11 +216,7 @@ class BatchReader:
         plain = not (ds._append_labels or ds._expand or base._append_labels or base._expand)
         reader = base.store
         if plain:
-            read_columns = getattr(reader, "read_columns", None)
-            found = read_columns(rows) if read_columns is not None and len(rows) else None
-            if read_columns is None and len(rows) and hasattr(reader, "read_batch"):  # format v1
-                cols = reader.read_batch(rows)
-                found = ("dict", cols) if cols is not None else None
+            found = reader.read_columns(rows) if len(rows) else None
             if found is not None:
                 container, cols = found
                 if container == "dict":
@@ -229,7 +224,7 @@ class BatchReader:
                     return _sent(_NumpyBatch("dict", cols))
                 return _sent(_NumpyBatch(container, [cols[p] for p in sorted(cols)]))
             examples = reader.read_many(rows.tolist())
-            for ex, p in zip(examples, positions.tolist()):
+            for ex, p in zip(examples, positions.tolist(), strict=False):
                 if type(ex) is dict:
                     ex["index_"] = p
         else:
@@ -389,8 +384,11 @@ class CacheLoader:
         if self._dataloader is None:
             from torch.utils.data import DataLoader
 
-            self._dataloader = DataLoader(BatchReader(self.dataset), batch_size=None, sampler=self._plan,
-                                          num_workers=self.num_workers, collate_fn=_identity, **self._kwargs)
+            self._dataloader = DataLoader(
+                BatchReader(self.dataset),  # type: ignore[arg-type]  # map-style: __len__ and __getitem__
+                batch_size=None, sampler=self._plan, num_workers=self.num_workers, collate_fn=_identity,
+                **self._kwargs,
+            )
         return self._dataloader
 
     def __iter__(self) -> Iterator[Any]:
@@ -464,10 +462,10 @@ def _distributed_defaults() -> tuple[int, int]:
     """``(rank, world_size)`` of an initialized ``torch.distributed`` group, else (0, 1)."""
     import sys
 
-    dist = sys.modules.get("torch.distributed")
+    dist: Any = sys.modules.get("torch.distributed")
     if dist is None:
         try:
-            import torch.distributed as dist  # type: ignore[no-redef]
+            import torch.distributed as dist
         except ImportError:
             return 0, 1
     if dist.is_available() and dist.is_initialized():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ class CachedSubset(CachedExamples):
             batch["index_"] = ks_arr
         return batch
 
-    def subset(self, selection: Any, transform: Any = "inherit") -> "CachedSubset":
+    def subset(self, selection: Any, transform: Any = "inherit") -> CachedSubset:
         """A view of positions ``selection`` (indices or a boolean mask) of this view
         (with this view's transform unless ``transform`` is given)."""
         return CachedSubset(self.parent, self.indices[_as_indices(selection, len(self))],

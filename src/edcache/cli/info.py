@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..format import open_reader
+from ..format.base import CacheReader
 
 
 def disk_usage(path: str) -> int:
@@ -17,7 +19,7 @@ def disk_usage(path: str) -> int:
     return total
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -25,27 +27,27 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
-def _committed_v2(path: str, manifest: object) -> int:
+def _committed_v2(path: str, manifest: Any) -> int:
     from ..format.columnar.log import read_log
 
-    if getattr(manifest, "complete", False):
-        return manifest.num_chunks  # type: ignore[attr-defined]
+    if manifest.complete:
+        return int(manifest.num_chunks)
     state = read_log(path)
     return state.committed if state else 0
 
 
-def _manifest_lines(lines: list[str], manifest: object, complete: bool, committed: int) -> None:
+def _manifest_lines(lines: list[str], manifest: Any, complete: bool, committed: int) -> None:
     m = manifest
-    lines.append(f"dataset:     {m.dataset or '?'}")  # type: ignore[attr-defined]
-    lines.append(f"examples:    {m.length}")  # type: ignore[attr-defined]
-    lines.append(f"chunk size:  {m.chunk_size} ({m.num_chunks} chunks)")  # type: ignore[attr-defined]
+    lines.append(f"dataset:     {m.dataset or '?'}")
+    lines.append(f"examples:    {m.length}")
+    lines.append(f"chunk size:  {m.chunk_size} ({m.num_chunks} chunks)")
     if complete:
         lines.append("complete:    yes")
     else:
-        lines.append(f"complete:    no ({committed} of {m.num_chunks} chunks committed)")  # type: ignore[attr-defined]
-    pickles = "allowed" if m.allow_pickle else "none (safe codec only)"  # type: ignore[attr-defined]
+        lines.append(f"complete:    no ({committed} of {m.num_chunks} chunks committed)")
+    pickles = "allowed" if m.allow_pickle else "none (safe codec only)"
     lines.append(f"pickles:     {pickles}")
-    identity = getattr(m, "identity", None)
+    identity = m.identity
     if identity:
         import json
 
@@ -55,10 +57,11 @@ def _manifest_lines(lines: list[str], manifest: object, complete: bool, committe
                          f"version {doc.get('version') if doc.get('version') is not None else '-'}")
         except (ValueError, AttributeError):
             lines.append(f"identity:    {identity}")
-    if getattr(m, "fingerprint", None):
-        lines.append(f"config:      {m.fingerprint}")  # type: ignore[attr-defined]
-    if getattr(m, "codecs", None):
-        asked = ", ".join(f"{'*' if k is None else k}={c}" for k, c in m.codecs)  # type: ignore[attr-defined]
+    if m.fingerprint:
+        lines.append(f"config:      {m.fingerprint}")
+    codecs = getattr(m, "codecs", None)  # v2 manifests only
+    if codecs:
+        asked = ", ".join(f"{'*' if k is None else k}={c}" for k, c in codecs)
         lines.append(f"codecs:      {asked} (as built: per column below)")
 
 
@@ -75,14 +78,11 @@ def _stored(col: dict) -> str:
     return f"{codec}{lossy}, {_size(col['bytes'])} stored of {_size(raw)} raw (ratio {ratio})"
 
 
-def describe(path: str, *, allow_pickle: bool = False) -> str:
-    """A human-readable summary: length, size on disk, completeness, columns, label keys
-    and dtypes (``allow_pickle``: open a cache built with ``allow_pickle=True``)."""
-    path = path.rstrip(os.sep) or path
-    reader = open_reader(path, allow_pickle=allow_pickle)
-    manifest = getattr(reader, "manifest", None)
-    lines = [f"path:        {path}"]
-    if manifest is not None and hasattr(reader, "columns"):
+def _format_lines(path: str, reader: CacheReader, columns: list | None) -> list[str]:
+    """Which format the cache is in, and what its manifest records."""
+    manifest = reader.manifest
+    lines: list[str] = []
+    if manifest is not None and columns is not None:
         lines.append("format:      edcache v2 (one file or two per column)")
         _manifest_lines(lines, manifest, reader.complete, _committed_v2(path, manifest))
     elif manifest is not None:
@@ -97,29 +97,46 @@ def describe(path: str, *, allow_pickle: bool = False) -> str:
         lines.append(f"format:      edflow legacy ({type(reader).__name__})")
         lines.append(f"examples:    {len(reader)}")
         lines.append(f"complete:    {'yes' if reader.complete else 'no'}")
-    lines.append(f"size:        {_size(disk_usage(path))}")
-    if hasattr(reader, "columns"):
-        lines.append("columns:")
-        for col in reader.columns():
-            shape = "" if col["shape"] is None else " (" + ", ".join(map(str, col["shape"])) + ")"
-            dtype = f" {col['dtype']}" if col["dtype"] else ""
-            key = "-" if col["key"] is None else repr(col["key"])
-            wrap = f" as {col['wrap']}" if col.get("wrap") else ""
-            lines.append(f"  {key}: {col['kind']}{dtype}{shape}{wrap}, {_stored(col)}")
+    return lines
+
+
+def _column_lines(columns: list | None) -> list[str]:
+    if columns is None:
+        return []
+    lines = ["columns:"]
+    for col in columns:
+        shape = "" if col["shape"] is None else " (" + ", ".join(map(str, col["shape"])) + ")"
+        dtype = f" {col['dtype']}" if col["dtype"] else ""
+        key = "-" if col["key"] is None else repr(col["key"])
+        wrap = f" as {col['wrap']}" if col.get("wrap") else ""
+        lines.append(f"  {key}: {col['kind']}{dtype}{shape}{wrap}, {_stored(col)}")
+    return lines
+
+
+def _label_lines(reader: CacheReader) -> list[str]:
     try:
         labels = reader.labels
     except KeyError:
-        labels = None
-    if labels is None:
-        lines.append("labels:      (not written yet)")
-    elif not labels:
-        lines.append("labels:      (none)")
-    else:
-        lines.append("labels:")
-        for key, column in labels.items():
-            if hasattr(column, "dtype"):
-                lines.append(f"  {key}: {column.dtype} {tuple(column.shape)}")
-            else:
-                lines.append(f"  {key}: list of {len(column)} values")
-    reader.close()
+        return ["labels:      (not written yet)"]
+    if not labels:
+        return ["labels:      (none)"]
+    lines = ["labels:"]
+    for key, column in labels.items():
+        if hasattr(column, "dtype"):
+            lines.append(f"  {key}: {column.dtype} {tuple(column.shape)}")  # type: ignore[union-attr]
+        else:
+            lines.append(f"  {key}: list of {len(column)} values")
+    return lines
+
+
+def describe(path: str, *, allow_pickle: bool = False) -> str:
+    """A human-readable summary: length, size on disk, completeness, columns, label keys
+    and dtypes (``allow_pickle``: open a cache built with ``allow_pickle=True``)."""
+    path = path.rstrip(os.sep) or path
+    with open_reader(path, allow_pickle=allow_pickle) as reader:
+        columns = reader.columns()
+        lines = [f"path:        {path}", *_format_lines(path, reader, columns)]
+        lines.append(f"size:        {_size(disk_usage(path))}")
+        lines += _column_lines(columns)
+        lines += _label_lines(reader)
     return "\n".join(lines)

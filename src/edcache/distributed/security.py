@@ -18,6 +18,7 @@ Users with their own PKI pass ``ca``/``cert``/``key`` paths instead
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import stat
@@ -127,16 +128,15 @@ def ensure_credentials(path: str | None = None) -> tuple[str, bool]:
     if os.path.exists(path):
         check_credentials_file(path)
         return path, False
-    try:
+    with contextlib.suppress(FileExistsError):  # a concurrent start won the race: use its file
         write_credentials(path, generate_credentials_pem())
-    except FileExistsError:  # a concurrent start won the race: use its file
-        pass
     check_credentials_file(path)
     return path, True
 
 
 def _split_pem(data: str) -> tuple[list[str], list[str]]:
-    certs, keys = [], []
+    certs: list[str] = []
+    keys: list[str] = []
     block: list[str] = []
     for line in data.splitlines():
         if line.startswith("-----BEGIN "):

@@ -1,7 +1,7 @@
 """``edcache --server``: a Dask scheduler and the build coordinator in one process.
 
 The scheduler runs on a private event-loop thread of this process; the coordinator
-(the usual :func:`~edcache.build.coordinator.run_build` loop, driven through
+(the usual :func:`~edcache.building.coordinator.run_build` loop, driven through
 :class:`~edcache.CachedDataset`) connects to it with a :class:`DaskExecutor` and is the
 only writer of the cache. Workers join with ``edcache --address`` (the exact command
 is printed on start); ``--local-workers N`` also runs N workers here.
@@ -23,6 +23,8 @@ A killed server loses nothing that was committed: starting it again resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -31,26 +33,19 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import ClusterError
-
-DEFAULT_PORT = 63127
-DEFAULT_WORKER_TTL = 60.0
-DEFAULT_ALLOWED_FAILURES = 10
-
-
-def dask_config(
-    worker_ttl: float = DEFAULT_WORKER_TTL, allowed_failures: int = DEFAULT_ALLOWED_FAILURES
-) -> dict[str, Any]:
-    """The Dask settings edcache's server and workers run with."""
-    return {
-        "distributed.scheduler.worker-ttl": f"{worker_ttl}s",
-        "distributed.scheduler.allowed-failures": int(allowed_failures),
-        "distributed.comm.require-encryption": True,
-        # TLS handshakes on a loaded machine can be slow; never give up too early
-        "distributed.comm.timeouts.connect": "30s",
-    }
+from .config import (
+    DEFAULT_ALLOWED_FAILURES,
+    DEFAULT_PORT,
+    DEFAULT_WORKER_TTL,
+    configure_logging,
+    dask_config,
+    print_status,
+)
+from .worker import SlotOptions, listen_host_for, mark_done, run_slots
 
 
 def public_host(host: str) -> str:
@@ -145,10 +140,6 @@ class InProcessCluster:
         if self.worker_ttl:
             self._watchdog = asyncio.ensure_future(self._drop_silent_workers(self.worker_ttl))
         if self.local_workers:
-            from .worker import SlotOptions, run_slots
-
-            from .worker import listen_host_for
-
             # listen where remote workers can reach them (they fetch data from peers)
             public = f"tls://{public_host(self.host)}:{self.scheduler.port}"
             options = SlotOptions(
@@ -177,12 +168,10 @@ class InProcessCluster:
                 silent = now - ws.last_seen
                 if silent > ttl:
                     log.warning("worker %s silent for %.0f s; dropping it", ws.address, silent)
-                    try:
+                    with contextlib.suppress(Exception):  # already gone
                         await self.scheduler.remove_worker(
                             ws.address, stimulus_id=f"edcache-worker-ttl-{now}", close=True
                         )
-                    except Exception:  # already gone
-                        pass
 
     def connect_address(self) -> str:
         """Where a client on this host reaches the scheduler."""
@@ -211,12 +200,8 @@ class InProcessCluster:
         """Tell every connected ``edcache --address`` process that the cache is complete."""
         if self._client is None:
             return
-        from .worker import _mark_done
-
-        try:
-            self._client.run(_mark_done, nanny=True, on_error="ignore")
-        except Exception:  # a worker leaving at this moment: it times out on its own
-            pass
+        with contextlib.suppress(Exception):  # a worker leaving at this moment: it times out on its own
+            self._client.run(mark_done, nanny=True, on_error="ignore")
         deadline = time.monotonic() + 10  # let them close before the scheduler does
         while self.n_workers() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -226,10 +211,8 @@ class InProcessCluster:
         if self._loop is None:
             return
         if self._client is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._client.close(timeout=10)
-            except Exception:
-                pass
             self._client = None
 
         async def _close() -> None:
@@ -238,17 +221,13 @@ class InProcessCluster:
             if self._stop is not None:
                 self._stop.set()
             if self._slots is not None:
-                try:
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._slots, timeout=30)
-                except Exception:
-                    pass
             if self.scheduler is not None:
                 await self.scheduler.close(reason="edcache-server-exit")
 
-        try:
+        with contextlib.suppress(Exception):
             self._call(_close(), timeout=60)
-        except Exception:
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -275,13 +254,6 @@ def worker_command(
     return shlex.join(argv)
 
 
-def _status_printer(message: str, n_workers: int) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"edcache server: {message}", file=sys.stderr)
-    sys.stderr.flush()
-
-
 def _sigterm_as_interrupt() -> Callable[[], None]:
     """Make SIGTERM stop the server like Ctrl-C (workers are told, locks released)."""
     if threading.current_thread() is not threading.main_thread():
@@ -291,7 +263,11 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, old)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, old)
+
+    return restore
 
 
 def run_server(
@@ -315,6 +291,7 @@ def run_server(
     allow_pickle: bool = False,
     progress: bool = True,
     verbose: bool = False,
+    codecs: str | dict | None = None,
 ) -> int:
     """The body of ``edcache --server``; returns the process exit status (0: complete).
 
@@ -323,11 +300,10 @@ def run_server(
     """
     import dask
 
-    from ..build.executors.dask import DaskExecutor
-    from ..build.worker import import_factory
+    from ..building.compute import import_factory
     from ..cached import CachedDataset
+    from .executor import DaskExecutor
     from .security import ensure_credentials, make_security
-    from .worker import configure_logging
 
     configure_logging(verbose)
     dask.config.set(dask_config(worker_ttl, allowed_failures))
@@ -364,22 +340,22 @@ def run_server(
             shown = start_cluster()
             print(f"edcache server: from Python: CachedDataset(dataset, scheduler='tls://{shown}', "
                   f"security={cred_path!r})", file=sys.stderr, flush=True)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
-            except KeyboardInterrupt:
-                pass
             return 0
 
         def executor() -> DaskExecutor:  # the cluster starts only if a build is needed
             start_cluster()
             return DaskExecutor(
-                cluster.client(), staged=shared_fs, factory=dataset, on_status=_status_printer,
+                cluster.client(), staged=shared_fs, factory=dataset,
+                on_status=functools.partial(print_status, prefix="edcache server"),
                 gather_timeout=max(worker_ttl, 1.0),
             )
 
         cached = CachedDataset(
             ds, force_cache=force, keep_existing=keep_existing, _legacy=legacy,
             chunk_size=chunk_size, allow_pickle=allow_pickle, progress=progress, executor=executor,
+            codecs=codecs,
         )
         cluster.announce_done()
         print(f"edcache server: the cache at {cached.path} is complete ({len(cached)} examples)",

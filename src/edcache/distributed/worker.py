@@ -17,6 +17,7 @@ host that lacks the user's code fails at once with a clear message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -27,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ClusterError
+from .config import DEFAULT_PORT, configure_logging, dask_config
 
 
-def _mark_done(dask_worker: Any = None) -> int:
+def mark_done(dask_worker: Any = None) -> int:
     """Run by the server on every nanny (``client.run(..., nanny=True)``) when the build is done.
 
     Dask passes the nanny itself as ``dask_worker``; the slot running it sees the mark
@@ -238,17 +240,13 @@ async def wait_for_scheduler(
 
 
 async def _quiet_close(nanny: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await asyncio.wait_for(nanny.close(reason="edcache-slot-exit"), timeout=15)
-    except Exception:
-        pass
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
-        pass
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -285,18 +283,6 @@ async def run_slots(options: SlotOptions, n: int, stop: asyncio.Event) -> list[s
     return list(outcomes)
 
 
-def configure_logging(verbose: bool) -> None:
-    """distributed logs at INFO by default; keep the CLI quiet unless ``verbose``."""
-    # worker processes configure logging from the environment when they import Dask
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "warning")
-    import distributed  # noqa: F401  (configures its loggers on import)
-
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ["distributed", *logging.root.manager.loggerDict]:
-        if name == "distributed" or name.startswith("distributed."):
-            logging.getLogger(name).setLevel(level)
-
-
 def run_worker(
     address: str,
     *,
@@ -318,14 +304,13 @@ def run_worker(
     """
     import dask
 
-    from ..build.worker import import_factory
+    from ..building.compute import import_factory
     from .security import make_security, tls_address
-    from .server import DEFAULT_PORT, dask_config
 
     if dataset:
         import_factory(dataset)  # fail fast, before joining, if this host cannot import it
     if nworkers is None:
-        from ..build.coordinator import default_num_workers
+        from ..building.coordinator import default_num_workers
 
         nworkers = default_num_workers()
     if nworkers < 1:
@@ -342,10 +327,8 @@ def run_worker(
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):
-                pass
         _say(f"{nworkers} worker process(es) for {addr}")
         return await run_slots(options, nworkers, stop)
 
@@ -361,4 +344,4 @@ def run_worker(
     return 130  # SIGINT / SIGTERM
 
 
-__all__ = ["SlotOptions", "WorkerSlot", "listen_host_for", "run_slots", "run_worker"]
+__all__ = ["SlotOptions", "WorkerSlot", "listen_host_for", "mark_done", "run_slots", "run_worker"]

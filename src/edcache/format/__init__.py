@@ -50,6 +50,12 @@ def cache_paths(root: str, name: str) -> tuple[str, str]:
     return base, base + ".zip"
 
 
+def cache_name(path: str) -> str:
+    """The cache name a path implies: its last component without ``.zip``."""
+    name = os.path.basename(os.fspath(path).rstrip(os.sep))
+    return name[:-4] if name.endswith(".zip") else name
+
+
 def open_reader(
     path: str, *, legacy: bool | None = None, verify: bool = False, allow_pickle: bool = False,
     pil: str = "image",
@@ -105,13 +111,9 @@ def remove_unused_cache_dir(cache_dir: str) -> bool:
     directory as it is. Returns whether it was removed; never raises for a file-system
     error (the directory is then simply left).
     """
-    import re
-
     from .columnar.log import read_log
-    from .columnar.manifest import COLUMNS_DIR, COMMITS, LABELS_DIR, MANIFEST, read_manifest
-    from .fsutil import is_temp
+    from .columnar.manifest import read_manifest
 
-    ours = re.compile(r"^\d{4}(\.\d+)?\.(data|index)$")
     try:
         if os.path.islink(cache_dir) or not os.path.isdir(cache_dir):
             return False
@@ -119,23 +121,43 @@ def remove_unused_cache_dir(cache_dir: str) -> bool:
         state = read_log(cache_dir)
         if manifest.complete or state is None or state.committed or state.invalid:
             return False
-        entries = set(os.listdir(cache_dir))
-        if not entries <= {MANIFEST, COMMITS, COLUMNS_DIR, LABELS_DIR} | {e for e in entries if is_temp(e)}:
+        entries = _unused_entries(cache_dir)
+        if entries is None:
             return False
-        subdirs = [os.path.join(cache_dir, d) for d in (COLUMNS_DIR, LABELS_DIR) if d in entries]
-        for sub in subdirs:
-            if os.path.islink(sub) or not os.path.isdir(sub):
-                return False
-            if not all(is_temp(name) or ours.match(name) for name in os.listdir(sub)):
-                return False
-        for sub in subdirs:
-            for name in os.listdir(sub):
-                os.unlink(os.path.join(sub, name))
-            os.rmdir(sub)
-        for name in sorted(entries - {COLUMNS_DIR, LABELS_DIR, MANIFEST}):
-            os.unlink(os.path.join(cache_dir, name))
-        os.unlink(os.path.join(cache_dir, MANIFEST))  # last: until here it is a valid empty cache
-        os.rmdir(cache_dir)
+        _remove_unused(cache_dir, entries)
         return True
-    except Exception:  # noqa: BLE001 - best effort cleanup after a failure (damaged files too)
+    except Exception:  # best effort cleanup after a failure (damaged files too)
         return False
+
+
+def _unused_entries(cache_dir: str) -> set[str] | None:
+    """The entries of a cache directory without committed work, if it holds only files a
+    build writes before its first commit; None if it holds anything else."""
+    import re
+
+    from .columnar.manifest import COLUMNS_DIR, COMMITS, LABELS_DIR, MANIFEST
+    from .fsutil import is_temp
+
+    ours = re.compile(r"^\d{4}(\.\d+)?\.(data|index)$")
+    entries = set(os.listdir(cache_dir))
+    if not entries <= {MANIFEST, COMMITS, COLUMNS_DIR, LABELS_DIR} | {e for e in entries if is_temp(e)}:
+        return None
+    for sub in (os.path.join(cache_dir, d) for d in (COLUMNS_DIR, LABELS_DIR) if d in entries):
+        if os.path.islink(sub) or not os.path.isdir(sub):
+            return None
+        if not all(is_temp(name) or ours.match(name) for name in os.listdir(sub)):
+            return None
+    return entries
+
+
+def _remove_unused(cache_dir: str, entries: set[str]) -> None:
+    from .columnar.manifest import COLUMNS_DIR, LABELS_DIR, MANIFEST
+
+    for sub in (os.path.join(cache_dir, d) for d in (COLUMNS_DIR, LABELS_DIR) if d in entries):
+        for name in os.listdir(sub):
+            os.unlink(os.path.join(sub, name))
+        os.rmdir(sub)
+    for name in sorted(entries - {COLUMNS_DIR, LABELS_DIR, MANIFEST}):
+        os.unlink(os.path.join(cache_dir, name))
+    os.unlink(os.path.join(cache_dir, MANIFEST))  # last: until here it is a valid empty cache
+    os.rmdir(cache_dir)

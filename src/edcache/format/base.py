@@ -10,11 +10,16 @@ Formats: :mod:`edcache.format.shards` (the default) and :mod:`edcache.format.leg
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
+from ..errors import UnsafePickleError
 
-Labels = dict[str, "numpy.ndarray | list"]
+if TYPE_CHECKING:
+    import numpy as np
+
+Labels = dict[str, "np.ndarray | list"]
 
 
 class CacheReader(ABC):
@@ -22,6 +27,10 @@ class CacheReader(ABC):
 
     #: Where the cache lives (directory or zip file).
     path: str
+
+    #: The cache's manifest, for formats that have one (a directory cache); None for
+    #: edflow's layouts. Checked against the dataset before a cache is reused.
+    manifest: Any = None
 
     @abstractmethod
     def __len__(self) -> int:
@@ -53,6 +62,21 @@ class CacheReader(ABC):
         """Return several examples; formats may reorder reads internally."""
         return [self.read(int(i)) for i in indices]
 
+    def columns(self) -> list[dict[str, Any]] | None:
+        """One description per stored column (key, kind, dtype, shape, bytes, wrap), for
+        formats that store columns; None for the others."""
+        return None
+
+    def fork_safe_handle(self) -> Any:
+        """What edflow's ``fork_safe_zip`` returns for this cache: the per-process
+        ``ZipFile`` (or examples folder) of edflow's layouts, the reader itself otherwise."""
+        return self
+
+    def read_batch(self, indices: Any) -> dict[Any, Any] | None:
+        """The collated batch of ``indices`` (checked, non-negative) gathered column-wise,
+        or None where the format cannot (the caller collates examples itself)."""
+        return None
+
     @property
     @abstractmethod
     def labels(self) -> Labels:
@@ -63,8 +87,24 @@ class CacheReader(ABC):
         """Whether every example has been committed."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: readers without handles have nothing to release
         """Release file handles and maps (the reader may be reopened lazily)."""
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def check_pickle_allowed(path: str, built_with_pickles: bool, allow_pickle: bool) -> None:
+    """Refuse to open a cache built with ``allow_pickle=True`` unless the caller allows it."""
+    if built_with_pickles and not allow_pickle:
+        raise UnsafePickleError(
+            f"the cache at {path} was built with allow_pickle=True and may hold pickled "
+            "values; pass allow_pickle=True to open it if you trust its files "
+            "(unpickling can run arbitrary code)."
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +158,22 @@ class ChunkEncoder(ABC):
 class ChunkSink(ABC):
     """Runs in the coordinator only: the one writer of a cache being built."""
 
+    #: Consecutive examples per chunk (a resumed build keeps the size on disk).
+    chunk_size: int
+
+    @property
+    def location(self) -> str:
+        """Where the cache is being written (named in error messages)."""
+        return str(getattr(self, "cache_dir", ""))
+
+    def plan(self) -> list[ChunkTask] | None:
+        """The tasks still to compute, for a sink that plans finer than whole chunks;
+        None (default): the coordinator plans the chunks not yet :meth:`committed`."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional: most sinks hold nothing open between commits
+        """Release what the sink holds open (called after every build, failed or not)."""
+
     @abstractmethod
     def committed(self) -> set[int]:
         """Chunk ids already durably committed (they are never recomputed)."""
@@ -134,5 +190,5 @@ class ChunkSink(ABC):
     def finalize(self) -> None:
         """Called once every chunk is committed: write labels and mark complete."""
 
-    def discard(self, result: ChunkResult) -> None:
+    def discard(self, result: ChunkResult) -> None:  # noqa: B027 - optional: only staged results leave files
         """Throw away a result that will not be committed (remove its staged file)."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import stat
 import uuid
-from typing import IO
+from typing import IO, Any
 
 from ..errors import CorruptCacheError
 
@@ -22,7 +23,7 @@ def fsync_file(path: str) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _syncfs() -> "ctypes._CFuncPtr | None":
+def _syncfs() -> Any:
     try:
         return ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):  # not Linux / no libc symbol
@@ -70,10 +71,8 @@ def atomic_write(path: str, data: bytes) -> None:
         write_file(tmp, data)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     fsync_dir(os.path.dirname(path) or ".")
 

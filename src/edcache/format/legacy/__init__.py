@@ -14,22 +14,22 @@ from .zip_reader import LegacyZipReader, example_member
 from .zip_writer import LegacyZipEncoder, LegacyZipSink, write_members_zip
 
 __all__ = [
+    "SAFE_GLOBALS",
+    "ExamplesFolder",
+    "LegacyFolderReader",
+    "LegacyZipEncoder",
     # Reading
     "LegacyZipReader",
-    "LegacyFolderReader",
-    "ExamplesFolder",
-    "is_legacy_folder",
-    "read_cachable_length",
-    "read_cachable_parameters",
     # Writing
     "LegacyZipSink",
-    "LegacyZipEncoder",
+    "example_member",
+    "is_legacy_folder",
+    "iter_salvaged_members",
     "legacy_dumps",
-    "write_members_zip",
+    "read_cachable_length",
+    "read_cachable_parameters",
     # Safety and recovery
     "safe_loads",
-    "SAFE_GLOBALS",
     "salvage_members",
-    "iter_salvaged_members",
-    "example_member",
+    "write_members_zip",
 ]

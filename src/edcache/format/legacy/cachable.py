@@ -8,6 +8,7 @@ concatenation: ``x.zip.p`` and ``x.zipparameters.p``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -17,8 +18,13 @@ from ...errors import CorruptCacheError
 from .unpickler import safe_loads
 
 __all__ = [
-    "read_cachable_length", "read_cachable_parameters", "write_length_marker", "write_parameters",
-    "remove_length_marker", "LENGTH_SUFFIX", "PARAMETERS_SUFFIX",
+    "LENGTH_SUFFIX",
+    "PARAMETERS_SUFFIX",
+    "read_cachable_length",
+    "read_cachable_parameters",
+    "remove_length_marker",
+    "write_length_marker",
+    "write_parameters",
 ]
 
 LENGTH_SUFFIX = ".p"
@@ -85,10 +91,8 @@ def write_length_marker(path: str, length: int) -> None:
 
 def remove_length_marker(path: str) -> None:
     """Remove ``path + ".p"``: a build of ``path`` starts, so the zip is not complete."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path + LENGTH_SUFFIX)
-    except FileNotFoundError:
-        pass
 
 
 def write_parameters(path: str, args: tuple, kwargs: dict) -> None:

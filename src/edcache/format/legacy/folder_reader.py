@@ -96,6 +96,9 @@ class LegacyFolderReader(CacheReader):
         state["_labels"] = None
         return state
 
+    def fork_safe_handle(self) -> Any:
+        return self.zipfile
+
     @property
     def zipfile(self) -> ExamplesFolder:
         """The :class:`ExamplesFolder` (what edflow's ``fork_safe_zip`` returned here)."""

@@ -12,19 +12,26 @@ from __future__ import annotations
 import io
 import pickle
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-__all__ = ["legacy_dumps", "PROTOCOL"]
+__all__ = ["PROTOCOL", "legacy_dumps"]
 
 #: The protocol edflow 0.4 used under Python >= 3.8 (``pickle.DEFAULT_PROTOCOL``).
 PROTOCOL = 4
 
 
-class _LegacyPickler(pickle._Pickler):  # type: ignore[name-defined]
+class _LegacyPickler(pickle._Pickler):
     """The pure-Python pickler, because only it lets us choose a global's module name.
 
     Array payloads are single ``bytes`` objects, so the slower pickler costs little.
     """
+
+    # the pure-Python pickler's methods, which typeshed does not describe
+    proto: int
+    save: Callable[[Any], None]
+    write: Callable[[bytes], None]
+    memoize: Callable[[Any], None]
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
         module = getattr(obj, "__module__", None)
@@ -37,13 +44,13 @@ class _LegacyPickler(pickle._Pickler):  # type: ignore[name-defined]
                 self.save(name)
                 self.write(pickle.STACK_GLOBAL)
             else:
-                self.write(pickle.GLOBAL + f"{legacy_module}\n{name}\n".encode("utf-8"))
+                self.write(pickle.GLOBAL + f"{legacy_module}\n{name}\n".encode())
             self.memoize(obj)
             return
-        super().save_global(obj, name)
+        super().save_global(obj, name)  # type: ignore[misc]
 
     # The class-level dispatch table holds the base class's function; route it here.
-    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
     dispatch[types.FunctionType] = save_global
 
 

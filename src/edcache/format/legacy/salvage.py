@@ -13,9 +13,9 @@ import mmap
 import os
 import struct
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
-__all__ = ["salvage_members", "iter_salvaged_members"]
+__all__ = ["iter_salvaged_members", "salvage_members"]
 
 _LOCAL = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"
@@ -72,43 +72,56 @@ def _member_at(buf: mmap.mmap | bytes, pos: int) -> tuple[str, bytes, int] | Non
     name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
     csize, usize = _zip64_sizes(bytes(buf[pos + _HEADER.size + nlen : start]), csize, usize)
     if flags & 0x8:  # sizes and CRC follow the data, in a data descriptor
-        if method != _DEFLATED:
-            return None  # the end of stored data cannot be found without trusting a signature scan
-        inflated = _inflate(buf, start)
-        if inflated is None:
-            return None
-        data, clen = inflated
-        end = start + clen
-        if bytes(buf[end : end + 4]) == _DESCRIPTOR:
-            end += 4
-        for fmt in ("<III", "<IQQ"):  # classic, then zip64 descriptor
-            if end + struct.calcsize(fmt) <= len(buf):
-                crc, dcsize, dusize = struct.unpack_from(fmt, buf, end)
-                if (dcsize, dusize) == (clen, len(data)):
-                    end += struct.calcsize(fmt)
-                    break
-        else:
-            return None
+        found = _data_with_descriptor(buf, start, method)
     else:
-        end = start + csize
-        if end > len(buf):
-            return None
-        if method == _DEFLATED:
-            inflated = _inflate(buf[start:end], 0)
-            if inflated is None or inflated[1] != csize:
-                return None
-            data = inflated[0]
-        else:
-            data = bytes(buf[start:end])
-            # A header written before its data (all sizes still 0) looks like an empty
-            # stored member; accept that only if another record really follows.
-            if csize == 0 and end < len(buf) and bytes(buf[end : end + 4]) not in _SIGNATURES:
-                return None
-        if len(data) != usize:
-            return None
+        found = _data_of_size(buf, start, method, csize, usize, crc)
+    if found is None:
+        return None
+    data, end, crc = found
     if zlib.crc32(data) != crc:
         return None
     return name, data, end
+
+
+def _data_with_descriptor(buf: mmap.mmap | bytes, start: int, method: int) -> tuple[bytes, int, int] | None:
+    """(data, end, crc) of a member whose sizes and CRC follow its data."""
+    if method != _DEFLATED:
+        return None  # the end of stored data cannot be found without trusting a signature scan
+    inflated = _inflate(buf, start)
+    if inflated is None:
+        return None
+    data, clen = inflated
+    end = start + clen
+    if bytes(buf[end : end + 4]) == _DESCRIPTOR:
+        end += 4
+    for fmt in ("<III", "<IQQ"):  # classic, then zip64 descriptor
+        if end + struct.calcsize(fmt) <= len(buf):
+            crc, dcsize, dusize = struct.unpack_from(fmt, buf, end)
+            if (dcsize, dusize) == (clen, len(data)):
+                return data, end + struct.calcsize(fmt), crc
+    return None
+
+
+def _data_of_size(buf: mmap.mmap | bytes, start: int, method: int, csize: int, usize: int,
+                  crc: int) -> tuple[bytes, int, int] | None:
+    """(data, end, crc) of a member whose local header holds its sizes and ``crc``."""
+    end = start + csize
+    if end > len(buf):
+        return None
+    if method == _DEFLATED:
+        inflated = _inflate(buf[start:end], 0)
+        if inflated is None or inflated[1] != csize:
+            return None
+        data = inflated[0]
+    else:
+        data = bytes(buf[start:end])
+        # A header written before its data (all sizes still 0) looks like an empty
+        # stored member; accept that only if another record really follows.
+        if csize == 0 and end < len(buf) and bytes(buf[end : end + 4]) not in _SIGNATURES:
+            return None
+    if len(data) != usize:
+        return None
+    return data, end, crc
 
 
 def iter_salvaged_members(path: str) -> Iterator[tuple[str, bytes]]:

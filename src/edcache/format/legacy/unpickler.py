@@ -35,7 +35,7 @@ import numpy as np
 
 from ...errors import CorruptCacheError, UnsafePickleError
 
-__all__ = ["safe_loads", "SAFE_GLOBALS"]
+__all__ = ["SAFE_GLOBALS", "safe_loads"]
 
 _BUILTIN_NAMES = (
     "bool", "int", "float", "complex", "str", "bytes", "bytearray",
@@ -125,9 +125,9 @@ def _size(value: Any) -> int:
 class _Guard:
     """An admitted callable as the unpickler sees it: charges, then calls ``target``."""
 
-    __slots__ = ("target", "unpickler", "used", "reconstruct")
+    __slots__ = ("reconstruct", "target", "unpickler", "used")
 
-    def __init__(self, target: Any, unpickler: "_RestrictedUnpickler") -> None:
+    def __init__(self, target: Any, unpickler: _RestrictedUnpickler) -> None:
         self.target = target
         self.unpickler = unpickler
         self.used = False
@@ -145,6 +145,16 @@ class _Guard:
             return target(subtype, shape, dtype)
         if kwargs:
             kwargs = {k: u.unwrap(v) for k, v in kwargs.items()}
+        args, cost = self._unwrap_args(args)
+        for v in kwargs.values():
+            cost += _size(v)
+        cost += self._allocation(args, kwargs)
+        if cost:
+            u.charge(cost)
+        return target(*args, **kwargs)
+
+    def _unwrap_args(self, args: tuple) -> tuple[tuple, int]:
+        """``args`` with guarded callables unwrapped, and what the sized ones cost."""
         cost = 0
         unwrapped = None
         for i, a in enumerate(args):
@@ -152,27 +162,25 @@ class _Guard:
             if kind is _Guard:
                 if unwrapped is None:
                     unwrapped = list(args)
-                unwrapped[i] = u.unwrap(a)
+                unwrapped[i] = self.unpickler.unwrap(a)
             elif kind in _SIZED:
                 cost += len(a)
             elif kind is np.ndarray:
                 cost += a.nbytes
-            elif kind is int and target in _ALLOC_BY_INT:
+            elif kind is int and self.target in _ALLOC_BY_INT:
                 cost += a
-        if unwrapped is not None:
-            args = tuple(unwrapped)
-        for v in kwargs.values():
-            cost += _size(v)
-        if target is range:
-            cost += len(range(*args))
-        elif target is np.ndarray:  # ndarray(shape, dtype=float, buffer=None, ...)
+        return (tuple(unwrapped) if unwrapped is not None else args), cost
+
+    def _allocation(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """What calling the target allocates, for the targets that allocate by their arguments."""
+        if self.target is range:
+            return len(range(*args))
+        if self.target is np.ndarray:  # ndarray(shape, dtype=float, buffer=None, ...)
             shape = args[0] if args else kwargs.get("shape", ())
-            cost += _array_nbytes(shape, args[1] if len(args) > 1 else kwargs.get("dtype", float))
-        elif self.reconstruct:  # (subtype, shape, dtype)
-            cost += _array_nbytes(args[1] if len(args) > 1 else (), args[2] if len(args) > 2 else "b")
-        if cost:
-            u.charge(cost)
-        return target(*args, **kwargs)
+            return _array_nbytes(shape, args[1] if len(args) > 1 else kwargs.get("dtype", float))
+        if self.reconstruct:  # (subtype, shape, dtype)
+            return _array_nbytes(args[1] if len(args) > 1 else (), args[2] if len(args) > 2 else "b")
+        return 0
 
     def __repr__(self) -> str:
         return f"<guarded {self.target!r}>"

@@ -13,7 +13,7 @@ from ..base import CacheReader, Labels
 from .labels import labels_to_columns
 from .unpickler import safe_loads
 
-__all__ = ["LegacyZipReader", "EXAMPLE_RE", "LABELS_MEMBER", "example_index", "example_member"]
+__all__ = ["EXAMPLE_RE", "LABELS_MEMBER", "LegacyZipReader", "example_index", "example_member"]
 
 #: Members edflow counts as examples (``example_{i}.p``).
 EXAMPLE_RE = re.compile(r"example_(.*)\.p\Z", re.DOTALL)
@@ -102,6 +102,9 @@ class LegacyZipReader(CacheReader):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset()
+
+    def fork_safe_handle(self) -> Any:
+        return self.zipfile
 
     @property
     def zipfile(self) -> zipfile.ZipFile:

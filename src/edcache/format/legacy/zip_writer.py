@@ -25,12 +25,14 @@ so an interrupted rebuild is never mistaken for the old cache nor mixed with it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import uuid
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import xxhash
 
@@ -42,8 +44,14 @@ from .unpickler import safe_loads
 from .zip_reader import LABELS_MEMBER, example_index, example_member
 
 __all__ = [
-    "LegacyZipSink", "LegacyZipEncoder", "PARTIAL_SUFFIX", "write_members_zip",
-    "build_leftovers", "remove_build_leftovers", "rebuild_pending", "REBUILD_SUFFIX",
+    "PARTIAL_SUFFIX",
+    "REBUILD_SUFFIX",
+    "LegacyZipEncoder",
+    "LegacyZipSink",
+    "build_leftovers",
+    "rebuild_pending",
+    "remove_build_leftovers",
+    "write_members_zip",
 ]
 
 #: Suffix of the file a legacy zip is built in.
@@ -72,10 +80,8 @@ def _temp_name(final: str, tag: str) -> str:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def build_leftovers(path: str) -> list[str]:
@@ -162,6 +168,15 @@ class LegacyZipEncoder(ChunkEncoder):
                 os.fsync(f.fileno())
             result.staged_path = staged
         return result
+
+
+
+def _sync(zf: zipfile.ZipFile) -> None:
+    """Flush what ``zf`` wrote so far to its file, and that to the disk."""
+    fp = zf.fp
+    assert fp is not None, "the zip is open"
+    fp.flush()
+    os.fsync(fp.fileno())
 
 
 class LegacyZipSink(ChunkSink):
@@ -252,8 +267,7 @@ class LegacyZipSink(ChunkSink):
                 for source in sources:
                     if os.path.isfile(source):
                         self._keep(zf, source)
-            zf.fp.flush()
-            os.fsync(zf.fp.fileno())
+            _sync(zf)
             os.replace(tmp, self.partial_path)  # zf keeps appending to the renamed file
         except BaseException:
             if zf is not None:
@@ -270,6 +284,10 @@ class LegacyZipSink(ChunkSink):
     def _chunk_range(self, chunk_id: int) -> range:
         start = chunk_id * self.chunk_size
         return range(start, min(start + self.chunk_size, self.length))
+
+    @property
+    def location(self) -> str:
+        return self.path
 
     def plan(self) -> list[ChunkTask]:
         """The work still to do: runs of missing consecutive examples, each within one
@@ -318,12 +336,11 @@ class LegacyZipSink(ChunkSink):
             raise BuildError(f"chunk {result.chunk_id} (examples {result.start}..{result.stop - 1}) "
                              "arrived damaged: checksum or sizes do not match")
         offset = 0
-        for index, size in zip(indices, sizes):
+        for index, size in zip(indices, sizes, strict=False):
             if index not in self._present:
                 zf.writestr(example_member(index), data[offset : offset + size])
             offset += size
-        zf.fp.flush()
-        os.fsync(zf.fp.fileno())
+        _sync(zf)
         labels = result.extra.get("labels", {})
         columns = [labels[k] for k in self.in_memory_keys]
         for k, index in enumerate(indices):

@@ -16,12 +16,14 @@ unknown extension code, a bad dtype string or an out-of-bounds offset raises
 from __future__ import annotations
 
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from ...errors import CodecError, CorruptCacheError, UnsafePickleError
+from .deferred import _DecodeState, _Deferred, _resolve_deferred
 
 #: Alignment of array payloads inside a shard (enough for every numpy dtype).
 ALIGN = 16
@@ -120,7 +122,7 @@ class Encoder:
         except BaseException:
             self._packer.reset()  # a failed pack leaves partial bytes in the packer's buffer
             raise
-        return record, list(zip(self._blob_offsets, self._blobs))
+        return record, list(zip(self._blob_offsets, self._blobs, strict=False))
 
     @property
     def end_offset(self) -> int:
@@ -150,7 +152,7 @@ class Encoder:
             # subclasses of builtins other than numpy scalars: store as the builtin
             for base in (str, bytes, float):
                 if isinstance(value, base):
-                    return base(value)
+                    return base(value)  # type: ignore[arg-type]
         if isinstance(value, int) and not isinstance(value, bool):
             return int(value)
         if isinstance(value, list):
@@ -183,7 +185,7 @@ def raw_bytes(arr: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, without copying (any dtype, any shape)."""
     if not arr.nbytes:
         return memoryview(b"")
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _widen_ints(obj: Any, depth: int = 0) -> Any:
@@ -237,43 +239,57 @@ def find_problem(obj: Any, allow_pickle: bool = False) -> tuple[tuple, Any, str]
     stack: list[tuple[Any, tuple, int, int, frozenset, bool]] = [(obj, (), 0, 0, frozenset(), False)]
     while stack:
         value, path, depth, tuples, above, keyed = stack.pop()
-        if keyed:
-            k = path[-1]
-            if not isinstance(k, (str, int, bytes, float, bool)) and k is not None:
-                return path, k, _describe(k)
-            if isinstance(k, str) and not _is_utf8(k):
-                return path, k, _NOT_UTF8
+        what = _key_problem(path[-1]) if keyed else None
+        if what is not None:
+            return path, path[-1], what
         if isinstance(value, (dict, list, tuple)):
-            if id(value) in above:
-                return path, value, f"a {type(value).__name__} that contains itself"
-            if type(value) is tuple:
-                tuples += 1
-                if tuples > MAX_TUPLE_DEPTH:
-                    return path, value, f"tuples nested more than {MAX_TUPLE_DEPTH} deep"
-            if depth >= MAX_NESTING:
-                return path, value, f"values nested more than {MAX_NESTING} deep"
+            tuples += type(value) is tuple
+            what = _container_problem(value, depth, tuples, above)
+            if what is not None:
+                return path, value, what
             inner = above | {id(value)}
             is_dict = isinstance(value, dict)
-            items = list(value.items()) if is_dict else list(enumerate(value))
+            items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
             for k, v in reversed(items):  # depth first, in order
-                stack.append((v, path + (k,), depth + 1, tuples, inner, is_dict))
+                stack.append((v, (*path, k), depth + 1, tuples, inner, is_dict))
             continue
-        if value is None or isinstance(value, (bytes, bool, int, float)):
-            continue
-        if isinstance(value, str):
-            if not _is_utf8(value):
-                return path, value, _NOT_UTF8
-            continue
-        if isinstance(value, (np.ndarray, np.generic)) and _is_storable_dtype(value.dtype):
-            continue
-        try:
-            if _unwrap(value) is not None:
-                continue
-        except TypeError as exc:  # a tensor or image edcache cannot convert
-            return path, value, str(exc)
-        if not allow_pickle:
-            return path, value, _describe(value)
+        what = _leaf_problem(value, allow_pickle)
+        if what is not None:
+            return path, value, what
     return None
+
+
+def _key_problem(key: Any) -> str | None:
+    if not isinstance(key, (str, int, bytes, float, bool)) and key is not None:
+        return _describe(key)
+    if isinstance(key, str) and not _is_utf8(key):
+        return _NOT_UTF8
+    return None
+
+
+def _container_problem(value: Any, depth: int, tuples: int, above: frozenset) -> str | None:
+    if id(value) in above:
+        return f"a {type(value).__name__} that contains itself"
+    if type(value) is tuple and tuples > MAX_TUPLE_DEPTH:
+        return f"tuples nested more than {MAX_TUPLE_DEPTH} deep"
+    if depth >= MAX_NESTING:
+        return f"values nested more than {MAX_NESTING} deep"
+    return None
+
+
+def _leaf_problem(value: Any, allow_pickle: bool) -> str | None:
+    if value is None or isinstance(value, (bytes, bool, int, float)):
+        return None
+    if isinstance(value, str):
+        return None if _is_utf8(value) else _NOT_UTF8
+    if isinstance(value, (np.ndarray, np.generic)) and _is_storable_dtype(value.dtype):
+        return None
+    try:
+        if _unwrap(value) is not None:
+            return None
+    except TypeError as exc:  # a tensor or image edcache cannot convert
+        return str(exc)
+    return None if allow_pickle else _describe(value)
 
 
 _NOT_UTF8 = (
@@ -378,7 +394,7 @@ class Decoder:
             raise CorruptCacheError(f"{self.where}: undecodable record {row}: {exc}") from exc
 
     def _expand(
-        self, item: "_Deferred", hook: Callable[[int, bytes], Any], state: "_DecodeState", row: int
+        self, item: _Deferred, hook: Callable[[int, bytes], Any], state: _DecodeState, row: int
     ) -> list:
         """The items of a tuple whose decoding was deferred (their own deeper tuples may
         be deferred again)."""
@@ -388,7 +404,7 @@ class Decoder:
             raise CorruptCacheError(f"{self.where}: malformed tuple in record {row}")
         return items
 
-    def _hook(self, row: int, state: "_DecodeState | None" = None) -> Callable[[int, bytes], Any]:
+    def _hook(self, row: int, state: _DecodeState | None = None) -> Callable[[int, bytes], Any]:
         if state is None:
             state = _DecodeState()
 
@@ -460,81 +476,3 @@ class Decoder:
             raise CorruptCacheError(f"{self.where}: unknown extension type {code} in record {row}")
 
         return hook
-
-
-class _DecodeState:
-    """Tuple nesting while one record is decoded: ``level`` tuples deep on the C stack
-    (inside msgpack's hook), from ``base`` (the depth of the deferred tuple being
-    expanded); ``deferred`` once a tuple was left for later."""
-
-    __slots__ = ("base", "level", "deferred")
-
-    def __init__(self) -> None:
-        self.base = 0
-        self.level = 0
-        self.deferred = False
-
-
-class _Deferred:
-    """A tuple too deep to decode inside the hook: its payload and its nesting depth."""
-
-    __slots__ = ("data", "depth")
-
-    def __init__(self, data: bytes, depth: int) -> None:
-        self.data = data
-        self.depth = depth
-
-
-def _resolve_deferred(root: Any, expand: Callable[[_Deferred], list]) -> Any:
-    """``root`` with every :class:`_Deferred` replaced by the tuple of ``expand(it)``.
-
-    Walks with an explicit stack (no recursion): the lists and dicts of a freshly
-    decoded record are updated in place, tuples holding a replaced item are rebuilt.
-    """
-    stack = [_Frame("root", None, [root], None)]
-    while True:
-        frame = stack[-1]
-        if frame.pos < len(frame.items):
-            value = frame.items[frame.pos]
-            kind = type(value)
-            if kind is _Deferred:
-                child = _Frame("tuple", None, expand(value), None)
-                child.changed = True
-                stack.append(child)
-            elif kind is list:
-                stack.append(_Frame("list", value, value, None))
-            elif kind is dict:
-                child = _Frame("dict", value, list(value.values()), list(value))
-                if any(type(k) is _Deferred for k in child.keys):  # a deep tuple as a key
-                    child.keys = [_resolve_deferred(k, expand) for k in child.keys]
-                    child.changed = True
-                stack.append(child)
-            elif kind is tuple:
-                stack.append(_Frame("tuple", value, list(value), None))
-            else:
-                frame.pos += 1
-            continue
-        stack.pop()
-        if frame.kind == "root":
-            return frame.items[0]
-        result = frame.obj
-        if frame.changed:
-            if frame.kind == "tuple":
-                result = tuple(frame.items)
-            elif frame.kind == "dict":
-                result.clear()
-                result.update(zip(frame.keys, frame.items))
-        parent = stack[-1]
-        if frame.changed:
-            parent.items[parent.pos] = result
-            parent.changed = True
-        parent.pos += 1
-
-
-class _Frame:
-    __slots__ = ("kind", "obj", "items", "keys", "pos", "changed")
-
-    def __init__(self, kind: str, obj: Any, items: list, keys: list | None) -> None:
-        self.kind, self.obj, self.items, self.keys = kind, obj, items, keys
-        self.pos = 0
-        self.changed = False

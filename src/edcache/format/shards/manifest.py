@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -56,6 +57,8 @@ class Manifest:
     #: the dataset's configuration (:func:`edcache.fingerprint.dataset_fingerprint`);
     #: None (and absent from the file) when not recorded
     fingerprint: str | None = None
+    #: format v1 records no identity of the dataset's class (format v2 does)
+    identity: ClassVar[str | None] = None
 
     @property
     def num_chunks(self) -> int:
@@ -76,22 +79,10 @@ class Manifest:
         return _canonical(doc)
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCacheError(f"{where}: manifest is not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise CorruptCacheError(f"{where}: not an edcache manifest")
-        if doc.get("version") != VERSION:
-            raise CorruptCacheError(
-                f"{where}: format version {doc.get('version')!r}; this edcache reads {VERSION}"
-            )
-        digest = doc.pop("xxh3", None)
-        if digest != checksum(_canonical(doc)):
-            raise CorruptCacheError(
-                f"{where}: fails its checksum: the file is damaged or was edited by hand"
-            )
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        """Parse and check a manifest's text; ``CorruptCacheError`` (naming ``where``) if
+        it is not one edcache wrote."""
+        doc = _checked_doc(data, where)
         try:
             m = cls(
                 length=doc["length"],
@@ -108,31 +99,48 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCacheError(f"{where}: manifest field missing or wrong ({exc})") from exc
+        m._check_values(where)
+        return m
+
+    def _check_values(self, where: str) -> None:
         if not (
-            isinstance(m.length, int)
-            and m.length >= 0
-            and isinstance(m.chunk_size, int)
-            and m.chunk_size > 0
-            and all(isinstance(k, str) for k in m.in_memory_keys)
-            and all(isinstance(v, dict) for v in m.labels.values())
-            and (m.fingerprint is None or isinstance(m.fingerprint, str))
+            isinstance(self.length, int) and self.length >= 0
+            and isinstance(self.chunk_size, int) and self.chunk_size > 0
+            and all(isinstance(k, str) for k in self.in_memory_keys)
+            and all(isinstance(v, dict) for v in self.labels.values())
+            and (self.fingerprint is None or isinstance(self.fingerprint, str))
         ):
             raise CorruptCacheError(f"{where}: manifest values out of range")
-        if m.packed is not None and not (
-            isinstance(m.packed, dict)
-            and isinstance(m.packed.get("nbytes"), int)
-            and isinstance(m.packed.get("xxh3"), str)
-        ):
+        if self.packed is not None and not _valid_packed(self.packed):
             raise CorruptCacheError(f"{where}: manifest entry 'packed' is malformed")
-        if m.complete and (
-            set(m.labels) != set(m.in_memory_keys)
-            or (m.packed is not None) == isinstance(m.shard_table, dict)
+        if self.complete and (
+            set(self.labels) != set(self.in_memory_keys)
+            or (self.packed is not None) == isinstance(self.shard_table, dict)
         ):
             raise CorruptCacheError(
                 f"{where}: complete manifest lacks labels, or has not exactly one of a shard "
                 "table and a packed file"
             )
-        return m
+
+
+def _checked_doc(data: bytes, where: str) -> dict[str, Any]:
+    """The JSON document of a manifest whose format, version and checksum are right."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCacheError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CorruptCacheError(f"{where}: not an edcache manifest")
+    if doc.get("version") != VERSION:
+        raise CorruptCacheError(
+            f"{where}: format version {doc.get('version')!r}; this edcache reads {VERSION}"
+        )
+    digest = doc.pop("xxh3", None)
+    if digest != checksum(_canonical(doc)):
+        raise CorruptCacheError(
+            f"{where}: fails its checksum: the file is damaged or was edited by hand"
+        )
+    return doc
 
 
 def _canonical(doc: dict) -> bytes:
@@ -166,6 +174,43 @@ def read_commits(cache_dir: str, num_chunks: int) -> dict[int, tuple[int, str]]:
     return read_log(cache_dir, num_chunks)[0]
 
 
+#: How a packing record line starts (``json.dumps(..., sort_keys=True)``).
+PACKED_START = b'{"labels": '
+_HEX16 = re.compile(rb"[0-9a-f]{16}")
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """One line of ``commits.log``: chunk ``chunk`` is committed, its shard file has
+    ``nbytes`` bytes and the xxh3-64 checksum ``xxh3`` (16 hex digits)."""
+
+    chunk: int
+    nbytes: int
+    xxh3: str
+
+    def to_line(self) -> bytes:
+        """The line as edcache wrote it (without the newline)."""
+        return json.dumps({"c": self.chunk, "n": self.nbytes, "h": self.xxh3}).encode()
+
+    @classmethod
+    def parse(cls, line: bytes, num_chunks: int, *, strict: bool = False) -> CommitRecord | None:
+        """The record on ``line``, or None if it is not one for a chunk below
+        ``num_chunks``. ``strict``: also None unless the line is byte for byte what
+        edcache writes (``edcache verify``); readers accept any valid JSON record."""
+        try:
+            rec = json.loads(line)
+            chunk, nbytes, digest = rec["c"], rec["n"], rec["h"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not (isinstance(chunk, int) and 0 <= chunk < num_chunks and isinstance(nbytes, int)):
+            return None
+        record = cls(chunk, nbytes, str(digest))
+        if strict and not (type(chunk) is type(nbytes) is int and isinstance(digest, str)
+                           and _HEX16.fullmatch(digest.encode()) and record.to_line() == line):
+            return None
+        return record
+
+
 def read_log(cache_dir: str, num_chunks: int) -> tuple[dict[int, tuple[int, str]], dict | None]:
     """The chunk commits of ``commits.log`` and its packing record, if any.
 
@@ -181,18 +226,25 @@ def read_log(cache_dir: str, num_chunks: int) -> tuple[dict[int, tuple[int, str]
     commits: dict[int, tuple[int, str]] = {}
     packed = None
     for line in lines[:-1]:  # the part after the last newline is torn or empty
-        try:
-            rec = json.loads(line)
-            if "p" in rec:
-                if _valid_packed(rec["p"]) and isinstance(rec.get("labels"), dict):
-                    packed = rec
-                continue
-            chunk, nbytes, digest = rec["c"], rec["n"], rec["h"]
-            if isinstance(chunk, int) and 0 <= chunk < num_chunks and isinstance(nbytes, int):
-                commits[chunk] = (nbytes, str(digest))
-        except (ValueError, KeyError, TypeError):
+        if line.startswith(PACKED_START):
+            rec = parse_packed_record(line)
+            packed = rec if rec is not None else packed
             continue
+        record = CommitRecord.parse(line, num_chunks)
+        if record is not None:
+            commits[record.chunk] = (record.nbytes, record.xxh3)
     return commits, packed
+
+
+def parse_packed_record(line: bytes) -> dict[str, Any] | None:
+    """The packing record on ``line`` (``{"p": {nbytes, xxh3}, "labels": {...}}``), or None."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(rec, dict) and _valid_packed(rec.get("p")) and isinstance(rec.get("labels"), dict):
+        return rec
+    return None
 
 
 def _valid_packed(info: Any) -> bool:

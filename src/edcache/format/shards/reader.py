@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError, UnsafePickleError
-from ..base import CacheReader, Labels
+from ...errors import CacheNotFoundError, CorruptCacheError, IncompleteCacheError
+from ..base import CacheReader, Labels, check_pickle_allowed
 from .labels import load_label
 from .manifest import PACKED, Manifest, load_shard_table, read_log, read_manifest, shard_path
 from .shard import ShardFile
@@ -41,12 +42,7 @@ class ShardCacheReader(CacheReader):
             self.manifest: Manifest = read_manifest(path)
         except FileNotFoundError as exc:
             raise CacheNotFoundError(f"no edcache cache at {path} (no manifest.json)") from exc
-        if self.manifest.allow_pickle and not allow_pickle:
-            raise UnsafePickleError(
-                f"the cache at {path} was built with allow_pickle=True and may hold pickled "
-                "values; pass allow_pickle=True to open it if you trust its files "
-                "(unpickling can run arbitrary code)."
-            )
+        check_pickle_allowed(path, self.manifest.allow_pickle, allow_pickle)
         self._reset()
 
     #: Most shards kept open (memory-mapped) at once per process; see :meth:`shard`.
@@ -80,7 +76,7 @@ class ShardCacheReader(CacheReader):
         return self.manifest.length
 
     @property
-    def packed(self) -> bool:
+    def is_packed(self) -> bool:
         """Whether the examples are read from one packed file (see ``docs/format.md``)."""
         return self._packed
 
@@ -265,28 +261,14 @@ class ShardCacheReader(CacheReader):
         schema = shards[0].schema
         if schema is None or any(sf.schema is not schema for sf in shards):
             return None
-        positions, rows_list = order.tolist(), rows.tolist()
+        runs = _Runs(order, rows, starts, ends)
         batch: dict[Any, Any] = {}
-        for key, kind, dtype, shape in schema:
+        for key, _kind, _dtype, shape in schema:
             columns = [sf.column(key) for sf in shards]
             if columns[0] is not None:
-                out = np.empty((n, *shape), dtype=columns[0].dtype)
-                for col, a, b in zip(columns, starts, ends):
-                    if b - a == 1:
-                        out[positions[a]] = col[rows_list[a]]
-                    else:
-                        out[order[a:b]] = col[rows[a:b]]
-                batch[key] = out
+                batch[key] = runs.gather_arrays(columns, (n, *shape))  # type: ignore[arg-type]
             else:
-                values: list[Any] = [None] * n
-                for sf, a, b in zip(shards, starts, ends):
-                    got = sf.gather_strings(key, rows[a:b])
-                    if got is None:  # a None column
-                        get = sf.getter(key)
-                        got = [get(r) for r in rows_list[a:b]]
-                    for p, v in zip(positions[a:b], got):
-                        values[p] = v
-                batch[key] = values
+                batch[key] = runs.gather_values(shards, key, n)
         return batch
 
     @staticmethod
@@ -326,3 +308,34 @@ class ShardCacheReader(CacheReader):
 def is_shard_cache(path: str) -> bool:
     """Whether ``path`` is a directory holding an edcache manifest."""
     return os.path.isfile(os.path.join(path, "manifest.json"))
+
+
+class _Runs:
+    """The rows of a batch grouped by shard: run ``k`` is positions ``order[starts[k]:ends[k]]``
+    of the batch, rows ``rows[starts[k]:ends[k]]`` of the k-th shard."""
+
+    def __init__(self, order: np.ndarray, rows: np.ndarray, starts: list[int], ends: list[int]) -> None:
+        self.order, self.rows, self.starts, self.ends = order, rows, starts, ends
+        self.positions, self.rows_list = order.tolist(), rows.tolist()
+
+    def gather_arrays(self, columns: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        """One fixed-shape field: a new array, one fancy index per shard."""
+        out = np.empty(shape, dtype=columns[0].dtype)
+        for col, a, b in zip(columns, self.starts, self.ends, strict=False):
+            if b - a == 1:
+                out[self.positions[a]] = col[self.rows_list[a]]
+            else:
+                out[self.order[a:b]] = col[self.rows[a:b]]
+        return out
+
+    def gather_values(self, shards: list[ShardFile], key: Any, n: int) -> list[Any]:
+        """One str, bytes or None field: a list."""
+        values: list[Any] = [None] * n
+        for sf, a, b in zip(shards, self.starts, self.ends, strict=False):
+            got = sf.gather_strings(key, self.rows[a:b])
+            if got is None:  # a None column
+                get = sf.getter(key)
+                got = [get(r) for r in self.rows_list[a:b]]
+            for p, v in zip(self.positions[a:b], got, strict=False):
+                values[p] = v
+        return values

@@ -23,10 +23,12 @@ msgpack decoding at all.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -73,7 +75,7 @@ def _row_builder(keys: list[Any], getters: list[Callable[[int], Any]], given: An
     else:
         at = -1
     if len(keys) > 200:
-        pairs = list(zip(keys, getters))
+        pairs = list(zip(keys, getters, strict=False))
         if given is None:
             return lambda r: {key: get(r) for key, get in pairs}
         return lambda r, j: {key: (j if n == at else get(r)) for n, (key, get) in enumerate(pairs)}
@@ -85,7 +87,7 @@ def _row_builder(keys: list[Any], getters: list[Callable[[int], Any]], given: An
         args = "r, j" if given is not None else "r"
         make = eval(f"lambda {params}: lambda {args}: {{{body}}}", {"__builtins__": {}})
         _ROW_MAKERS[(len(keys), at)] = make
-    return make(*(x for pair in zip(keys, getters) for x in pair))
+    return make(*(x for pair in zip(keys, getters, strict=False) for x in pair))
 
 
 #: compiled row-builder factories by (field count, position of the given field or -1);
@@ -155,10 +157,8 @@ def read_chunk_labels(path: str, nbytes: int, start: int, count: int) -> dict[st
                                     f"{start}..{start + count - 1}")
         return _decode_labels(mm, footer.get("labels"), count, path)
     finally:
-        try:
+        with contextlib.suppress(BufferError):  # a decoded label array still views the map; it closes with it
             mm.close()
-        except BufferError:
-            pass  # a decoded label array still views the map; it closes with it
 
 
 class ShardFile:
@@ -257,39 +257,49 @@ class ShardFile:
         self._decoder = Decoder(mm, self._getters, allow_pickle, where=f"shard {self.path}")
 
     def _column_getter(self, desc: dict, end: int) -> Callable[[int], Any]:
-        mm, count, kind = self._mmap, self.count, desc["kind"]
+        kind = desc["kind"]
         if kind == NONE:
             return lambda r: None
         offset = desc["offset"]
         if not isinstance(offset, int) or offset < _HEAD:
             raise self._bad("column offset")
         if kind in (STR, BYTES):
-            if offset + 8 * (count + 1) > end:
-                raise self._bad("column out of range")
-            bounds = np.frombuffer(mm, "<u8", count + 1, offset)
-            data = desc["data"]
-            if (
-                not isinstance(data, int)
-                or bounds[0] != 0
-                or np.any(bounds[1:] < bounds[:-1])
-                or data < offset
-                or data + int(bounds[-1]) > end
-            ):
-                raise self._bad("string column bounds")
-            # two offsets straight from the map: no per-row Python state, which matters
-            # for a packed file of millions of rows read by many worker processes
-            self._strings[desc["key"]] = (bounds, data, kind == STR)
-            pair = _U64_PAIR.unpack_from
-            if kind == STR:
-                def get_str(r: int) -> str:
-                    a, b = pair(mm, offset + 8 * r)
-                    return mm[data + a : data + b].decode()
-                return get_str
+            return self._string_getter(desc, offset, end)
+        return self._array_getter(desc, offset, end)
 
-            def get_bytes(r: int) -> bytes:
+    def _string_getter(self, desc: dict, offset: int, end: int) -> Callable[[int], Any]:
+        """Rows of a str or bytes column: an offsets array, then the concatenated data."""
+        mm, count, kind = self._mmap, self.count, desc["kind"]
+        if offset + 8 * (count + 1) > end:
+            raise self._bad("column out of range")
+        bounds = np.frombuffer(mm, "<u8", count + 1, offset)
+        data = desc["data"]
+        if (
+            not isinstance(data, int)
+            or bounds[0] != 0
+            or np.any(bounds[1:] < bounds[:-1])
+            or data < offset
+            or data + int(bounds[-1]) > end
+        ):
+            raise self._bad("string column bounds")
+        # two offsets straight from the map: no per-row Python state, which matters
+        # for a packed file of millions of rows read by many worker processes
+        self._strings[desc["key"]] = (bounds, data, kind == STR)
+        pair = _U64_PAIR.unpack_from
+        if kind == STR:
+            def get_str(r: int) -> str:
                 a, b = pair(mm, offset + 8 * r)
-                return mm[data + a : data + b]
-            return get_bytes
+                return mm[data + a : data + b].decode()
+            return get_str
+
+        def get_bytes(r: int) -> bytes:
+            a, b = pair(mm, offset + 8 * r)
+            return mm[data + a : data + b]
+        return get_bytes
+
+    def _array_getter(self, desc: dict, offset: int, end: int) -> Callable[[int], Any]:
+        """Rows of a fixed-shape column: one array of ``count`` rows, mapped."""
+        count, kind = self.count, desc["kind"]
         dt = np.dtype(desc["dtype"])
         if not _is_storable_dtype(dt):
             raise self._bad(f"column dtype {desc['dtype']!r}")
@@ -303,7 +313,7 @@ class ShardFile:
             n *= d
         if offset + n * dt.itemsize > end:
             raise self._bad("column out of range")
-        col = np.frombuffer(mm, dt, n, offset).reshape((count, *shape))
+        col = np.frombuffer(self._mmap, dt, n, offset).reshape((count, *shape))
         self._arrays[desc["key"]] = col
         if kind in (INT, FLOAT, BOOL):
             return col.item  # Python int / float / bool
@@ -353,8 +363,8 @@ class ShardFile:
         stops = (bounds[rows + 1] + data).tolist()
         try:
             if is_str:
-                return [mm[a:b].decode() for a, b in zip(starts, stops)]
-            return [mm[a:b] for a, b in zip(starts, stops)]
+                return [mm[a:b].decode() for a, b in zip(starts, stops, strict=False)]
+            return [mm[a:b] for a, b in zip(starts, stops, strict=False)]
         except UnicodeDecodeError as exc:
             raise self._bad(f"column {key!r}: invalid UTF-8 ({exc})") from exc
 
@@ -367,7 +377,5 @@ class ShardFile:
         self._decoder = None  # type: ignore[assignment]
         self._arrays, self._getters, self._row, self._strings = {}, [], None, {}
         self._row_indexed = None
-        try:
+        with contextlib.suppress(BufferError):  # arrays handed out still view the map; it closes when they are gone
             self._mmap.close()
-        except BufferError:
-            pass  # arrays handed out still view the map; it closes when they are gone

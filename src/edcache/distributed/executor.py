@@ -14,17 +14,21 @@ unpickling the dataset object) the first time it runs a chunk of this build.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from ...errors import BuildError, ClusterError, EdcacheError, ExampleError
-from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..worker import DatasetSource, compute_chunk
-from .base import Executor
+from ..building.compute import DatasetSource, compute_chunk
+from ..building.executors.base import Executor
+from ..errors import BuildError, ClusterError, EdcacheError, ExampleError
+from ..format.base import ChunkEncoder, ChunkResult, ChunkTask
+from .config import DEFAULT_PORT, print_status
+from .security import as_security, tls_address
 
 # -- worker-process side ---------------------------------------------------------------
 _LOADED: dict[str, tuple[Any, ChunkEncoder]] = {}
@@ -60,20 +64,20 @@ def _run_chunk(task: ChunkTask, token: str, payload: bytes) -> ChunkResult:
 
 
 # -- coordinator side ------------------------------------------------------------------
-def _print_status(message: str, n_workers: int) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"edcache: {message}", file=sys.stderr)
-
-
-
 def add_note(exc: BaseException, note: str) -> None:
     """``exc.add_note(note)``, also on Python 3.10 (no ``add_note`` there: the note goes to
     ``__notes__`` directly, where the edcache CLI prints it from)."""
     if hasattr(exc, "add_note"):
         exc.add_note(note)
     else:
-        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]
+
+
+def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """``call(*args, **kwargs)``, ignoring its errors (cleanup of a cluster that may be gone)."""
+    with contextlib.suppress(Exception):
+        call(*args, **kwargs)
+
 
 class DaskExecutor(Executor):
     """Computes chunks on a Dask cluster and commits each result as it arrives.
@@ -129,7 +133,7 @@ class DaskExecutor(Executor):
         self.security = security
         self.staged = bool(staged)
         self.factory = factory
-        self.on_status = on_status or _print_status
+        self.on_status = on_status or print_status
         self.status_interval = status_interval
         self.connect_timeout = connect_timeout
         self.gather_timeout = gather_timeout
@@ -142,14 +146,10 @@ class DaskExecutor(Executor):
 
         if isinstance(self.scheduler, Client):
             return self.scheduler, False
-        from ...distributed.security import as_security, tls_address
-
         address = str(self.scheduler)
         if self.security is False:
             security = None
         else:
-            from ...distributed.server import DEFAULT_PORT
-
             address = tls_address(address, DEFAULT_PORT)
             security = as_security(self.security)
         try:
@@ -217,65 +217,59 @@ class DaskExecutor(Executor):
         stop_watching = threading.Event()
         try:
             if len(payload) <= self.inline_payload:  # e.g. a factory path: send with every task
-                source: Any = payload
+                sent: Any = payload
             else:  # a big dataset object: one task whose value each worker fetches once
-                source = source_future = client.submit(
+                sent = source_future = client.submit(
                     _source_value, payload, key=f"edcache-source-{token}", pure=False
                 )
             futures = client.map(
-                _run_chunk, list(tasks), token=token, payload=source,
+                _run_chunk, list(tasks), token=token, payload=sent,
                 key=[f"edcache-chunk-{token}-{t.chunk_id}" for t in tasks], pure=False,
             )
-            chunk_of = {f.key: t for f, t in zip(futures, tasks)}
+            chunk_of = {f.key: t for f, t in zip(futures, tasks, strict=False)}
             pending = {f.key: f for f in futures}
             completed = as_completed(futures, loop=client.loop)
             del futures
             self.workers = -1
-            watcher = threading.Thread(
+            threading.Thread(
                 target=self._watch_workers, args=(client, stop_watching), daemon=True,
                 name="edcache-dask-status",
-            )
-            watcher.start()
+            ).start()
             while pending:
-                batch = completed.next_batch(block=True)
-                finished = [f for f in batch if f.status == "finished"]
-                if len(finished) < len(batch):
-                    raise self._failure(self._failed(batch, pending), chunk_of)
-                try:
-                    results = self._gather(client, finished)
-                except Exception as exc:  # e.g. a result was lost and its recomputation failed
-                    failed = self._failed(finished, pending)
-                    if failed:
-                        raise self._failure(failed, chunk_of) from None
-                    raise ClusterError(
-                        f"fetching finished chunks from the workers failed: {type(exc).__name__}: "
-                        f"{exc}. Committed chunks are kept; run again to resume."
-                    ) from exc
-                for f, result in zip(finished, results):
-                    on_result(result)
-                    pending.pop(f.key, None)
-                    f.release()  # committed: never let the cluster recompute it
-                del results, finished, batch
+                self._commit_batch(client, completed.next_batch(block=True), pending, chunk_of, on_result)
         except BaseException:
             if pending:
-                try:
-                    client.cancel(list(pending.values()), force=True)
-                except Exception:
-                    pass
+                _quietly(client.cancel, list(pending.values()), force=True)
             raise
         finally:
             stop_watching.set()
             pending.clear()
             if source_future is not None:
-                try:
-                    source_future.release()
-                except Exception:
-                    pass
+                _quietly(source_future.release)
             if owned:
-                try:
-                    client.close(timeout=10)
-                except Exception:
-                    pass
+                _quietly(client.close, timeout=10)
+
+    def _commit_batch(self, client: Any, batch: list, pending: dict[str, Any], chunk_of: dict[str, ChunkTask],
+                      on_result: Callable[[ChunkResult], None]) -> None:
+        """Hand the finished futures of ``batch`` to ``on_result`` and release them; raise
+        for the first failed one."""
+        finished = [f for f in batch if f.status == "finished"]
+        if len(finished) < len(batch):
+            raise self._failure(self._failed(batch, pending), chunk_of)
+        try:
+            results = self._gather(client, finished)
+        except Exception as exc:  # e.g. a result was lost and its recomputation failed
+            failed = self._failed(finished, pending)
+            if failed:
+                raise self._failure(failed, chunk_of) from None
+            raise ClusterError(
+                f"fetching finished chunks from the workers failed: {type(exc).__name__}: "
+                f"{exc}. Committed chunks are kept; run again to resume."
+            ) from exc
+        for f, result in zip(finished, results, strict=False):
+            on_result(result)
+            pending.pop(f.key, None)
+            f.release()  # committed: never let the cluster recompute it
 
     def _gather(self, client: Any, futures: list) -> list:
         """Fetch finished results, straight from the workers that hold them.
@@ -287,9 +281,13 @@ class DaskExecutor(Executor):
         scheduler always would cost a second TLS hop: about half the throughput for
         large chunks.)
         """
+        async def direct() -> list:
+            return await asyncio.wait_for(client.gather(futures, direct=True, asynchronous=True),
+                                          self.gather_timeout)
+
         try:
-            return client.sync(client._gather, futures, direct=True, callback_timeout=self.gather_timeout)
-        except TimeoutError:
+            return client.sync(direct)
+        except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
             return client.gather(futures, direct=False)
 
     @staticmethod

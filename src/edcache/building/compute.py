@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..errors import DatasetInterfaceError, ExampleError
 from ..format.base import ChunkEncoder, ChunkResult, ChunkTask
@@ -59,7 +60,7 @@ def limit_torch_threads() -> bool:
     try:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
-    except Exception:  # noqa: BLE001 - a half-imported or stub torch: nothing to limit
+    except Exception:  # a half-imported or stub torch: nothing to limit
         pass
     return True
 

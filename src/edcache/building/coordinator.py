@@ -13,10 +13,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..format.base import ChunkResult, ChunkSink
+from .compute import DatasetSource
 from .executors.base import Executor
 from .plan import plan_chunks
-from .worker import DatasetSource
-
 
 #: errno values of a failing disk (full, quota, I/O error, read-only, file too large).
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
@@ -60,8 +59,9 @@ def run_build(
     On any exception (including ``KeyboardInterrupt``) the committed chunks stay on disk
     and a later run resumes from them.
     """
-    plan = getattr(sink, "plan", None)  # a sink may plan finer than whole chunks
-    tasks = plan() if plan is not None else plan_chunks(length, chunk_size, sink.committed())
+    tasks = sink.plan()  # a sink may plan finer than whole chunks
+    if tasks is None:
+        tasks = plan_chunks(length, chunk_size, sink.committed())
     done = length - sum(task.size for task in tasks)
     bar = tqdm(
         total=length, initial=done, unit="ex", desc=desc, disable=not progress,
@@ -80,12 +80,10 @@ def run_build(
             executor.run(source, sink.encoder(staged=executor.staged), tasks, on_result)
         sink.finalize()
     except OSError as exc:
-        new = storage_error(exc, getattr(sink, "cache_dir", None) or getattr(sink, "path", ""))
+        new = storage_error(exc, sink.location)
         if new is exc:
             raise
         raise new from exc
     finally:
         bar.close()
-        close = getattr(sink, "close", None)
-        if close is not None:
-            close()
+        sink.close()

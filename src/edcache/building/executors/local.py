@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import signal
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ...errors import BuildError
 from ...format.base import ChunkEncoder, ChunkResult, ChunkTask
-from ..worker import DatasetSource, compute_chunk, limit_torch_threads
+from ..compute import DatasetSource, compute_chunk, limit_torch_threads
 from .base import Executor
 
 
@@ -195,9 +197,11 @@ class LocalPoolExecutor(Executor):
                     f"the dataset cannot be pickled to send it to {method} worker processes "
                     f"({exc}); use mp_context='fork', num_workers=0, or make it picklable"
                 ) from exc
+        self._tracker = _TrackingContext(context)
+        tracking: Any = self._tracker  # a context that remembers its processes (duck-typed)
         return ProcessPoolExecutor(
             max_workers=self.num_workers,
-            mp_context=context,
+            mp_context=tracking,
             initializer=_init_worker,
             initargs=(payload, self._board, counter),
         )
@@ -209,12 +213,10 @@ class LocalPoolExecutor(Executor):
         The pool terminates (SIGTERM) its other processes once one dies; those are
         not counted. Call before :func:`_terminate`.
         """
-        processes = dict(getattr(pool, "_processes", None) or {})
+        processes = {p.pid: p for p in self._tracker.processes}
         for process in processes.values():
-            try:
+            with contextlib.suppress(AssertionError, ValueError):
                 process.join(timeout=2)
-            except (AssertionError, ValueError):
-                pass
         board = self._board
         found = []
         for slot in range(len(board) // _FIELDS):
@@ -238,20 +240,11 @@ class LocalPoolExecutor(Executor):
         pending = deque(tasks)
         finished = 0
         inflight: dict[Future, ChunkTask] = {}
-        crashes: Counter[int] = Counter()
-        last_death: dict[int, tuple[int, int | None]] = {}  # chunk -> (index, exit code)
-        window = 2 * self.num_workers
+        crashes = _Crashes(self.max_crashes, self._start_method())
         pool = self._pool(source, encoder)
         try:
             while pending or inflight:
-                lost: list[ChunkTask] = []
-                while pending and len(inflight) < window:
-                    task = pending.popleft()
-                    try:
-                        inflight[pool.submit(_run_task, task)] = task
-                    except BrokenProcessPool:  # a worker died before we noticed
-                        lost.append(task)
-                        break
+                lost = self._submit(pool, pending, inflight)
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED) if inflight else (set(), set())
                 for future in done:
                     task = inflight.pop(future)
@@ -265,54 +258,110 @@ class LocalPoolExecutor(Executor):
                 if lost:  # a worker died: every chunk in flight is lost with the pool
                     lost.extend(inflight.values())
                     inflight.clear()
-                    died = self._who_died(pool)
-                    started = any(self._board[k] >= 0 for k in range(0, len(self._board), _FIELDS))
-                    if not finished and not started and self._start_method() != "fork":
-                        raise BuildError(
-                            "the worker processes died while starting, before running anything "
-                            "(their traceback is printed above). The usual cause: "
-                            + GUARD_HINT.format(method=self._start_method())
-                            + ". Committed chunks are kept."
-                        )
-                    if died:  # count the chunks whose process died, not the bystanders
-                        for chunk, index, code in died:
-                            crashes[chunk] += 1
-                            last_death[chunk] = (index, code)
-                    else:  # died between chunks, or unknown: every chunk in flight counts
-                        for task in lost:
-                            crashes[task.chunk_id] += 1
-                    chunk, worst = crashes.most_common(1)[0]
-                    if worst >= self.max_crashes:
-                        hint = ""
-                        if not finished and self._start_method() != "fork":
-                            hint = (
-                                f" No chunk finished at all: with the {self._start_method()} start "
-                                "method, worker processes import your main script again, so it needs "
-                                "an `if __name__ == '__main__':` guard (or use mp_context='fork')."
-                            )
-                        index, code = last_death.get(chunk, (-1, None))
-                        task = next((t for t in lost if t.chunk_id == chunk), None)
-                        if index >= 0:
-                            what = f"example {index} (chunk {chunk}) was being computed"
-                        elif chunk in last_death:
-                            what = f"chunk {chunk} was being encoded"
-                        else:
-                            what = f"chunk {chunk} was in flight"
-                        span = f", examples {task.start}..{task.stop - 1}" if task is not None else ""
-                        raise BuildError(
-                            f"a worker process died{_exit_reason(code)} {worst} times while {what}"
-                            f"{span if index < 0 else ''} (segfault, out of memory, os._exit, or "
-                            "killed?); committed chunks are kept, run again to resume."
-                            f"{hint}"
-                        )
+                    self._count_deaths(pool, lost, finished, crashes)
                     pending.extendleft(sorted(lost, key=lambda t: -t.chunk_id))
-                    _terminate(pool)
+                    _terminate(pool, self._tracker.processes)
                     pool = self._pool(source, encoder)
         except BaseException:
-            _terminate(pool)
+            _terminate(pool, self._tracker.processes)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, pool: ProcessPoolExecutor, pending: deque[ChunkTask],
+                inflight: dict[Future, ChunkTask]) -> list[ChunkTask]:
+        """Keep ``2 * num_workers`` tasks in flight; the tasks lost to a broken pool."""
+        while pending and len(inflight) < 2 * self.num_workers:
+            task = pending.popleft()
+            try:
+                inflight[pool.submit(_run_task, task)] = task
+            except BrokenProcessPool:  # a worker died before we noticed
+                return [task]
+        return []
+
+    def _count_deaths(self, pool: ProcessPoolExecutor, lost: list[ChunkTask], finished: int,
+                      crashes: _Crashes) -> None:
+        """After a worker died: count it against the chunk it was computing; raise
+        :class:`BuildError` if the workers never started or a chunk killed too many."""
+        died = self._who_died(pool)
+        started = any(self._board[k] >= 0 for k in range(0, len(self._board), _FIELDS))
+        if not finished and not started and self._start_method() != "fork":
+            raise BuildError(
+                "the worker processes died while starting, before running anything "
+                "(their traceback is printed above). The usual cause: "
+                + GUARD_HINT.format(method=self._start_method())
+                + ". Committed chunks are kept."
+            )
+        crashes.record(died, lost)
+        crashes.check(lost, finished)
+
+
+class _Crashes:
+    """Worker deaths per chunk in one run, and what the last death of each chunk was doing."""
+
+    def __init__(self, max_crashes: int, start_method: str) -> None:
+        self.max_crashes = max_crashes
+        self.start_method = start_method
+        self.counts: Counter[int] = Counter()
+        self.last_death: dict[int, tuple[int, int | None]] = {}  # chunk -> (index, exit code)
+
+    def record(self, died: list[tuple[int, int, int | None]], lost: list[ChunkTask]) -> None:
+        if died:  # count the chunks whose process died, not the bystanders
+            for chunk, index, code in died:
+                self.counts[chunk] += 1
+                self.last_death[chunk] = (index, code)
+        else:  # died between chunks, or unknown: every chunk in flight counts
+            for task in lost:
+                self.counts[task.chunk_id] += 1
+
+    def check(self, lost: list[ChunkTask], finished: int) -> None:
+        """Raise :class:`BuildError` if a chunk's workers died ``max_crashes`` times."""
+        chunk, worst = self.counts.most_common(1)[0]
+        if worst < self.max_crashes:
+            return
+        hint = ""
+        if not finished and self.start_method != "fork":
+            hint = (
+                f" No chunk finished at all: with the {self.start_method} start "
+                "method, worker processes import your main script again, so it needs "
+                "an `if __name__ == '__main__':` guard (or use mp_context='fork')."
+            )
+        index, code = self.last_death.get(chunk, (-1, None))
+        task = next((t for t in lost if t.chunk_id == chunk), None)
+        if index >= 0:
+            what = f"example {index} (chunk {chunk}) was being computed"
+        elif chunk in self.last_death:
+            what = f"chunk {chunk} was being encoded"
+        else:
+            what = f"chunk {chunk} was in flight"
+        span = f", examples {task.start}..{task.stop - 1}" if task is not None else ""
+        raise BuildError(
+            f"a worker process died{_exit_reason(code)} {worst} times while {what}"
+            f"{span if index < 0 else ''} (segfault, out of memory, os._exit, or "
+            "killed?); committed chunks are kept, run again to resume."
+            f"{hint}"
+        )
+
+
+class _TrackingContext:
+    """A multiprocessing context that remembers the processes started through it.
+
+    ``ProcessPoolExecutor`` creates its workers with ``mp_context.Process``; keeping them
+    here lets the executor see which one died (and kill them all) through the public
+    ``Process`` API instead of the pool's private state. Everything else is the context's.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self.processes: list[Any] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # the name of the context's method
+        process = self._context.Process(*args, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _exit_reason(code: int | None) -> str:
@@ -327,9 +376,9 @@ def _exit_reason(code: int | None) -> str:
     return f" (exit code {code})"
 
 
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    """Stop a pool now: cancel queued work and kill its processes."""
-    processes = list(getattr(pool, "_processes", {}).values())
+def _terminate(pool: ProcessPoolExecutor, processes: list[Any]) -> None:
+    """Stop a pool now: cancel queued work and kill its ``processes``."""
+    processes = list(processes)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         try:
@@ -338,7 +387,5 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
         except (OSError, ValueError):
             pass
     for process in processes:
-        try:
+        with contextlib.suppress(AssertionError, ValueError):
             process.join(timeout=5)
-        except (AssertionError, ValueError):
-            pass

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 from ..format.base import ChunkTask
 
 
-def plan_chunks(length: int, chunk_size: int, committed: set[int] = frozenset()) -> list[ChunkTask]:
+def plan_chunks(length: int, chunk_size: int, committed: AbstractSet[int] = frozenset()) -> list[ChunkTask]:
     """The chunks of ``range(length)`` not yet committed, in index order.
 
     Chunk ``c`` always covers ``c * chunk_size`` up to (not including)
