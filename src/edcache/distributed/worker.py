@@ -190,10 +190,8 @@ class WorkerSlot:
             await asyncio.wait([task], timeout=0.25)
             if not task.done() and (getattr(nanny, "_edcache_done", False) or self.stop.is_set()):
                 task.cancel()
-                try:
+                with contextlib.suppress(BaseException):  # cancelled, or failed while being cancelled
                     await task
-                except BaseException:  # cancelled, or failed while being cancelled
-                    pass
                 return False
         task.result()  # a failed start raises here, as before
         return True
