@@ -332,7 +332,7 @@ def test_info_shows_codec_stored_and_raw_bytes(tmp_path):
 
 
 def test_cli_codec_option():
-    from edcache.cli.main import _codecs_argument
+    from edcache.cli.parser import codecs_argument as _codecs_argument
 
     assert _codecs_argument(["image=jpeg:90", "mask=png", "0=zstd"]) == {"image": "jpeg:90", "mask": "png", 0: "zstd"}
     assert _codecs_argument(["zstd"]) == "zstd" and _codecs_argument(["*=lz4"]) == "lz4"
