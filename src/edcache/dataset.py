@@ -167,7 +167,7 @@ class DatasetMixin:
         self._expand = value
 
     # -- edflow's dataset arithmetic ----------------------------------------------------
-    def __add__(self, other: Any) -> "ConcatenatedDataset":
+    def __add__(self, other: Any) -> ConcatenatedDataset:
         """``a + b``: the examples of ``a``, then those of ``b`` (a :class:`ConcatenatedDataset`)."""
         if not isinstance(other, DatasetMixin):
             return NotImplemented
@@ -275,7 +275,7 @@ class _Cycled(DatasetMixin):
     def get_example(self, i: int) -> dict:
         return self.dataset[i % len(self.dataset)]
 
-    @property
+    @property  # type: ignore[misc]  # derived from the cycled dataset's: not settable
     def labels(self) -> dict:
         n = len(self.dataset)
         idx = np.arange(self.length) % n

@@ -147,7 +147,7 @@ class _Values:
         """Stop using the block: its rows become separate arrays (views of it)."""
         if self.buf is not None:
             buf = self.buf
-            self.values = [buf[r] if v is None else v for r, v in zip(self.rows, self.values)]
+            self.values = [buf[r] if v is None else v for r, v in zip(self.rows, self.values, strict=False)]
             self.buf, self.nbuf = None, 0
 
 
@@ -198,7 +198,7 @@ def build_chunk(start: int, count: int, examples: Iterable[Any], allow_pickle: b
             col.rows.append(row)
             col.values.append(_Encoded(_encode(example, encoder, index, None)))
             continue
-        for col, value in zip(cols, example.values() if type(example) is dict else example):
+        for col, value in zip(cols, example.values() if type(example) is dict else example, strict=False):
             t = type(value)
             if t is ndarray:
                 buf = col.buf
@@ -301,7 +301,7 @@ def _wrapped_kind(col: _Values, spec: ColumnSpec) -> tuple[ColumnSpec, list[Any]
         if buf is None and len({(v.dtype, v.ndim) for v in values}) == 1 and values[0].ndim == 0:
             return ColumnSpec(col.key, FIXED, values[0].dtype.str, (), wrap=tag), values, None
     out = []
-    for r, v in zip(col.rows, values):
+    for r, v in zip(col.rows, values, strict=False):
         if v is None and buf is not None:
             v = buf[r]
         out.append(Tagged(tagged[r], v) if r in tagged else v)
@@ -326,7 +326,7 @@ def _finish_column(col: _Values, start: int, count: int, encoder: Encoder,
     except CodecError:
         raise
     except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
-        for row, value in zip(col.rows, col.values):
+        for row, value in zip(col.rows, col.values, strict=False):
             if spec.kind == STR and isinstance(value, str):
                 try:
                     value.encode()
@@ -390,7 +390,7 @@ def _raw_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int,
                 data[rows] = stacked
         return [data]
     if block is not None:  # a block promoted to a variable kind in this chunk
-        values = [block[r] if v is None else v for r, v in zip(rows, values)]
+        values = [block[r] if v is None else v for r, v in zip(rows, values, strict=False)]
     if kind == RAGGED:
         ends = np.zeros(count, dtype="<u8")
         ends[rows] = [v.shape[0] for v in values]
@@ -403,7 +403,7 @@ def _raw_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int,
     if kind == VARSHAPE:
         dt = spec.np_dtype
         index = np.zeros((count, 1 + spec.ndim), dtype="<u8")
-        present = dict(zip(rows, values))
+        present = dict(zip(rows, values, strict=False))
         blobs = []
         pos = 0
         for r in range(count):  # absent rows: empty, at the running offset
@@ -417,7 +417,7 @@ def _raw_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int,
         return [b"".join(blobs), index]
     if kind in (STR, BYTES, RECORD):
         blobs = [b""] * count
-        for r, v in zip(rows, values):
+        for r, v in zip(rows, values, strict=False):
             if kind == STR:
                 blobs[r] = v.encode()
             elif kind == BYTES:

@@ -73,7 +73,7 @@ class Codec:
 def parse_codec(text: str) -> Codec:
     """Parse a codec string (``ValueError`` if it names no codec)."""
     if not isinstance(text, str):  # (ValueError: the callers turn it into their own error)
-        raise ValueError(f"a codec is a str, got {type(text).__name__}")  # noqa: TRY004
+        raise ValueError(f"a codec is a str, got {type(text).__name__}")
     name, sep, arg = text.strip().lower().partition(":")
     if name not in _LIBS or (sep and not arg):
         raise ValueError(f"unknown codec {text!r}")
@@ -284,6 +284,7 @@ def decode(codec: Codec, blob: Any, shape: tuple, dtype: np.dtype, out: np.ndarr
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes > MAX_ROW_BYTES:
         raise ValueError(f"a row of {nbytes} bytes")
+    arr: np.ndarray | None
     if nbytes == 0 and not codec.image:
         if len(blob):
             raise ValueError("bytes stored for an empty row")
@@ -357,7 +358,7 @@ def raw_rows(spec: ColumnSpec, parts: list[Any], count: int) -> Iterator[np.ndar
 def coded_parts(spec: ColumnSpec, raw: list[Any], rows: list[int], count: int, start: int | None = None) -> list[Any]:
     """``[blobs, index]`` of a chunk of the coded column ``spec`` from its raw parts;
     ``rows``: the present rows (the others store nothing). ``start`` names examples."""
-    codec = parse_codec(spec.codec)  # type: ignore[arg-type]
+    codec = parse_codec(spec.codec)
     nd = row_ndim(spec)
     index = np.zeros((count, 2 + nd), dtype="<u8")
     present = set(rows)
@@ -433,7 +434,7 @@ class CodedRows:
 
     def __init__(self, spec: ColumnSpec, data: Any, index: Any, rows: int, where: str) -> None:
         self.spec, self.rows, self.where = spec, rows, where
-        self.codec = parse_codec(spec.codec)  # type: ignore[arg-type]
+        self.codec = parse_codec(spec.codec)
         require(self.codec)
         self.nd = row_ndim(spec)
         self.width = 8 * (2 + self.nd)
@@ -466,7 +467,7 @@ class CodedRows:
         off, length, shape = self.locate(r)
         try:
             return decode(self.codec, self.data[off:off + length], shape, self.dtype, out)
-        except Exception as exc:  # noqa: BLE001 (each decoder raises its own types on damaged bytes)
+        except Exception as exc:
             raise self.bad(f"row {r} does not decode as {self.codec.text} "
                            f"({type(exc).__name__}: {exc})") from None
 

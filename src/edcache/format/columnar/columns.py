@@ -55,7 +55,8 @@ class ColumnView:
                 get = fast
             else:
                 conv, raw = wrapper(spec.wrap, pil), get
-                get = lambda r: conv(raw(r))
+                def get(r):
+                    return conv(raw(r))
         self.get: Callable[[int], Any] = get
 
     def _bad(self, what: str) -> CorruptCacheError:

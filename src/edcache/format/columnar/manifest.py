@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -157,7 +158,8 @@ class Manifest:
         try:
             m = cls(
                 length=doc["length"], chunk_size=doc["chunk_size"], dataset=doc.get("dataset") or "",
-                fingerprint=doc.get("fingerprint"), identity=doc.get("identity"), in_memory_keys=list(doc.get("in_memory_keys") or []),
+                fingerprint=doc.get("fingerprint"), identity=doc.get("identity"),
+                in_memory_keys=list(doc.get("in_memory_keys") or []),
                 allow_pickle=doc.get("allow_pickle", False), parameters=doc.get("parameters"),
                 codecs=doc.get("codecs"),
             )

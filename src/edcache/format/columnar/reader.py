@@ -9,6 +9,7 @@ build when asked for an example beyond what was committed when it last looked.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -88,7 +89,7 @@ def row_builder(container: str, keys: list[Any], getters: list[Callable[[int], A
     is ``r`` itself (``index_``) instead of read."""
     n = len(getters)
     if n > 200:
-        pairs = list(zip(keys, getters))
+        pairs = list(zip(keys, getters, strict=False))
         if container == "dict":
             return lambda r: {k: (r if i == index_at else g(r)) for i, (k, g) in enumerate(pairs)}
         seq = tuple if container == "tuple" else list
@@ -106,7 +107,7 @@ def row_builder(container: str, keys: list[Any], getters: list[Callable[[int], A
             params = [f"g{i}" for i in range(n)]
         make = _MAKERS[sig] = _compile(params, body)
     if container == "dict":
-        return make(*(x for pair in zip(keys, getters) for x in pair))
+        return make(*(x for pair in zip(keys, getters, strict=False) for x in pair))
     return make(*getters)
 
 
@@ -210,27 +211,8 @@ class ColumnarReader(CacheReader):
             plain.append(self._builder(lay, views, False))
             indexed.append(self._builder(lay, views, True))
         self._plain, self._indexed = plain, indexed
-        lc = schema.layout_column
         rows = self._rows
-        if not plain:
-            read = read_indexed = self._missing
-        elif lc is None:
-            read, read_indexed = plain[0], indexed[0]
-        else:
-            ids = views[lc].array.item  # type: ignore[union-attr]
-            nlay = len(plain)
-
-            def read(r: int) -> Any:
-                lid = ids(r)
-                if lid >= nlay:
-                    raise CorruptCacheError(f"{self.path}: example {r} names layout {lid}, which does not exist")
-                return plain[lid](r)
-
-            def read_indexed(r: int) -> Any:
-                lid = ids(r)
-                if lid >= nlay:
-                    raise CorruptCacheError(f"{self.path}: example {r} names layout {lid}, which does not exist")
-                return indexed[lid](r)
+        read, read_indexed = self._by_layout(plain, views), self._by_layout(indexed, views)
         if self.verify:
             read, read_indexed = self._checking(read), self._checking(read_indexed)
 
@@ -244,10 +226,27 @@ class ColumnarReader(CacheReader):
                     raise self._out_of_range(index)
                 return self._beyond(index, fn is read_indexed)
             return read_one
-        self.read = bounded(read)  # type: ignore[method-assign]
-        self.read_indexed = bounded(read_indexed)  # type: ignore[method-assign]
+        self.read = bounded(read)  # type: ignore[method-assign,assignment]
+        self.read_indexed = bounded(read_indexed)  # type: ignore[method-assign,assignment]
         # every row present: callers that checked the index skip the wrapper
-        self.row_indexed = read_indexed if rows == self._length else self.read_indexed  # type: ignore[method-assign]
+        self.row_indexed = read_indexed if rows == self._length else self.read_indexed  # type: ignore[method-assign,assignment]
+
+    def _by_layout(self, builders: list[Callable[[int], Any]], views: dict[int, ColumnView]) -> Callable[[int], Any]:
+        """``r -> example`` through the builder of row ``r``'s layout."""
+        lc = self._schema.layout_column
+        if not builders:
+            return self._missing
+        if lc is None:
+            return builders[0]
+        ids = views[lc].array.item  # type: ignore[union-attr]
+        nlay, path = len(builders), self.path
+
+        def read(r: int) -> Any:
+            lid = ids(r)
+            if lid >= nlay:
+                raise CorruptCacheError(f"{path}: example {r} names layout {lid}, which does not exist")
+            return builders[lid](r)
+        return read
 
     def _builder(self, lay: Layout, views: dict[int, ColumnView], indexed: bool) -> Callable[[int], Any]:
         cols = [self._schema.columns[g] for g in lay.columns]
@@ -528,19 +527,16 @@ class ColumnarReader(CacheReader):
     def _close_maps(self) -> None:
         self._views = None
         for mm in self._maps:
-            try:
+            # arrays handed out still view the map: it closes when they are gone
+            with contextlib.suppress(BufferError, AttributeError):
                 mm.close()
-            except (BufferError, AttributeError):
-                pass  # arrays handed out still view the map; it closes when they are gone
         self._maps = []
 
     def close(self) -> None:
         self._close_maps()
         for fd in self._fds.values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._fds = {}
         self._reopen = True
         for name in ("read", "read_indexed", "row_indexed"):
@@ -555,10 +551,8 @@ class ColumnarReader(CacheReader):
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def load_label_file(cache_dir: str, key: Any, entry: dict, fd: int | None, length: int, verify: bool) -> Any:
@@ -569,7 +563,9 @@ def load_label_file(cache_dir: str, key: Any, entry: dict, fd: int | None, lengt
         raise CorruptCacheError(f"label file {path} (key {key!r}) is missing")
     size = os.fstat(fd).st_size
     if size != entry.get("nbytes"):
-        raise CorruptCacheError(f"label file {path} (key {key!r}) has {size} bytes, the manifest says {entry.get('nbytes')}")
+        raise CorruptCacheError(
+            f"label file {path} (key {key!r}) has {size} bytes, the manifest says {entry.get('nbytes')}"
+        )
     mm = map_fd(fd, size)
     if verify and xxhash.xxh3_64_hexdigest(mm) != entry.get("xxh3"):
         raise CorruptCacheError(f"label file {path} (key {key!r}) fails its checksum")

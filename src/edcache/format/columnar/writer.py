@@ -9,6 +9,7 @@ that arrive early wait in a bounded reorder buffer, spilled to a temporary file 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -76,7 +77,7 @@ class ColumnarEncoder(ChunkEncoder):
                         f"example {task.start + k} has no in_memory_key {key!r} (it has {seen})"
                     ) from None
             yield example
-        for key, chunk_values in zip(keys, values):
+        for key, chunk_values in zip(keys, values, strict=False):
             check_label_kinds(key, chunk_values, task.start)
 
 
@@ -206,7 +207,7 @@ class ColumnarSink(ChunkSink):
                     self._whole = self._new_column(None)
                 lay = Layout("whole", (self._whole,))
             else:
-                lay = Layout(container, tuple(self._key_col.get(k) if k in self._key_col
+                lay = Layout(container, tuple(self._key_col[k] if k in self._key_col
                                               else self._add_key(k) for k in keys))
             lid = self._layout_ids.get(lay)
             if lid is None:
@@ -227,6 +228,7 @@ class ColumnarSink(ChunkSink):
         changed = False
         for col in cc.columns:
             gid = self._whole if col.spec.key is None else self._key_col[col.spec.key]
+            assert gid is not None  # _map_layouts made the whole-example column
             cache = self.schema.columns[gid]
             new = merge(cache, col.spec)
             if new is not cache:
@@ -246,9 +248,9 @@ class ColumnarSink(ChunkSink):
                 key = None if gid == self._whole else spec.key
                 col = by_key.get(key) if (key is not None or gid == self._whole) else None
                 parts = self._parts_for(spec, col, cc.count, _rows_with(cc, key) if col is not None else [])
-            e, h = self._write(gid, spec, parts)
-            ends += e
-            hashes += h
+            column_ends, column_hashes = self._write(gid, spec, parts)
+            ends += column_ends
+            hashes += column_hashes
         self._log.append(chunk_record(self.committed_chunks, ends, hashes))  # type: ignore[union-attr]
         for f, e, h in zip(self.schema.files(), ends, hashes, strict=True):
             self.segments[f].append((e, h))
@@ -293,9 +295,9 @@ class ColumnarSink(ChunkSink):
             else:  # varshape and coded columns: byte offsets in column 0
                 shifted = index.astype("<u8", copy=True)
                 shifted[:, 0] += np.uint64(self._end(data_file))
-            bufs.append(lead + [raw_bytes(np.ascontiguousarray(shifted))])
+            bufs.append([*lead, raw_bytes(np.ascontiguousarray(shifted))])
         ends, hashes = [], []
-        for f, pieces in zip(files, bufs):
+        for f, pieces in zip(files, bufs, strict=False):
             fd, pos = self._fds[f], self._end(f)
             h = xxhash.xxh3_64()
             for piece in pieces:
@@ -341,7 +343,7 @@ class ColumnarSink(ChunkSink):
                 get = views[gid].get
                 parts = column_parts(new, [r - rows.start for r in present], [get(r) for r in present],
                                      cs, self._encoder)
-            for f, (e, h) in zip(new.files(), zip(*self._write(gid, new, parts))):
+            for f, (e, h) in zip(new.files(), zip(*self._write(gid, new, parts), strict=False), strict=False):
                 created[f].append((e, h))
                 # (segments[f] is created[f]: _end sees what was just written)
         for f in old.files():
@@ -456,10 +458,9 @@ class ColumnarSink(ChunkSink):
 
     def close(self) -> None:
         if self._log is not None and not self._log.closed:
-            try:
+            # closing after a failure: what was committed stays valid
+            with contextlib.suppress(OSError):
                 self.sync()
-            except OSError:
-                pass  # closing after a failure: what was committed stays valid
             self._log.close()
         for fd in self._fds.values():
             os.close(fd)
@@ -490,10 +491,8 @@ def _next_stem(stem: str) -> str:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[int],
@@ -554,10 +553,8 @@ def remove_strays(cache_dir: str, schema: Schema, labels: dict | None = None) ->
             if rel not in keep or is_temp(entry.name):
                 _unlink(entry.path)
     for folder in ("shards",):  # an old v1 layout's folder
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(os.path.join(cache_dir, folder))
-        except OSError:
-            pass
     for name in ("packed.shard", "shards.idx"):
         _unlink(os.path.join(cache_dir, name))
 
@@ -585,8 +582,8 @@ def prepare_cache_dir(
     os.makedirs(cache_dir, exist_ok=True)
     check_no_links(cache_dir)
     fresh = Manifest(length=length, chunk_size=chunk_size, dataset=dataset, fingerprint=fingerprint,
-                     identity=identity, in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle, parameters=parameters,
-                     codecs=codecs)
+                     identity=identity, in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle,
+                     parameters=parameters, codecs=codecs)
     if not keep_existing or peek_version(cache_dir) == 1:
         return _start_over(cache_dir, fresh)
     try:
@@ -650,10 +647,8 @@ def _start_over(cache_dir: str, manifest: Manifest) -> ColumnarSink:
     os.makedirs(os.path.join(cache_dir, COLUMNS_DIR), exist_ok=True)
     remove_strays(cache_dir, Schema())
     for folder in (LABELS_DIR,):
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(os.path.join(cache_dir, folder))
-        except OSError:
-            pass
     fsync_dir(cache_dir)
     state = LogState(build, manifest.build_params())
     return ColumnarSink(cache_dir, manifest, state)
