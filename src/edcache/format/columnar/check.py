@@ -229,7 +229,7 @@ def _span(m: Manifest, chunk: int) -> tuple[int, int]:
 
 
 def _check_labels(path: str, m: Manifest, report: Report) -> None:
-    from .reader import load_label_file
+    from .label_files import load_label_file
 
     for key in m.in_memory_keys:
         entry = m.labels[str(key)]

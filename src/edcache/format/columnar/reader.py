@@ -26,10 +26,11 @@ from ...errors import (
 )
 from ..base import CacheReader, Labels
 from .columns import ColumnView
-from .files import map_fd, open_fd
+from .files import open_fd
+from .label_files import load_label_file
 from .log import LogState, read_log
 from .manifest import MANIFEST, TABLE, Manifest, Schema, read_manifest
-from .records import decode_row
+from .rows import map_columns, row_builder
 from .schema import Layout
 
 INDEX_KEY = "index_"
@@ -37,78 +38,6 @@ INDEX_KEY = "index_"
 
 class CacheRebuiltError(IncompleteCacheError):
     """The cache was started over by another process after this reader opened it."""
-
-
-def map_columns(cache_dir: str, schema: Schema, ends: dict[str, int], rows: int, allow_pickle: bool,
-                wanted: Sequence[int] | None = None, fds: dict[str, int] | None = None,
-                pil: str = "image") -> tuple[dict[int, ColumnView], list[Any]]:
-    """Views of rows ``0 .. rows-1`` of the columns ``wanted`` (default: all), each file
-    mapped up to its size in ``ends``. Returns the views and the maps."""
-    views: dict[int, ColumnView] = {}
-    maps: list[Any] = []
-    for gid in (range(len(schema.columns)) if wanted is None else wanted):
-        spec = schema.columns[gid]
-        bufs = []
-        for f in spec.files():
-            path = os.path.join(cache_dir, f)
-            own = fds is None or f not in fds
-            try:
-                fd = open_fd(path) if own else fds[f]  # type: ignore[index]
-            except FileNotFoundError:
-                raise CorruptCacheError(f"{path} (column {spec.key!r}) is missing") from None
-            try:
-                size = os.fstat(fd).st_size
-                if size < ends[f]:
-                    raise CorruptCacheError(
-                        f"{path} (column {spec.key!r}) has {size} bytes, {ends[f]} were committed"
-                    )
-                bufs.append(map_fd(fd, ends[f]))
-            finally:
-                if own:
-                    os.close(fd)
-        maps += bufs
-        views[gid] = ColumnView(spec, bufs[0] if bufs else b"", bufs[1] if len(bufs) > 1 else None, rows,
-                                allow_pickle=allow_pickle, where=f"column {spec.key!r} of {cache_dir}",
-                                pil=pil)
-    return views, maps
-
-
-def _compile(params: list[str], body: str) -> Callable[..., Any]:
-    # Only generated names appear in the source; keys and getters are bound as values,
-    # so nothing read from a cache file is ever compiled.
-    return eval(f"lambda {', '.join(params)}: lambda r: {body}", {"__builtins__": {}})
-
-
-_MAKERS: dict[tuple, Callable[..., Any]] = {}
-
-
-def row_builder(container: str, keys: list[Any], getters: list[Callable[[int], Any]],
-                index_at: int | None = None) -> Callable[[int], Any]:
-    """``r -> example`` for one layout: a dict display (about 30% faster than a
-    comprehension), a tuple or a list; with ``index_at``, the field at that position
-    is ``r`` itself (``index_``) instead of read."""
-    n = len(getters)
-    if n > 200:
-        pairs = list(zip(keys, getters, strict=False))
-        if container == "dict":
-            return lambda r: {k: (r if i == index_at else g(r)) for i, (k, g) in enumerate(pairs)}
-        seq = tuple if container == "tuple" else list
-        return lambda r: seq(g(r) for g in getters)
-    sig = (container, n, index_at)
-    make = _MAKERS.get(sig)
-    if make is None:
-        vals = [("r" if i == index_at else f"g{i}(r)") for i in range(n)]
-        if container == "dict":
-            body = "{" + ", ".join(f"k{i}: {v}" for i, v in enumerate(vals)) + "}"
-            params = [p for i in range(n) for p in (f"k{i}", f"g{i}")]
-        else:
-            inner = ", ".join(vals) + ("," if n == 1 else "")
-            body = f"({inner})" if container == "tuple" else f"[{inner}]"
-            params = [f"g{i}" for i in range(n)]
-        make = _MAKERS[sig] = _compile(params, body)
-    if container == "dict":
-        return make(*(x for pair in zip(keys, getters, strict=False) for x in pair))
-    return make(*getters)
 
 
 class ColumnarReader(CacheReader):
@@ -553,51 +482,6 @@ class ColumnarReader(CacheReader):
         for fd in getattr(self, "_fds", {}).values():
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def load_label_file(cache_dir: str, key: Any, entry: dict, fd: int | None, length: int, verify: bool) -> Any:
-    """One label file (``labels/<n>.npy`` or ``.list``) described by its manifest entry."""
-    rel = entry.get("file")
-    path = os.path.join(cache_dir, str(rel))
-    if fd is None:
-        raise CorruptCacheError(f"label file {path} (key {key!r}) is missing")
-    size = os.fstat(fd).st_size
-    if size != entry.get("nbytes"):
-        raise CorruptCacheError(
-            f"label file {path} (key {key!r}) has {size} bytes, the manifest says {entry.get('nbytes')}"
-        )
-    mm = map_fd(fd, size)
-    if verify and xxhash.xxh3_64_hexdigest(mm) != entry.get("xxh3"):
-        raise CorruptCacheError(f"label file {path} (key {key!r}) fails its checksum")
-    if entry.get("kind") == "list":
-        values = decode_row(mm, 0, size, False, f"label file {path}")
-        if not isinstance(values, list):
-            raise CorruptCacheError(f"label file {path} (key {key!r}) is malformed")
-        column: Any = values
-    else:
-        try:
-            column = _npy_view(mm)
-        except Exception as exc:
-            raise CorruptCacheError(f"label file {path} (key {key!r}) is unreadable ({exc})") from exc
-        if column.dtype.str != entry.get("dtype") or list(column.shape) != entry.get("shape"):
-            raise CorruptCacheError(f"label file {path} (key {key!r}) does not match the manifest")
-    if len(column) != length:
-        raise CorruptCacheError(f"label {key!r} has {len(column)} values for {length} examples")
-    return column
-
-
-def _npy_view(buf: Any) -> np.ndarray:
-    """A read-only array viewing the ``.npy`` bytes ``buf`` (no pickles, no copy)."""
-    from numpy.lib import format as npy
-
-    head = io.BytesIO(bytes(buf[:4096]) if len(buf) > 4096 else bytes(buf))
-    version = npy.read_magic(head)
-    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-    shape, fortran, dtype = read_header(head)
-    if dtype.hasobject or fortran:
-        raise ValueError("object or Fortran-ordered array")
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(buf, dtype, count, head.tell()).reshape(shape)
 
 
 def is_columnar_cache(path: str) -> bool:

@@ -21,27 +21,17 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ...errors import CacheMismatchError, CorruptCacheError, LabelError
+from ...errors import CorruptCacheError, LabelError
 from ..base import ChunkEncoder, ChunkResult, ChunkSink, ChunkTask
-from ..fsutil import atomic_write, fsync_dir, is_temp, sync_filesystem, temp_name
+from ..fsutil import atomic_write, fsync_dir, sync_filesystem, temp_name
 from ..shards.codec import Encoder, raw_bytes
 from .chunk import ChunkColumns, build_chunk, column_parts
 from .codecs import same_rows
-from .files import check_no_links, open_fd
-from .log import CommitLog, LogState, chunk_record, read_log, schema_record
-from .manifest import (
-    COLUMNS_DIR,
-    COMMITS,
-    LABELS_DIR,
-    TABLE,
-    Manifest,
-    Schema,
-    owned_files,
-    peek_version,
-    read_manifest,
-    write_manifest,
-)
-from .records import encode_row
+from .committed import open_views, present_rows
+from .files import open_fd, remove_strays, unlink_if_present
+from .label_files import repair_labels, write_labels
+from .log import CommitLog, LogState, chunk_record, schema_record
+from .manifest import COMMITS, TABLE, Manifest, write_manifest
 from .schema import ABSENT, FIXED, ColumnSpec, Layout, merge
 
 
@@ -192,7 +182,7 @@ class ColumnarSink(ChunkSink):
         if new_layouts or promoted:
             self._log.append(schema_record(self.schema, created))  # type: ignore[union-attr]
             for path in self._obsolete:
-                _unlink(path)
+                unlink_if_present(path)
             self._obsolete = []
         self._append_rows(cc, rows_layout)
 
@@ -323,7 +313,7 @@ class ColumnarSink(ChunkSink):
         n_chunks, cs = self.committed_chunks, self.chunk_size
         views = None
         if old.kind != ABSENT and n_chunks:
-            views = _open_views(self.cache_dir, self.schema, {f: self._end(f) for f in self.schema.files()},
+            views = open_views(self.cache_dir, self.schema, {f: self._end(f) for f in self.schema.files()},
                                 n_chunks * cs,
                                 self.manifest.allow_pickle, only=[gid, self.schema.layout_column])
         for f in new.files():
@@ -339,7 +329,7 @@ class ColumnarSink(ChunkSink):
             if views is None:
                 parts = column_parts(new, [], [], cs, self._encoder)
             else:
-                present = _present_rows(self.schema, gid, views, rows)
+                present = present_rows(self.schema, gid, views, rows)
                 get = views[gid].get
                 parts = column_parts(new, [r - rows.start for r in present], [get(r) for r in present],
                                      cs, self._encoder)
@@ -390,71 +380,18 @@ class ColumnarSink(ChunkSink):
         m.table = {"nbytes": len(buf.getvalue()), "xxh3": xxhash.xxh3_64_hexdigest(buf.getvalue())}
         m.complete = True
         write_manifest(self.cache_dir, m)
-        _unlink(os.path.join(self.cache_dir, COMMITS))  # right after: a stale log is ignored
+        unlink_if_present(os.path.join(self.cache_dir, COMMITS))  # right after: a stale log is ignored
         self.close()
         remove_strays(self.cache_dir, m.schema, m.labels)
         fsync_dir(self.cache_dir)
         self._complete = True
 
     def _repair_labels(self) -> None:
-        m = self.manifest
-        broken = []
-        for n, key in enumerate(m.in_memory_keys):
-            entry = m.labels.get(str(key), {})
-            if "file" not in entry:
-                continue
-            try:
-                with open(os.path.join(self.cache_dir, entry["file"]), "rb") as f:
-                    ok = xxhash.xxh3_64_hexdigest(f.read()) == entry.get("xxh3")
-            except OSError:
-                ok = False
-            if not ok:
-                broken.append(n)
-        if broken:
-            labels = self._write_labels(self._ends, only=broken)
-            if any(labels[str(m.in_memory_keys[n])] != m.labels[str(m.in_memory_keys[n])] for n in broken):
-                raise CorruptCacheError(
-                    f"the labels of {self.cache_dir} computed from its columns differ from its manifest: "
-                    "rebuild it with force_cache=True, keep_existing=False"
-                )
+        repair_labels(self.cache_dir, self.manifest, self.schema, self._key_col, self._ends, self._encoder)
 
-    def _write_labels(self, ends: dict[str, int] | None = None,
-                      only: list[int] | None = None) -> dict[str, dict[str, Any]]:
-        from ..shards.labels import to_column
-
-        m = self.manifest
-        out: dict[str, dict[str, Any]] = {}
-        if not m.in_memory_keys:
-            return out
-        if ends is None:
-            ends = {f: self._end(f) for f in self.schema.files()}
-        views = _open_views(self.cache_dir, self.schema, ends, m.length, m.allow_pickle)
-        os.makedirs(os.path.join(self.cache_dir, LABELS_DIR), exist_ok=True)
-        for n, key in enumerate(m.in_memory_keys):
-            if only is not None and n not in only:
-                continue
-            gid = self._key_col.get(key)
-            present = _present_rows(self.schema, gid, views, range(m.length)) if gid is not None else []
-            if len(present) != m.length:
-                missing = sorted(set(range(m.length)) - set(present))[0]
-                raise LabelError(f"example {missing} has no in_memory_key {key!r}")
-            spec = self.schema.columns[gid]  # type: ignore[index]
-            if spec.kind == FIXED and spec.codec is None:  # (coded: decoded into a label file)
-                out[str(key)] = {"column": gid}
-                continue
-            get = views[gid].get  # type: ignore[index]
-            column = to_column(key, [get(r) for r in range(m.length)])
-            if isinstance(column, np.ndarray):
-                buf = io.BytesIO()
-                np.save(buf, column, allow_pickle=False)
-                data, rel, kind = buf.getvalue(), f"{LABELS_DIR}/{n}.npy", "array"
-                extra = {"dtype": column.dtype.str, "shape": list(column.shape)}
-            else:
-                data, rel, kind, extra = encode_row(column, self._encoder), f"{LABELS_DIR}/{n}.list", "list", {}
-            atomic_write(os.path.join(self.cache_dir, rel), data)
-            out[str(key)] = {"file": rel, "kind": kind, "nbytes": len(data),
-                             "xxh3": xxhash.xxh3_64_hexdigest(data), **extra}
-        return out
+    def _write_labels(self) -> dict[str, dict[str, Any]]:
+        ends = {f: self._end(f) for f in self.schema.files()}
+        return write_labels(self.cache_dir, self.manifest, self.schema, self._key_col, ends, self._encoder)
 
     def close(self) -> None:
         if self._log is not None and not self._log.closed:
@@ -466,14 +403,8 @@ class ColumnarSink(ChunkSink):
             os.close(fd)
         self._fds = {}
         for path in self._spilled.values():
-            _unlink(path)
+            unlink_if_present(path)
         self._spilled = {}
-
-
-def dataset_identity(dataset: Any) -> str:
-    """What the manifest records as the dataset's identity: its class."""
-    cls = type(dataset)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _rows_with(cc: ChunkColumns, key: Any) -> list[int]:
@@ -488,11 +419,6 @@ def _rows_with(cc: ChunkColumns, key: Any) -> list[int]:
 def _next_stem(stem: str) -> str:
     base, _, gen = stem.partition(".")
     return f"{base}.{int(gen or 0) + 1}"
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[int],
@@ -510,207 +436,3 @@ def _present_values(spec: ColumnSpec, parts: list[Any], count: int, rows: list[i
         index = raw_bytes(np.ascontiguousarray(idx))
     get = ColumnView(spec, data, index, count, allow_pickle=allow_pickle, where="chunk").get
     return [get(r) for r in rows]
-
-
-def _open_views(cache_dir: str, schema: Schema, ends: dict[str, int], rows: int, allow_pickle: bool,
-                only: list[int | None] | None = None) -> dict[int, Any]:
-    """Column views of rows ``0 .. rows-1`` of each (or only some) column (files
-    mapped up to ``ends``)."""
-    from .reader import map_columns
-
-    wanted = [g for g in (only if only is not None else range(len(schema.columns))) if g is not None]
-    return map_columns(cache_dir, schema, ends, rows, allow_pickle, wanted)[0]
-
-
-def _present_rows(schema: Schema, gid: int | None, views: dict, rows: range) -> list[int]:
-    """The rows of ``rows`` whose layout includes column ``gid``."""
-    if gid is None:
-        return []
-    has = [gid in lay.columns for lay in schema.layouts]
-    if schema.layout_column is None:
-        return list(rows) if has and has[0] else []
-    lc = views[schema.layout_column].array
-    ids = np.asarray(lc[rows.start:rows.stop])
-    ok = np.asarray(has, dtype=bool)
-    if ids.size and int(ids.max()) >= len(has):
-        raise CorruptCacheError("layout column names a layout that does not exist")
-    return (np.flatnonzero(ok[ids]) + rows.start).tolist()
-
-
-# -- preparing a directory ----------------------------------------------------------------
-def remove_strays(cache_dir: str, schema: Schema, labels: dict | None = None) -> None:
-    """Delete every file of ``cache_dir`` the cache does not use (temporary files,
-    files of rewritten columns, a format-v1 build's leftovers)."""
-    keep = owned_files(schema, labels)
-    for folder in ("", COLUMNS_DIR, LABELS_DIR, "shards"):
-        path = os.path.join(cache_dir, folder) if folder else cache_dir
-        if not os.path.isdir(path) or os.path.islink(path):
-            continue
-        for entry in os.scandir(path):
-            rel = f"{folder}/{entry.name}" if folder else entry.name
-            if entry.is_dir(follow_symlinks=False):
-                continue
-            if rel not in keep or is_temp(entry.name):
-                _unlink(entry.path)
-    for folder in ("shards",):  # an old v1 layout's folder
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(cache_dir, folder))
-    for name in ("packed.shard", "shards.idx"):
-        _unlink(os.path.join(cache_dir, name))
-
-
-def prepare_cache_dir(
-    cache_dir: str,
-    *,
-    length: int,
-    chunk_size: int,
-    dataset: str,
-    in_memory_keys: list[Any],
-    allow_pickle: bool,
-    keep_existing: bool,
-    parameters: str | None = None,
-    fingerprint: str | None = None,
-    identity: str | None = None,
-    codecs: list[list[Any]] | None = None,
-) -> ColumnarSink:
-    """Get ``cache_dir`` ready for a (resumed) build and return its sink.
-
-    With ``keep_existing`` the committed chunks of an earlier run are kept (files are
-    truncated to what the log committed); otherwise the cache is started over. The
-    caller must hold the cache's build lock.
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-    check_no_links(cache_dir)
-    fresh = Manifest(length=length, chunk_size=chunk_size, dataset=dataset, fingerprint=fingerprint,
-                     identity=identity, in_memory_keys=list(in_memory_keys), allow_pickle=allow_pickle,
-                     parameters=parameters, codecs=codecs)
-    if not keep_existing or peek_version(cache_dir) == 1:
-        return _start_over(cache_dir, fresh)
-    try:
-        old: Manifest | None = read_manifest(cache_dir)
-    except FileNotFoundError:
-        old = None
-    except CorruptCacheError as exc:
-        state = read_log(cache_dir)
-        if state is None:
-            if not _has_data(cache_dir):
-                return _start_over(cache_dir, fresh)
-            raise CorruptCacheError(
-                f"{exc}. The cache's columns are kept untouched; run `edcache verify {cache_dir}` "
-                "to see what is damaged, then rebuild with force_cache=True, keep_existing=False "
-                "(CLI: --force --no-keep-existing), which deletes it."
-            ) from exc
-        old = Manifest.from_doc(state.params, os.path.join(cache_dir, COMMITS))
-        check_resumable(cache_dir, old, fresh)
-        write_manifest(cache_dir, old)  # recovered from the log's header: resume
-    if old is None:
-        return _start_over(cache_dir, fresh)
-    state = None if old.complete else read_log(cache_dir)
-    if not old.complete and (state is None or state.committed == 0):
-        return _start_over(cache_dir, fresh)  # nothing committed: no work to protect
-    check_resumable(cache_dir, old, fresh)
-    if old.complete:
-        _unlink(os.path.join(cache_dir, COMMITS))  # a stale log of a kill right after completion
-        remove_strays(cache_dir, old.schema, old.labels)
-        return ColumnarSink(cache_dir, old, None, complete=True)
-    assert state is not None
-    ends = state.ends()
-    for f, end in ends.items():
-        path = os.path.join(cache_dir, f)
-        try:
-            fd = open_fd(path, os.O_RDWR)
-        except FileNotFoundError:
-            fd = -1
-        size = os.fstat(fd).st_size if fd >= 0 else -1
-        if size < end:  # committed data lost (a power loss before the group fsync): start over
-            if fd >= 0:
-                os.close(fd)
-            return _start_over(cache_dir, fresh)
-        os.ftruncate(fd, end)
-        os.close(fd)
-    remove_strays(cache_dir, state.schema)
-    return ColumnarSink(cache_dir, old, state)
-
-
-def _has_data(cache_dir: str) -> bool:
-    path = os.path.join(cache_dir, COLUMNS_DIR)
-    return os.path.isdir(path) and any(not is_temp(n) for n in os.listdir(path))
-
-
-def _start_over(cache_dir: str, manifest: Manifest) -> ColumnarSink:
-    """A new, empty build. The order keeps a valid cache at every instant: the new log,
-    then the incomplete manifest (from here on the old files are strays), then the
-    old files are deleted (unlinked, never truncated: readers of the old build keep
-    reading it)."""
-    build = CommitLog.create(cache_dir, manifest)
-    write_manifest(cache_dir, manifest)
-    os.makedirs(os.path.join(cache_dir, COLUMNS_DIR), exist_ok=True)
-    remove_strays(cache_dir, Schema())
-    for folder in (LABELS_DIR,):
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(cache_dir, folder))
-    fsync_dir(cache_dir)
-    state = LogState(build, manifest.build_params())
-    return ColumnarSink(cache_dir, manifest, state)
-
-
-def _check_codecs(cache_dir: str, old: Manifest, new: Manifest, hint: str) -> None:
-    """A build in progress resumes with the codecs it started with (a complete cache is
-    opened as built, whatever ``codecs`` asks)."""
-    if old.codecs != new.codecs and not old.complete:
-        raise CacheMismatchError(
-            f"the cache at {cache_dir} is being built with codecs {old.codecs}, not {new.codecs}: "
-            f"resuming would store its columns differently. {hint}"
-        )
-
-
-def check_resumable(cache_dir: str, old: Manifest, new: Manifest) -> None:
-    """Refuse to mix committed work of another dataset, length or parameters."""
-    hint = "Rebuild it with force_cache=True, keep_existing=False (CLI: --force --no-keep-existing)."
-    if old.length != new.length or (old.dataset and old.dataset != new.dataset):
-        raise CacheMismatchError(
-            f"the cache at {cache_dir} was built from {old.dataset or 'a dataset'} of length "
-            f"{old.length}; this dataset is {new.dataset} of length {new.length}. {hint}"
-        )
-    if list(old.in_memory_keys) != list(new.in_memory_keys):
-        raise CacheMismatchError(
-            f"the cache at {cache_dir} was built with in_memory_keys {old.in_memory_keys}; "
-            f"this dataset has {list(new.in_memory_keys)}. {hint}"
-        )
-    if new.parameters is not None and old.parameters is not None and old.parameters != new.parameters:
-        raise CacheMismatchError(
-            f"the cache at {cache_dir} was built for the arguments {old.parameters}, not "
-            f"{new.parameters}. Use another path per set of arguments, or delete it."
-        )
-    if new.fingerprint is not None and old.fingerprint is not None and old.fingerprint != new.fingerprint:
-        from ...fingerprint import fingerprint_differences
-
-        diffs = "; ".join(fingerprint_differences(old.fingerprint, new.fingerprint))
-        raise CacheMismatchError(
-            f"the cache at {cache_dir} was built from {new.dataset.rpartition('.')[2] or 'a dataset'} "
-            f"configured differently ({diffs}), so its examples may not be what this dataset "
-            f"computes. {hint[:-1]}, or give this configuration its own name."
-        )
-    from ...fingerprint import identity_problems
-
-    error, warning = identity_problems(old.identity, new.identity)
-    if error:
-        raise CacheMismatchError(
-            f"the cache at {cache_dir} was built by another version of "
-            f"{new.dataset.rpartition('.')[2] or 'the dataset'} ({error}): resuming would mix "
-            f"examples of both. {hint}"
-        )
-    if warning:
-        import warnings
-
-        warnings.warn(
-            f"resuming the cache at {cache_dir}: {warning}; the examples committed so far may "
-            "differ from what the dataset computes now. Set cache_version (or fingerprint=) to "
-            "say whether they do, or rebuild with force_cache=True, keep_existing=False.",
-            UserWarning, stacklevel=2,
-        )
-    _check_codecs(cache_dir, old, new, hint)
-    if old.allow_pickle != new.allow_pickle:
-        raise CacheMismatchError(f"the cache at {cache_dir} was built with allow_pickle={old.allow_pickle}. {hint}")
-    if old.chunk_size != new.chunk_size and not old.complete:
-        new.chunk_size = old.chunk_size  # resume with the layout already on disk
