@@ -251,6 +251,7 @@ def _entry(lay: LayoutKey, layouts: dict, entries: dict, columns: dict) -> tuple
 
 # -- deciding a chunk's column kind and building its parts --------------------------------
 def _kind_of(col: _Values) -> ColumnSpec:
+    """The kind of column ``col`` in this chunk (see :mod:`.schema`)."""
     key, values = col.key, col.values
     if not values:
         return ColumnSpec(key, ABSENT)
@@ -261,15 +262,26 @@ def _kind_of(col: _Values) -> ColumnSpec:
     if not all(type(v) is t for v in values):
         return ColumnSpec(key, RECORD)
     if t is np.ndarray:
-        dt, nd = first.dtype, first.ndim
-        if nd == 0 or not _is_storable_dtype(dt) or not all(v.dtype == dt and v.ndim == nd for v in values):
-            return ColumnSpec(key, RECORD)
-        shapes = {v.shape for v in values}
-        if len(shapes) == 1:
-            return ColumnSpec(key, FIXED, dt.str, first.shape)
-        if len({s[1:] for s in shapes}) == 1:
-            return ColumnSpec(key, RAGGED, dt.str, first.shape[1:])
-        return ColumnSpec(key, VARSHAPE, dt.str, ndim=nd)
+        return _array_kind(key, first, values)
+    return _scalar_kind(key, t, first, values)
+
+
+def _array_kind(key: Any, first: np.ndarray, values: list[np.ndarray]) -> ColumnSpec:
+    """The kind of a column whose values are all numpy arrays, ``first`` among them."""
+    dt, nd = first.dtype, first.ndim
+    if nd == 0 or not _is_storable_dtype(dt) or not all(v.dtype == dt and v.ndim == nd for v in values):
+        return ColumnSpec(key, RECORD)
+    shapes = {v.shape for v in values}
+    if len(shapes) == 1:
+        return ColumnSpec(key, FIXED, dt.str, first.shape)
+    if len({s[1:] for s in shapes}) == 1:
+        return ColumnSpec(key, RAGGED, dt.str, first.shape[1:])
+    return ColumnSpec(key, VARSHAPE, dt.str, ndim=nd)
+
+
+def _scalar_kind(key: Any, t: type, first: Any, values: list[Any]) -> ColumnSpec:
+    """The kind of a column whose values are all of type ``t`` (not an array), ``first``
+    among them."""
     if t in _PY_FIXED:
         py, dt = _PY_FIXED[t]
         if t is int and not all(_INT64_MIN <= v <= _INT64_MAX for v in values):
@@ -369,61 +381,83 @@ def column_parts(
 
 def _raw_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int, encoder: Encoder,
                block: np.ndarray | None) -> list[Any]:
+    """The parts of an uncoded column (see :func:`column_parts`)."""
     kind = spec.kind
     if kind in (NONE, ABSENT):
         return []
     if kind == FIXED:
-        if block is not None and len(rows) == count:
-            return [block]
-        dt = spec.np_dtype
-        data = np.zeros((count, *spec.shape), dtype=dt)
-        if block is not None:
-            data[rows] = block[rows]
-        elif values:
-            if spec.py == "array" or spec.py == "scalar":
-                stacked = np.stack([np.asarray(v) for v in values]) if spec.py == "array" else np.array(values)
-            else:
-                stacked = np.array(values, dtype=dt)
-            if len(rows) == count:
-                data = np.ascontiguousarray(stacked.astype(dt, copy=False))
-            else:
-                data[rows] = stacked
-        return [data]
+        return [_fixed_data(spec, rows, values, count, block)]
     if block is not None:  # a block promoted to a variable kind in this chunk
         values = [block[r] if v is None else v for r, v in zip(rows, values, strict=False)]
     if kind == RAGGED:
-        ends = np.zeros(count, dtype="<u8")
-        ends[rows] = [v.shape[0] for v in values]
-        np.cumsum(ends, out=ends)
-        if values:
-            data = np.concatenate([np.asarray(v, dtype=spec.np_dtype) for v in values], axis=0)
-        else:
-            data = np.zeros((0, *spec.shape), spec.np_dtype)
-        return [np.ascontiguousarray(data), ends]
+        return _ragged_parts(spec, rows, values, count)
     if kind == VARSHAPE:
-        dt = spec.np_dtype
-        index = np.zeros((count, 1 + spec.ndim), dtype="<u8")
-        present = dict(zip(rows, values, strict=False))
-        blobs = []
-        pos = 0
-        for r in range(count):  # absent rows: empty, at the running offset
-            index[r, 0] = pos
-            v = present.get(r)
-            if v is not None:
-                a = np.ascontiguousarray(v, dtype=dt)
-                index[r, 1:] = a.shape
-                blobs.append(a.tobytes())
-                pos += a.nbytes
-        return [b"".join(blobs), index]
+        return _varshape_parts(spec, rows, values, count)
     if kind in (STR, BYTES, RECORD):
-        blobs = [b""] * count
-        for r, v in zip(rows, values, strict=False):
-            if kind == STR:
-                blobs[r] = v.encode()
-            elif kind == BYTES:
-                blobs[r] = bytes(v)
-            else:
-                blobs[r] = v if type(v) is _Encoded else encode_row(v, encoder)
-        ends = np.cumsum([len(b) for b in blobs], dtype="<u8") if count else np.zeros(0, "<u8")
-        return [b"".join(blobs), ends.astype("<u8", copy=False)]
+        return _blob_parts(kind, rows, values, count, encoder)
     raise ValueError(f"unknown column kind {kind!r}")
+
+
+def _fixed_data(spec: ColumnSpec, rows: list[int], values: list[Any], count: int,
+                block: np.ndarray | None) -> np.ndarray:
+    """The data file of a fixed column: ``count`` rows, absent ones zeros."""
+    if block is not None and len(rows) == count:
+        return block
+    dt = spec.np_dtype
+    data = np.zeros((count, *spec.shape), dtype=dt)
+    if block is not None:
+        data[rows] = block[rows]
+    elif values:
+        if spec.py == "array" or spec.py == "scalar":
+            stacked = np.stack([np.asarray(v) for v in values]) if spec.py == "array" else np.array(values)
+        else:
+            stacked = np.array(values, dtype=dt)
+        if len(rows) == count:
+            data = np.ascontiguousarray(stacked.astype(dt, copy=False))
+        else:
+            data[rows] = stacked
+    return data
+
+
+def _ragged_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int) -> list[Any]:
+    """Data (rows concatenated along axis 0) and ``count`` u64 item end offsets."""
+    ends = np.zeros(count, dtype="<u8")
+    ends[rows] = [v.shape[0] for v in values]
+    np.cumsum(ends, out=ends)
+    if values:
+        data = np.concatenate([np.asarray(v, dtype=spec.np_dtype) for v in values], axis=0)
+    else:
+        data = np.zeros((0, *spec.shape), spec.np_dtype)
+    return [np.ascontiguousarray(data), ends]
+
+
+def _varshape_parts(spec: ColumnSpec, rows: list[int], values: list[Any], count: int) -> list[Any]:
+    """Data (row bytes concatenated) and per row a u64 byte offset and ``ndim`` dims."""
+    dt = spec.np_dtype
+    index = np.zeros((count, 1 + spec.ndim), dtype="<u8")
+    present = dict(zip(rows, values, strict=False))
+    blobs = []
+    pos = 0
+    for r in range(count):  # absent rows: empty, at the running offset
+        index[r, 0] = pos
+        v = present.get(r)
+        if v is not None:
+            a = np.ascontiguousarray(v, dtype=dt)
+            index[r, 1:] = a.shape
+            blobs.append(a.tobytes())
+            pos += a.nbytes
+    return [b"".join(blobs), index]
+
+
+def _blob_parts(kind: str, rows: list[int], values: list[Any], count: int, encoder: Encoder) -> list[Any]:
+    """Data (str, bytes or record rows concatenated) and ``count`` u64 byte end offsets."""
+    blobs = [b""] * count
+    for r, v in zip(rows, values, strict=False):
+        if kind == STR:
+            blobs[r] = v.encode()
+        elif kind == BYTES:
+            blobs[r] = bytes(v)
+        else:
+            blobs[r] = v if type(v) is _Encoded else encode_row(v, encoder)
+    ends = np.cumsum([len(b) for b in blobs], dtype="<u8") if count else np.zeros(0, "<u8")
+    return [b"".join(blobs), ends.astype("<u8", copy=False)]

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import xxhash
 
@@ -186,37 +186,68 @@ class Manifest:
 
     @classmethod
     def _from_bytes(cls, data: bytes, where: str) -> Manifest:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCacheError(f"{where}: manifest is not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise CorruptCacheError(f"{where}: not an edcache manifest")
-        if doc.get("version") != VERSION:
-            raise CorruptCacheError(f"{where}: format version {doc.get('version')!r}; expected {VERSION}")
-        digest = doc.pop("xxh3", None)
-        if digest != checksum(_canonical(doc)):
-            raise CorruptCacheError(f"{where}: fails its checksum: the file is damaged or was edited by hand")
+        doc = _checked_doc(data, where)
         m = cls.from_doc(doc, where)
         m.complete = doc.get("complete") is True
         if m.complete:
-            m.schema = Schema.from_json(doc.get("schema"), where)
-            files, table, labels = doc.get("files"), doc.get("table"), doc.get("labels")
-            expected = m.schema.files()
-            if (
-                not isinstance(files, list)
-                or [f[0] if isinstance(f, list) and len(f) == 2 else None for f in files] != expected
-                or not all(type(f[1]) is int and 0 <= f[1] < 2**48 for f in files)
-                or not (isinstance(table, dict) and type(table.get("nbytes")) is int
-                        and 0 <= table["nbytes"] < 2**40 and isinstance(table.get("xxh3"), str))
-                or not isinstance(labels, dict)
-                or set(labels) != {str(k) for k in m.in_memory_keys}
-                or not all(isinstance(v, dict) for v in labels.values())
-            ):
-                raise CorruptCacheError(f"{where}: complete manifest is malformed (files, table or labels)")
-            m.files = [(f[0], f[1]) for f in files]
-            m.table, m.labels = table, labels
+            m._read_complete(doc, where)
         return m
+
+    def _read_complete(self, doc: dict, where: str) -> None:
+        """Set the schema, files, table and labels of a complete manifest from ``doc``."""
+        self.schema = Schema.from_json(doc.get("schema"), where)
+        files, table, labels = doc.get("files"), doc.get("table"), doc.get("labels")
+        if not (
+            _valid_files(files, self.schema.files())
+            and _valid_table(table)
+            and _valid_labels(labels, self.in_memory_keys)
+        ):
+            raise CorruptCacheError(f"{where}: complete manifest is malformed (files, table or labels)")
+        self.files = [(f[0], f[1]) for f in files]
+        self.table, self.labels = table, labels
+
+
+def _checked_doc(data: bytes, where: str) -> dict:
+    """The JSON of a manifest of this format and version whose checksum matches
+    (the checksum key removed)."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCacheError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CorruptCacheError(f"{where}: not an edcache manifest")
+    if doc.get("version") != VERSION:
+        raise CorruptCacheError(f"{where}: format version {doc.get('version')!r}; expected {VERSION}")
+    digest = doc.pop("xxh3", None)
+    if digest != checksum(_canonical(doc)):
+        raise CorruptCacheError(f"{where}: fails its checksum: the file is damaged or was edited by hand")
+    return doc
+
+
+def _valid_files(files: Any, expected: list[str]) -> TypeGuard[list[list[Any]]]:
+    """Whether ``files`` is a list of [path, size] pairs, one per ``expected`` path in order."""
+    return (
+        isinstance(files, list)
+        and [f[0] if isinstance(f, list) and len(f) == 2 else None for f in files] == expected
+        and all(type(f[1]) is int and 0 <= f[1] < 2**48 for f in files)
+    )
+
+
+def _valid_table(table: Any) -> TypeGuard[dict[str, Any]]:
+    """Whether ``table`` is a ``{"nbytes", "xxh3"}`` map with values in range."""
+    return (
+        isinstance(table, dict) and type(table.get("nbytes")) is int
+        and 0 <= table["nbytes"] < 2**40 and isinstance(table.get("xxh3"), str)
+    )
+
+
+def _valid_labels(labels: Any, keys: list[Any]) -> TypeGuard[dict[str, dict[str, Any]]]:
+    """Whether ``labels`` maps exactly the (stringified) ``keys`` to maps."""
+    return (
+        isinstance(labels, dict)
+        and set(labels) == {str(k) for k in keys}
+        and all(isinstance(v, dict) for v in labels.values())
+    )
 
 
 def _canonical(doc: dict) -> bytes:

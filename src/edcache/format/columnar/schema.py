@@ -33,6 +33,7 @@ back (manifest and commit log both use :meth:`ColumnSpec.to_json`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -179,45 +180,66 @@ class ColumnSpec:
             raise bad("stem")
         spec = cls(key=key, kind=kind, stem=stem)
         if kind in (FIXED, RAGGED, VARSHAPE):
-            dtype = doc.get("dtype")
-            try:
-                dt = np.dtype(dtype) if isinstance(dtype, str) else None
-            except (TypeError, ValueError):
-                dt = None
-            if dt is None or not _is_storable_dtype(dt):
-                raise bad("dtype")
-            spec = replace(spec, dtype=dt.str)
+            spec = replace(spec, dtype=_valid_dtype(doc.get("dtype"), bad))
         if kind in (FIXED, RAGGED):
-            shape = doc.get("shape")
-            if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
-                raise bad("shape")
-            spec = replace(spec, shape=tuple(shape))
+            spec = replace(spec, shape=_valid_shape(doc.get("shape"), bad))
         if kind == VARSHAPE:
-            ndim = doc.get("ndim")
-            if type(ndim) is not int or not 1 <= ndim <= 32:
-                raise bad("ndim")
-            spec = replace(spec, ndim=ndim)
+            spec = replace(spec, ndim=_valid_ndim(doc.get("ndim"), bad))
         if kind == FIXED:
-            py = doc.get("py")
-            if not isinstance(py, str) or py not in PY_KINDS:
-                raise bad("py")
-            spec = replace(spec, py=py)
-            if py in ("int", "float", "bool") and (spec.shape or spec.dtype != _PY_DTYPES[py].str):
-                raise bad("py dtype")
+            spec = replace(spec, py=_valid_py(spec, doc.get("py"), bad))
         wrap = doc.get("wrap")
         if wrap is not None:
-            from ..wrap import stored_dtype, valid_tag
-
-            if kind not in (FIXED, RAGGED, VARSHAPE) or not valid_tag(wrap) or spec.py != "array" \
-                    or np.dtype(spec.dtype) != stored_dtype(wrap):
-                raise bad("wrap")
-            spec = replace(spec, wrap=wrap)
+            spec = replace(spec, wrap=_valid_wrap(spec, wrap, bad))
         if doc.get("codec") is not None:
             spec = replace(spec, codec=_valid_codec(spec, doc["codec"], bad))
         return spec
 
 
-def _valid_codec(spec: ColumnSpec, codec: Any, bad: Any) -> str:
+def _valid_dtype(dtype: Any, bad: Callable[[str], CorruptCacheError]) -> str:
+    """The canonical string of ``dtype`` if it names a storable numpy dtype."""
+    try:
+        dt = np.dtype(dtype) if isinstance(dtype, str) else None
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or not _is_storable_dtype(dt):
+        raise bad("dtype")
+    return dt.str
+
+
+def _valid_shape(shape: Any, bad: Callable[[str], CorruptCacheError]) -> tuple[int, ...]:
+    """``shape`` as a tuple if it is a list of dimensions in range."""
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
+        raise bad("shape")
+    return tuple(shape)
+
+
+def _valid_ndim(ndim: Any, bad: Callable[[str], CorruptCacheError]) -> int:
+    """``ndim`` if it is an int from 1 to 32."""
+    if type(ndim) is not int or not 1 <= ndim <= 32:
+        raise bad("ndim")
+    return ndim
+
+
+def _valid_py(spec: ColumnSpec, py: Any, bad: Callable[[str], CorruptCacheError]) -> str:
+    """``py`` if it is a :data:`PY_KINDS` entry that fits the fixed column ``spec``."""
+    if not isinstance(py, str) or py not in PY_KINDS:
+        raise bad("py")
+    if py in ("int", "float", "bool") and (spec.shape or spec.dtype != _PY_DTYPES[py].str):
+        raise bad("py dtype")
+    return py
+
+
+def _valid_wrap(spec: ColumnSpec, wrap: Any, bad: Callable[[str], CorruptCacheError]) -> str:
+    """``wrap`` if it is a valid tag whose stored dtype is that of the array column ``spec``."""
+    from ..wrap import stored_dtype, valid_tag
+
+    if spec.kind not in (FIXED, RAGGED, VARSHAPE) or not valid_tag(wrap) or spec.py != "array" \
+            or np.dtype(spec.dtype) != stored_dtype(wrap):
+        raise bad("wrap")
+    return wrap
+
+
+def _valid_codec(spec: ColumnSpec, codec: Any, bad: Callable[[str], CorruptCacheError]) -> str:
     """``codec`` if it is a canonical codec string that can store ``spec``'s rows."""
     from .codecs import parse_codec, unfit_column
 
