@@ -150,7 +150,10 @@ def test_labels_mixing_kinds_within_a_chunk_fail_before_commit(tmp_path):
     )
     assert "force_cache=True, keep_existing=False" in msg
     cache_dir = str(tmp_path / "cached" / "plain")
-    assert read_log(cache_dir).committed <= 1  # chunk 1 (examples 2, 3) is not committed
+    # chunk 1 (examples 2, 3) is not committed; with 2 workers the error may also arrive
+    # before chunk 0 is in, and a failed build that committed nothing leaves no cache
+    state = read_log(cache_dir)
+    assert (state is None and not os.path.exists(cache_dir)) or state.committed <= 1
 
 
 def test_labels_mixing_kinds_across_chunks_say_how_to_recover(tmp_path):
