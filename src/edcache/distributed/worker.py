@@ -96,7 +96,6 @@ class WorkerSlot:
 
     async def run(self) -> str:
         """Return ``"done"``, ``"stopped"``, ``"timeout"`` or ``"refused"``."""
-        from distributed import Nanny
         from distributed.comm.core import FatalCommClosedError
 
         opts = self.options
@@ -122,40 +121,22 @@ class WorkerSlot:
                 continue  # stopped, or timed out: decided at the top of the loop
             if self.stop.is_set():
                 return "stopped"
-            nanny = Nanny(
-                opts.address,
-                nthreads=1,
-                security=opts.security,
-                name=f"{opts.name_prefix}-{self.index}",
-                host=opts.listen_host or listen_host_for(opts.address),
-                dashboard_address="127.0.0.1:0",  # the worker's HTTP routes: loopback only
-                death_timeout=opts.timeout or None,
-                local_directory=opts.local_directory,
-                silence_logs=logging.INFO if opts.verbose else logging.ERROR,
-                **opts.extra_nanny_kwargs,
-            )
+            nanny = self._nanny()
             self.nanny = nanny
             try:
                 started = await self._start(nanny)
             except Exception as exc:  # the server went away again meanwhile, or refused us
                 await _quiet_close(nanny)
-                if getattr(nanny, "_edcache_done", False):
-                    self.stop.set()
-                    return "done"
-                cause = _root_cause(exc)
-                if isinstance(cause, FatalCommClosedError):
-                    self.refused = cause
-                    return "refused"
+                outcome = self._after_failed_start(nanny, exc)
+                if outcome is not None:
+                    return outcome
                 await _sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, 5.0)
                 continue
             if not started:  # marked done (or stopped) while it was starting
                 await _quiet_close(nanny)
                 self.nanny = None
-                if getattr(nanny, "_edcache_done", False):
-                    self.stop.set()
-                    return "done"
-                return "stopped"
+                return self._done(nanny) or "stopped"
             self.joined += 1
             delay = 0.5
             _say(f"slot {self.index}: joined {opts.address}" + (" again" if self.joined > 1 else ""))
@@ -170,12 +151,49 @@ class WorkerSlot:
                 await _quiet_close(nanny)
             self.nanny = None
             last_seen = time.monotonic()
-            if getattr(nanny, "_edcache_done", False):
-                self.stop.set()  # the other slots of this host are done as well
+            if self._done(nanny):
                 return "done"
             if not self.stop.is_set():
                 _say(f"slot {self.index}: lost the server; reconnecting")
 
+
+    def _nanny(self) -> Any:
+        """A new nanny for this slot (not started)."""
+        from distributed import Nanny
+
+        opts = self.options
+        return Nanny(
+            opts.address,
+            nthreads=1,
+            security=opts.security,
+            name=f"{opts.name_prefix}-{self.index}",
+            host=opts.listen_host or listen_host_for(opts.address),
+            dashboard_address="127.0.0.1:0",  # the worker's HTTP routes: loopback only
+            death_timeout=opts.timeout or None,
+            local_directory=opts.local_directory,
+            silence_logs=logging.INFO if opts.verbose else logging.ERROR,
+            **opts.extra_nanny_kwargs,
+        )
+
+    def _done(self, nanny: Any) -> str | None:
+        """``"done"`` if the server marked ``nanny`` done (then the other slots of this
+        host are done as well), else None."""
+        if getattr(nanny, "_edcache_done", False):
+            self.stop.set()
+            return "done"
+        return None
+
+    def _after_failed_start(self, nanny: Any, exc: BaseException) -> str | None:
+        """The slot's outcome after ``nanny`` failed to start: done, refused, or None (retry)."""
+        from distributed.comm.core import FatalCommClosedError
+
+        if self._done(nanny):
+            return "done"
+        cause = _root_cause(exc)
+        if isinstance(cause, FatalCommClosedError):
+            self.refused = cause
+            return "refused"
+        return None
 
     async def _start(self, nanny: Any) -> bool:
         """Start ``nanny``; False if the server marked it done (or this host was stopped)
