@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cached import CachedDataset, PathCachedDataset, cache
+from .cached import CachedDataset, cache
 from .dataset import ConcatenatedDataset, DatasetMixin
-from .decorator import cachable
+from .decorator import PathCachedDataset, cachable
 from .errors import EdcacheError
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .building.ensure import BuildOptions, CacheJob, build_cache, ensure_cache, rebuild_pending
 from .collate import collate, collate_positions, quiet_collate_warning
 from .dataset import NUMPY_INTS, CachedExamples, check_cachable, checked_length, int_array, int_list, normalize_indices
-from .errors import CacheNotFoundError, DatasetInterfaceError, EdcacheError, IncompleteCacheError
+from .errors import CacheNotFoundError, DatasetInterfaceError, IncompleteCacheError
 from .format import cache_name, cache_paths, find_cache, open_reader
 from .format.base import CacheReader
 
@@ -483,36 +483,11 @@ def _codecs_option(codecs: Any) -> list | None:
     return normalize_codecs(codecs)
 
 
-class PathCachedDataset(CachedDataset):
-    """A :class:`CachedDataset` stored at an explicit ``path`` (used by :func:`cachable`).
+def __getattr__(name: str) -> Any:
+    # PathCachedDataset lives in decorator.py now (beside cachable); old imports and
+    # pickles name it here
+    if name == "PathCachedDataset":
+        from .decorator import PathCachedDataset
 
-    ``path`` is a directory for the new format, or a file ending in ``.zip`` for edflow's
-    layout. With ``dataset=None`` an existing cache at ``path`` is opened. The dataset
-    needs no ``root`` or ``name``: the path says where the cache goes. For a zip, the
-    length is written to ``path + ".p"`` once the cache is complete, as edflow's
-    ``PathCachedDataset`` does (edflow's sign that the zip is complete).
-    """
-
-    def __init__(self, dataset: Any, path: str, **kwargs: Any) -> None:
-        path = os.fspath(path)
-        if dataset is None:
-            kwargs.setdefault("_root", os.path.dirname(path))
-            read = {k: v for k, v in kwargs.items() if k in ("verify", "allow_pickle", "transform", "pil", "_root")}
-            super().__init__(None, _path=path, _existing=True, **read)
-            if self._legacy:  # edflow's cachable recorded the length in path + ".p"
-                from .format.legacy import read_cachable_length
-
-                recorded = read_cachable_length(path, allow_pickle=self.allow_pickle)
-                if recorded is not None:
-                    self._length = recorded
-            return
-        super().__init__(dataset, _path=path, **kwargs)
-        if self._legacy:
-            from .format.legacy.cachable import read_cachable_length, write_length_marker
-
-            try:
-                recorded = read_cachable_length(path, allow_pickle=self.allow_pickle)
-            except EdcacheError:
-                recorded = None
-            if recorded != len(self):
-                write_length_marker(path, len(self))
+        return PathCachedDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -208,7 +208,7 @@ def _legacy_to_zip(source: _LegacySource, dst: str, progress: bool) -> None:
 
 
 def _legacy_to_shards(source: _LegacySource, dst: str, progress: bool) -> None:
-    from .cached import PathCachedDataset
+    from .decorator import PathCachedDataset
 
     length = len(source.indices)
     if source.indices != list(range(length)):
@@ -232,7 +232,7 @@ def _legacy_to_shards(source: _LegacySource, dst: str, progress: bool) -> None:
 
 def _reader_to(src: str, dst: str, progress: bool) -> None:
     """Rewrite an edcache cache (v1 or v2) as ``dst`` (an edflow zip, or format v2)."""
-    from .cached import PathCachedDataset
+    from .decorator import PathCachedDataset
 
     source = open_reader(src)
     if not source.complete:

@@ -1,4 +1,5 @@
-"""``@cachable``: a decorator that caches the dataset a function returns at a path.
+"""``@cachable``: a decorator that caches the dataset a function returns at a path, and
+:class:`PathCachedDataset`, the cache at an explicit path it returns.
 
 The arguments of the call are recorded with the cache (in its manifest, or in edflow's
 side files ``path.p`` / ``pathparameters.p`` beside a zip), so a call with other
@@ -14,12 +15,48 @@ from collections.abc import Callable
 from typing import Any
 
 from .building.ensure import lock_path
-from .cached import CachedDataset, PathCachedDataset
-from .errors import CacheMismatchError, CacheNotFoundError
+from .cached import CachedDataset
+from .errors import CacheMismatchError, CacheNotFoundError, EdcacheError
 from .format import open_reader
 
 #: The options of ``cachable`` that opening an existing cache takes.
 _READ_OPTIONS = ("verify", "allow_pickle", "transform", "pil")
+
+
+class PathCachedDataset(CachedDataset):
+    """A :class:`CachedDataset` stored at an explicit ``path`` (used by :func:`cachable`).
+
+    ``path`` is a directory for the new format, or a file ending in ``.zip`` for edflow's
+    layout. With ``dataset=None`` an existing cache at ``path`` is opened. The dataset
+    needs no ``root`` or ``name``: the path says where the cache goes. For a zip, the
+    length is written to ``path + ".p"`` once the cache is complete, as edflow's
+    ``PathCachedDataset`` does (edflow's sign that the zip is complete).
+    """
+
+    def __init__(self, dataset: Any, path: str, **kwargs: Any) -> None:
+        path = os.fspath(path)
+        if dataset is None:
+            kwargs.setdefault("_root", os.path.dirname(path))
+            read = {k: v for k, v in kwargs.items() if k in ("verify", "allow_pickle", "transform", "pil", "_root")}
+            super().__init__(None, _path=path, _existing=True, **read)
+            if self._legacy:  # edflow's cachable recorded the length in path + ".p"
+                from .format.legacy import read_cachable_length
+
+                recorded = read_cachable_length(path, allow_pickle=self.allow_pickle)
+                if recorded is not None:
+                    self._length = recorded
+            return
+        super().__init__(dataset, _path=path, **kwargs)
+        if self._legacy:
+            from .format.legacy.cachable import read_cachable_length, write_length_marker
+
+            try:
+                recorded = read_cachable_length(path, allow_pickle=self.allow_pickle)
+            except EdcacheError:
+                recorded = None
+            if recorded != len(self):
+                write_length_marker(path, len(self))
+
 
 
 def _read_options(options: dict[str, Any]) -> dict[str, Any]:
