@@ -88,6 +88,15 @@ def test_verify_deep_says_what_it_did(edcache_cmd, tmp_path):
     assert "every record decoded" in deep.stdout and "checksums only" in plain.stdout
 
 
+def test_python_dash_m_edcache_is_the_command(edcache_cmd, tmp_path):
+    path = CachedDataset(Images(str(tmp_path), n=5), num_workers=0, progress=False).path
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    module = subprocess.run([sys.executable, "-m", "edcache", "info", path], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=120)
+    assert module.returncode == 0, module.stderr
+    assert module.stdout == edcache_cmd("info", path).stdout
+
+
 def test_convert_onto_an_existing_destination_is_one_line(edcache_cmd, tmp_path):
     path = CachedDataset(Images(str(tmp_path), n=5), num_workers=0, progress=False).path
     dst = tmp_path / "out.zip"
