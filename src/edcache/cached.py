@@ -481,13 +481,3 @@ def _codecs_option(codecs: Any) -> list | None:
     from .format.columnar.codecs import normalize_codecs
 
     return normalize_codecs(codecs)
-
-
-def __getattr__(name: str) -> Any:
-    # PathCachedDataset lives in decorator.py now (beside cachable); old imports and
-    # pickles name it here
-    if name == "PathCachedDataset":
-        from .decorator import PathCachedDataset
-
-        return PathCachedDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
