@@ -478,6 +478,6 @@ def _codecs_option(codecs: Any) -> list | None:
     """The ``codecs=`` argument, checked now (a bad codec name fails before any work)."""
     if codecs is None:
         return None
-    from .format.columnar.codecs import normalize_codecs
+    from .format.columnar.codec_names import normalize_codecs
 
     return normalize_codecs(codecs)

@@ -70,7 +70,7 @@ def _stored(col: dict) -> str:
     codec = col.get("codec")
     if codec is None:
         return f"raw, {_size(col['bytes'])}" if col["kind"] in ("fixed", "ragged", "varshape") else _size(col["bytes"])
-    from ..format.columnar.codecs import is_lossy
+    from ..format.columnar.codec_names import is_lossy
 
     raw = col.get("raw_bytes") or 0
     ratio = f"{col['bytes'] / raw:.3f}" if raw else "-"

@@ -10,9 +10,9 @@ between array kinds never rewrites the rows). Reading row ``r`` decodes that blo
 nothing else; a damaged blob is a :class:`~edcache.errors.CorruptCacheError`.
 
 Encoding runs in the build workers (:func:`apply_codec`, :func:`coded_parts`); the
-libraries are imported on first use (``pip install 'edcache[codecs]'``). Every codec
-string is parsed by :func:`parse_codec`, every ``codecs=`` argument by
-:func:`normalize_codecs`.
+libraries are imported on first use (``pip install 'edcache[codecs]'``). Codec strings
+and the ``codecs=`` argument are parsed in :mod:`.codec_names`; which columns a codec
+can take is :func:`.schema.unfit_column`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,22 @@ import io
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from ...errors import CodecError, CodecSpecError, CorruptCacheError, MissingExtraError
-from .schema import FIXED, RAGGED, VARSHAPE, ColumnSpec
+from ...errors import CodecError, CorruptCacheError, MissingExtraError
+from .codec_names import (  # noqa: F401  (re-exported: the codec API in one import)
+    LIBRARIES,
+    Codec,
+    choice_for,
+    is_lossy,
+    normalize_codecs,
+    parse_codec,
+    valid_codecs_doc,
+)
+from .schema import ARRAY_KINDS, FIXED, RAGGED, ColumnSpec, row_ndim, unfit_column
 
 #: a global (``codecs="zstd"``) or ``auto`` codec is kept for a column only when the
 #: first chunk holding it is stored in at most this fraction of its raw bytes
@@ -39,166 +47,11 @@ PNG_OVER_ZSTD = 0.75
 #: a row that claims to decode to more bytes than this is damaged
 MAX_ROW_BYTES = 1 << 36
 EXTRA = "pip install 'edcache[codecs]'"
-_LIBS = {"zstd": "zstandard", "lz4": "lz4.block", "png": "PIL.Image", "webp": "PIL.Image", "jpeg": "simplejpeg"}
 _PACKAGES = {"zstandard": "zstandard", "lz4.block": "lz4", "PIL.Image": "pillow", "simplejpeg": "simplejpeg"}
-_DEFAULT = {"zstd": 3, "jpeg": 90, "webp": 90}
 _IMAGE_MODES = {2: "L", 1: "L", 3: "RGB", 4: "RGBA"}  # by channels (2: an HxW row)
-ARRAY_KINDS = (FIXED, RAGGED, VARSHAPE)
-
-
-@dataclass(frozen=True)
-class Codec:
-    """One parsed codec: ``name`` and its level or quality (``None``: lossless webp)."""
-
-    name: str
-    level: int | None = None
-
-    @property
-    def text(self) -> str:
-        """The canonical spelling the schema records."""
-        if self.name == "webp" and self.level is None:
-            return "webp:lossless"
-        return self.name if self.level is None else f"{self.name}:{self.level}"
-
-    @property
-    def lossless(self) -> bool:
-        return self.name in ("zstd", "lz4", "png") or (self.name == "webp" and self.level is None)
-
-    @property
-    def image(self) -> bool:
-        return self.name in ("png", "jpeg", "webp")
-
-
-@lru_cache(maxsize=64)
-def parse_codec(text: str) -> Codec:
-    """Parse a codec string (``ValueError`` if it names no codec)."""
-    if not isinstance(text, str):  # (ValueError: the callers turn it into their own error)
-        raise ValueError(f"a codec is a str, got {type(text).__name__}")
-    name, sep, arg = text.strip().lower().partition(":")
-    if name not in _LIBS or (sep and not arg):
-        raise ValueError(f"unknown codec {text!r}")
-    if name in ("lz4", "png"):
-        if sep:
-            raise ValueError(f"codec {name!r} takes no parameter ({text!r})")
-        return Codec(name)
-    if name == "webp" and arg == "lossless":
-        return Codec(name, None)
-    level = _DEFAULT[name] if not sep else _int(arg, text)
-    low, high = (1, 19) if name == "zstd" else (1, 100)
-    if not low <= level <= high:
-        raise ValueError(f"codec {text!r}: {'level' if name == 'zstd' else 'quality'} must be {low}..{high}")
-    return Codec(name, level)
-
-
-def _int(arg: str, text: str) -> int:
-    if not arg.isdigit():
-        raise ValueError(f"codec {text!r}: expected a number after ':'")
-    return int(arg)
-
-
-def is_lossy(text: str | None) -> bool:
-    """Whether the column codec ``text`` loses information (jpeg, lossy webp)."""
-    return text is not None and not parse_codec(text).lossless
-
-
-# -- the codecs= argument -----------------------------------------------------------------
-def normalize_codecs(value: Any) -> list[list[Any]] | None:
-    """The ``codecs=`` argument as the manifest records it: ``[[key, codec], …]`` with
-    ``key`` null for a default applying to every other array column (``codecs="zstd"``),
-    codecs in canonical spelling, ``raw`` entries kept (they exempt a field from the
-    default). ``None`` or ``{}``: no codecs. Raises :class:`CodecSpecError`."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        items: list[tuple[Any, Any]] = [(None, value)]
-    elif isinstance(value, dict):
-        items = list(value.items())
-    else:
-        raise CodecSpecError(f"codecs must be a str or a dict {{field: codec}}, got {type(value).__name__}")
-    out = []
-    for key, text in items:
-        if key is not None and type(key) not in (str, int):
-            raise CodecSpecError(f"codecs: field {key!r} must be a str key or an int position")
-        if not isinstance(text, str):
-            raise CodecSpecError(f"codecs[{key!r}]: a codec is a str, got {type(text).__name__}")
-        low = text.strip().lower()
-        if low in ("raw", "none"):
-            out.append([key, "raw"])
-        elif low == "auto":
-            out.append([key, "auto"])
-        else:
-            try:
-                codec = parse_codec(low)
-            except ValueError as exc:
-                raise CodecSpecError(
-                    f"codecs[{key!r}]: {exc}; known: raw, auto, zstd[:1-19], lz4, png, "
-                    "jpeg[:1-100], webp[:1-100|lossless]"
-                ) from None
-            if key is None and not codec.lossless:
-                raise CodecSpecError(
-                    f"codecs={text!r}: a lossy codec is only used where a field names it "
-                    f"(codecs={{'image': {text!r}}}); a default for every column must be lossless"
-                )
-            out.append([key, codec.text])
-    return out or None
-
-
-def valid_codecs_doc(doc: Any) -> bool:
-    """Whether ``doc`` is a manifest's ``codecs`` entry (as :func:`normalize_codecs` makes)."""
-    if doc is None:
-        return True
-    if not isinstance(doc, list) or not all(isinstance(p, list) and len(p) == 2 for p in doc):
-        return False
-    try:
-        return normalize_codecs({p[0]: p[1] for p in doc}) == doc
-    except (CodecSpecError, TypeError):  # (TypeError: an unhashable key)
-        return False
-
-
-def choice_for(codecs: list[list[Any]] | None, key: Any) -> tuple[str, bool] | None:
-    """``(codec or "auto", explicit)`` for the column ``key``, or None (stored raw)."""
-    if not codecs or key is None:
-        return None
-    default = None
-    for k, text in codecs:
-        if k is None:
-            default = text
-        elif k == key and type(k) is type(key):
-            return None if text == "raw" else (text, True)
-    return None if default in (None, "raw") else (default, False)
 
 
 # -- which columns and rows a codec takes -------------------------------------------------
-def row_ndim(spec: ColumnSpec) -> int:
-    """Dimensions of one row of an array column."""
-    if spec.kind == FIXED:
-        return len(spec.shape)
-    if spec.kind == RAGGED:
-        return 1 + len(spec.shape)
-    return spec.ndim
-
-
-def unfit_column(spec: ColumnSpec, codec: Codec) -> str | None:
-    """Why ``codec`` cannot store the column ``spec`` (None if it can)."""
-    if spec.kind not in ARRAY_KINDS or spec.py != "array":
-        what = {"str": "str", "bytes": "bytes", "record": "mixed or nested values", "none": "None"}
-        return f"it holds {what.get(spec.kind, 'numbers')}, not arrays"
-    nd = row_ndim(spec)
-    if nd == 0:
-        return "its rows are 0-d"
-    if not codec.image:
-        return None
-    if spec.dtype != "|u1":
-        return f"{codec.name} stores uint8 images, the rows are {np.dtype(spec.dtype).name}"
-    channels = spec.shape[-1] if spec.kind in (FIXED, RAGGED) and nd == 3 else None
-    allowed = (1, 3) if codec.name == "jpeg" else (1, 3, 4)
-    if nd not in (2, 3) or (channels is not None and channels not in allowed):
-        shape = tuple(spec.shape) if spec.kind == FIXED else f"{nd}-d"
-        return (f"{codec.name} stores images of shape HxW or HxWx{'/'.join(map(str, allowed))}, "
-                f"the rows are {shape}")
-    return None
-
-
 def unfit_row(shape: tuple, codec: Codec) -> str | None:
     """Why ``codec`` cannot store one row of ``shape`` (image codecs only; None: it can)."""
     if not codec.image:
@@ -219,7 +72,7 @@ _local = threading.local()
 def _module(name: str) -> Any:
     import importlib
 
-    mod = _LIBS[name]
+    mod = LIBRARIES[name]
     try:
         return importlib.import_module(mod)
     except ImportError:

@@ -17,12 +17,12 @@ import xxhash
 
 from ...errors import CorruptCacheError
 from ..base import ChunkTask
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, open_regular
 from .schema import ColumnSpec, Layout
 
 
 def valid_codecs_doc(doc: Any) -> bool:
-    from .codecs import valid_codecs_doc as valid
+    from .codec_names import valid_codecs_doc as valid
 
     return valid(doc)
 
@@ -278,8 +278,6 @@ def peek_version(cache_dir: str) -> int | None:
 
 def read_manifest(cache_dir: str) -> Manifest:
     """Read ``manifest.json`` of ``cache_dir`` (``FileNotFoundError`` if absent)."""
-    from .files import open_regular
-
     path = os.path.join(cache_dir, MANIFEST)
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size

@@ -41,6 +41,7 @@ import numpy as np
 
 from ...errors import CorruptCacheError
 from ..shards.codec import _is_storable_dtype
+from .codec_names import Codec, parse_codec
 
 FIXED, RAGGED, VARSHAPE, STR, BYTES, RECORD, NONE = (
     "fixed", "ragged", "varshape", "str", "bytes", "record", "none",
@@ -135,8 +136,6 @@ class ColumnSpec:
         """u64 entries per row in the index file (varshape: offset + dims; coded: offset,
         length + dims; else 1)."""
         if self.codec is not None:
-            from .codecs import row_ndim
-
             return 2 + row_ndim(self)
         return 1 + self.ndim if self.kind == VARSHAPE else 1
 
@@ -241,8 +240,6 @@ def _valid_wrap(spec: ColumnSpec, wrap: Any, bad: Callable[[str], CorruptCacheEr
 
 def _valid_codec(spec: ColumnSpec, codec: Any, bad: Callable[[str], CorruptCacheError]) -> str:
     """``codec`` if it is a canonical codec string that can store ``spec``'s rows."""
-    from .codecs import parse_codec, unfit_column
-
     try:
         parsed = parse_codec(codec)
     except ValueError:
@@ -322,3 +319,37 @@ class Layout:
         ):
             raise CorruptCacheError(f"{where}: malformed layout {doc!r:.200}")
         return cls(doc[0], tuple(doc[1]))
+
+
+#: kinds a codec can store (rows of arrays)
+ARRAY_KINDS = (FIXED, RAGGED, VARSHAPE)
+
+
+def row_ndim(spec: ColumnSpec) -> int:
+    """Dimensions of one row of an array column."""
+    if spec.kind == FIXED:
+        return len(spec.shape)
+    if spec.kind == RAGGED:
+        return 1 + len(spec.shape)
+    return spec.ndim
+
+
+def unfit_column(spec: ColumnSpec, codec: Codec) -> str | None:
+    """Why ``codec`` cannot store the column ``spec`` (None if it can)."""
+    if spec.kind not in ARRAY_KINDS or spec.py != "array":
+        what = {"str": "str", "bytes": "bytes", "record": "mixed or nested values", "none": "None"}
+        return f"it holds {what.get(spec.kind, 'numbers')}, not arrays"
+    nd = row_ndim(spec)
+    if nd == 0:
+        return "its rows are 0-d"
+    if not codec.image:
+        return None
+    if spec.dtype != "|u1":
+        return f"{codec.name} stores uint8 images, the rows are {np.dtype(spec.dtype).name}"
+    channels = spec.shape[-1] if spec.kind in (FIXED, RAGGED) and nd == 3 else None
+    allowed = (1, 3) if codec.name == "jpeg" else (1, 3, 4)
+    if nd not in (2, 3) or (channels is not None and channels not in allowed):
+        shape = tuple(spec.shape) if spec.kind == FIXED else f"{nd}-d"
+        return (f"{codec.name} stores images of shape HxW or HxWx{'/'.join(map(str, allowed))}, "
+                f"the rows are {shape}")
+    return None
